@@ -1,0 +1,87 @@
+"""The ``mambamim`` command: a thin layer over typed Python functions.
+
+Each subcommand lives in its own module ``mambamim.cli.cmd_<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``. A subcommand whose module is
+not there yet is still listed (with its help) and says plainly that it is not
+built, exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from mambamim import __version__
+
+# (name, module suffix, help). ``data`` has its own sub-subcommands.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("pretrain", "pretrain", "MambaMIM masked-image-modeling pre-training on unlabeled CT"),
+    ("finetune", "finetune", "fine-tune a segmentation network, optionally from a pre-trained encoder"),
+    ("evaluate", "evaluate", "per-case and per-class Dice / HD95 of a checkpoint on labeled data"),
+    ("predict", "predict", "segment NIfTI or DICOM inputs; label maps come out in each input's own geometry"),
+    ("reconstruct", "reconstruct", "render masked input / reconstruction / original (paper Fig. 9) as PNG"),
+    ("compare", "compare", "per-class means of two evaluations with paired t-test and Wilcoxon p-values"),
+    ("demo", "demo", "the whole pipeline on synthetic data, on CPU in minutes"),
+    ("info", "info", "build a network, run forward and backward on a synthetic volume, print size and time"),
+]
+DATA_COMMANDS: list[tuple[str, str, str]] = [
+    ("synth", "data_synth", "write a synthetic CT phantom set (NIfTI, labels, dataset.json)"),
+    ("prepare", "data_prepare", "check and preprocess NIfTI / DICOM / nnU-Net / Decathlon data into a fast cache"),
+]
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"mambamim {name}: this command is not built yet in version {__version__}.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _register(subparsers, name: str, module: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    try:
+        mod = importlib.import_module(f"mambamim.cli.cmd_{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"mambamim.cli.cmd_{module}":
+            raise
+        parser.set_defaults(func=_not_built(name.replace("_", " ")))
+        return
+    mod.add_arguments(parser)
+    parser.set_defaults(func=mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mambamim",
+        description="MambaMIM pre-training, fine-tuning and inference for 3D medical image segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"mambamim {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    data = sub.add_parser("data", help="data tools: synthetic phantoms and preprocessing", description="data tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    for name, module, help_text in DATA_COMMANDS:
+        _register(data_sub, name, module, help_text)
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+    for name, module, help_text in COMMANDS:
+        _register(sub, name, module, help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
