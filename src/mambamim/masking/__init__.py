@@ -1,0 +1,11 @@
+"""Bottleneck masks (True = visible) and their nearest upsampling to each stage grid."""
+
+from mambamim.masking.masks import (
+    num_visible,
+    random_bottleneck_mask,
+    stage_masks,
+    upsample_mask,
+    validate_mask,
+)
+
+__all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask"]

@@ -1,0 +1,166 @@
+"""Bottleneck random masks and their nearest upsampling to every encoder stage (SPEC 2.1-2.2).
+
+A *bottleneck mask* is a bool tensor ``(B, d, h, w)`` at the input/16 grid, True = visible.
+A *stage mask* is a float 0/1 tensor ``(B, 1, D, H, W)``: the bottleneck mask upsampled by
+nearest neighbour, i.e. constant on blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "num_visible",
+    "random_bottleneck_mask",
+    "upsample_mask",
+    "stage_masks",
+    "validate_mask",
+]
+
+
+def _as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or any(v <= 0 for v in value):
+        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+    """Visible tokens per sample: ``round(num_tokens * (1 - mask_ratio))``, at least 1.
+
+    Python's ``round`` (half to even) is used; ``0 <= mask_ratio < 1`` else ValueError.
+    """
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return max(1, min(num_tokens, int(round(num_tokens * (1.0 - float(mask_ratio))))))
+
+
+def random_bottleneck_mask(
+    batch: int,
+    grid: Sequence[int],
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniformly random bottleneck mask with the same visible count in every sample.
+
+    Args:
+        batch: B.
+        grid: ``(d, h, w)`` bottleneck grid (input size / 16).
+        mask_ratio: fraction masked, ``0 <= r < 1``.
+        generator: makes the mask reproducible; the noise is drawn on the generator's device
+            and moved to ``device``.
+        device: device of the result (default: the generator's device, else CPU).
+
+    Returns:
+        ``(B, d, h, w)`` bool, True = visible, exactly :func:`num_visible` True per sample.
+    """
+    if not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    grid = _as_triple(grid, "grid")
+    L = grid[0] * grid[1] * grid[2]
+    keep = num_visible(L, mask_ratio)
+    noise_device = generator.device if generator is not None else (device if device is not None else "cpu")
+    noise = torch.rand(batch, L, generator=generator, device=noise_device)
+    out_device = torch.device(device) if device is not None else noise.device
+    keep_idx = noise.argsort(dim=1)[:, :keep].to(out_device)
+    mask = torch.zeros(batch, L, dtype=torch.bool, device=out_device)
+    mask.scatter_(1, keep_idx, True)
+    return mask.view(batch, *grid)
+
+
+def upsample_mask(
+    mask: Tensor, factor_or_size: int | Sequence[int], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Nearest upsampling of a bottleneck mask to a finer grid.
+
+    Args:
+        mask: ``(B, d, h, w)`` or ``(B, 1, d, h, w)``, bool or 0/1.
+        factor_or_size: an int is an isotropic integer factor; a sequence of 3 ints is the
+            target size ``(D, H, W)``, each an integer multiple of the mask grid.
+        dtype: dtype of the result.
+
+    Returns:
+        ``(B, 1, D, H, W)`` of 0/1 in ``dtype``, constant on each ``factor^3`` block.
+    """
+    if mask.dim() == 5 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be (B, d, h, w) or (B, 1, d, h, w), got {tuple(mask.shape)}")
+    grid = tuple(mask.shape[1:])
+    if isinstance(factor_or_size, int):
+        if factor_or_size <= 0:
+            raise ValueError(f"upsampling factor must be positive, got {factor_or_size}")
+        factors = (factor_or_size,) * 3
+    else:
+        size = _as_triple(factor_or_size, "size")
+        if any(s % g for s, g in zip(size, grid)):
+            raise ValueError(f"size {size} is not an integer multiple of the mask grid {grid}")
+        factors = tuple(s // g for s, g in zip(size, grid))
+    out = mask.to(dtype)
+    for axis, f in enumerate(factors, start=1):
+        if f > 1:
+            out = out.repeat_interleave(f, dim=axis)
+    return out.unsqueeze(1)
+
+
+def stage_masks(mask: Tensor, input_size: int | Sequence[int], num_stages: int) -> list[Tensor]:
+    """The mask at each encoder stage grid: full, 1/2, 1/4, ... resolution.
+
+    Args:
+        mask: ``(B, d, h, w)`` bool bottleneck mask.
+        input_size: ``(D, H, W)`` of the input volume (or one int).
+        num_stages: number of grids; stage ``i`` has size ``input_size / 2**i``. With
+            ``num_stages=5`` and a 1/16 bottleneck the last entry is the bottleneck grid itself.
+
+    Returns:
+        list of ``num_stages`` float 0/1 tensors ``(B, 1, D/2**i, H/2**i, W/2**i)``, finest first.
+    """
+    if not isinstance(num_stages, int) or num_stages <= 0:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be (B, d, h, w), got {tuple(mask.shape)}")
+    size = _as_triple(input_size, "input_size")
+    grid = tuple(mask.shape[1:])
+    out = []
+    for i in range(num_stages):
+        scale = 2**i
+        if any(s % scale for s in size):
+            raise ValueError(f"input_size {size} is not divisible by 2**{i} (stage {i})")
+        stage = tuple(s // scale for s in size)
+        if any(s % g for s, g in zip(stage, grid)):
+            raise ValueError(f"stage {i} grid {stage} is not an integer multiple of the mask grid {grid}")
+        out.append(upsample_mask(mask, stage))
+    return out
+
+
+def validate_mask(mask: Tensor, grid: Sequence[int]) -> int:
+    """Check a bottleneck mask; return the visible count per sample.
+
+    Raises ValueError for: not a tensor, dtype not bool, shape not ``(B, *grid)``, a sample
+    with no visible token, or visible counts that differ across the batch. Syncs with the
+    device (reads the counts); meant for eager checks, not inside compiled code.
+    """
+    grid = _as_triple(grid, "grid")
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool (True = visible), got {mask.dtype}")
+    if mask.dim() != 4 or tuple(mask.shape[1:]) != grid:
+        raise ValueError(f"mask must have shape (B, {grid[0]}, {grid[1]}, {grid[2]}), got {tuple(mask.shape)}")
+    if mask.shape[0] == 0:
+        raise ValueError("mask has an empty batch")
+    counts = mask.flatten(1).sum(dim=1).tolist()
+    empty = [i for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise ValueError(f"samples {empty} have no visible token")
+    if len(set(counts)) > 1:
+        raise ValueError(f"visible counts differ across the batch: {counts}")
+    return int(counts[0])

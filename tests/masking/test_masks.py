@@ -1,0 +1,77 @@
+"""Bottleneck masks: exact counts, reproducibility, nearest upsampling, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambamim.masking import num_visible, random_bottleneck_mask, stage_masks, upsample_mask, validate_mask
+
+
+@pytest.mark.parametrize("ratio,expected", [(0.75, 54), (0.0, 216), (0.9, 22), (0.25, 162), (0.999, 1)])
+def test_exact_visible_counts(ratio, expected):
+    m = random_bottleneck_mask(5, (6, 6, 6), ratio, generator=torch.Generator().manual_seed(0))
+    assert m.dtype == torch.bool and m.shape == (5, 6, 6, 6)
+    assert m.flatten(1).sum(1).tolist() == [expected] * 5
+    assert num_visible(216, ratio) == expected
+    assert validate_mask(m, (6, 6, 6)) == expected
+
+
+def test_bad_ratio():
+    for r in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError):
+            random_bottleneck_mask(2, (2, 2, 2), r)
+
+
+def test_reproducible_and_random():
+    a = random_bottleneck_mask(4, (3, 4, 5), 0.5, generator=torch.Generator().manual_seed(7))
+    b = random_bottleneck_mask(4, (3, 4, 5), 0.5, generator=torch.Generator().manual_seed(7))
+    c = random_bottleneck_mask(4, (3, 4, 5), 0.5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not all(torch.equal(a[0], a[i]) for i in range(1, 4))  # samples differ
+
+
+def test_uniform_over_positions():
+    m = random_bottleneck_mask(4000, (2, 2, 2), 0.75, generator=torch.Generator().manual_seed(0))
+    freq = m.float().mean(0).flatten()  # each position visible with prob 2/8
+    assert torch.allclose(freq, torch.full_like(freq, 0.25), atol=0.03)
+
+
+def test_upsample_constant_on_blocks():
+    m = random_bottleneck_mask(2, (2, 3, 2), 0.5, generator=torch.Generator().manual_seed(1))
+    up = upsample_mask(m, 16)
+    assert up.shape == (2, 1, 32, 48, 32) and up.dtype == torch.float32
+    blocks = up[:, 0].reshape(2, 2, 16, 3, 16, 2, 16)
+    assert torch.equal(blocks.amin(dim=(2, 4, 6)), blocks.amax(dim=(2, 4, 6)))
+    assert torch.equal(blocks.amax(dim=(2, 4, 6)), m.float())
+    assert torch.equal(upsample_mask(m, (4, 6, 4)), upsample_mask(m, 2))
+    with pytest.raises(ValueError):
+        upsample_mask(m, (5, 6, 4))
+
+
+def test_stage_masks():
+    m = random_bottleneck_mask(3, (2, 2, 3), 0.5, generator=torch.Generator().manual_seed(2))
+    stages = stage_masks(m, (32, 32, 48), 5)
+    assert [tuple(s.shape[2:]) for s in stages] == [(32, 32, 48), (16, 16, 24), (8, 8, 12), (4, 4, 6), (2, 2, 3)]
+    assert torch.equal(stages[-1][:, 0], m.float())
+    for finer, coarser in zip(stages[:-1], stages[1:]):
+        assert torch.equal(torch.nn.functional.max_pool3d(finer, 2), coarser)
+    with pytest.raises(ValueError):
+        stage_masks(m, (32, 32, 40), 5)
+
+
+def test_validate_mask_errors():
+    good = random_bottleneck_mask(2, (2, 2, 2), 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        validate_mask(good, (2, 2, 3))
+    with pytest.raises(ValueError, match="bool"):
+        validate_mask(good.float(), (2, 2, 2))
+    empty = good.clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match="no visible"):
+        validate_mask(empty, (2, 2, 2))
+    uneven = good.clone()
+    uneven[0] = True
+    with pytest.raises(ValueError, match="differ"):
+        validate_mask(uneven, (2, 2, 2))
