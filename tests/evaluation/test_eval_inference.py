@@ -1,0 +1,68 @@
+"""Sliding-window inference (mambamim.engine.inference; kept here with the other evaluation tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mambamim.engine.inference import flip_sets, predict_volume
+
+
+class Threshold(nn.Module):
+    """Pointwise toy segmenter: class 1 where the first channel exceeds ``t``."""
+
+    def __init__(self, t: float = 0.5):
+        super().__init__()
+        self.t = t
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        d = (x[:, :1] - self.t) * self.scale
+        return torch.cat([-d, d], 1)
+
+
+def test_threshold_model_exact_on_odd_sized_volume():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 37, 21, 50, generator=g)
+    labels = predict_volume(Threshold(), img, roi=(16, 16, 16), overlap=0.5, sw_batch_size=3, output="labels")
+    assert labels.shape == (37, 21, 50) and labels.dtype == torch.int64
+    assert torch.equal(labels, (img[0] > 0.5).long())
+    probs = predict_volume(Threshold(), img, roi=(16, 16, 16), overlap=0.25)
+    assert probs.shape == (2, 37, 21, 50)
+    assert torch.allclose(probs.sum(0), torch.ones(37, 21, 50), atol=1e-5)
+    expected = torch.sigmoid(2 * 20.0 * (img[0] - 0.5))
+    assert torch.allclose(probs[1], expected, atol=1e-4)
+
+
+def test_flip_sets():
+    assert flip_sets(False) == [()]
+    assert len(flip_sets("axes")) == 4
+    all8 = flip_sets(True)
+    assert len(all8) == 8 and len(set(all8)) == 8 and all8[0] == ()
+    with pytest.raises(ValueError):
+        flip_sets("sideways")
+
+
+def test_tta_averages_flipped_passes():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(1, 3, 3, padding=1)  # not flip-equivariant
+    img = torch.rand(1, 16, 16, 16)
+    got = predict_volume(conv, img, roi=(16, 16, 16), tta_flips="axes")
+    with torch.no_grad():
+        x = img[None]
+        ref = sum(torch.flip(torch.softmax(conv(torch.flip(x, a)), 1), a) for a in [(2,), (3,), (4,)])
+        ref = (ref + torch.softmax(conv(x), 1)) / 4
+    assert torch.allclose(got, ref[0], atol=1e-5)
+    plain = predict_volume(conv, img, roi=(16, 16, 16))
+    assert not torch.allclose(plain, got, atol=1e-4)
+    # a pointwise model is flip-equivariant: TTA changes nothing
+    t_all = predict_volume(Threshold(), img, roi=(16, 16, 16), tta_flips=True)
+    assert torch.allclose(t_all, predict_volume(Threshold(), img, roi=(16, 16, 16)), atol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"\(C, X, Y, Z\)"):
+        predict_volume(Threshold(), torch.rand(8, 8, 8), roi=(16, 16, 16))
+    with pytest.raises(ValueError, match="overlap"):
+        predict_volume(Threshold(), torch.rand(1, 8, 8, 8), roi=(16, 16, 16), overlap=1.0)
