@@ -1,0 +1,126 @@
+"""The preprocessed cache: layout, atomic writes and readers.
+
+```
+OUT/dataset.json          {"format": "mambamim-cache", "version": 1, "preprocessing": {...}, "labels": {...} | null,
+                           "cases": [{"id", "image", "label" | null, "meta", "shape": [C, X, Y, Z], "split"}]}
+OUT/cases/<id>/image.npy  float32 (C, X, Y, Z), np.load(mmap_mode="r") works
+OUT/cases/<id>/label.npy  uint8 (X, Y, Z) (uint16 above 255 classes)
+OUT/cases/<id>/meta.json  geometry and provenance (see mambamim.data.preprocess); written last
+OUT/report.json           {"failed": [{"case", "file", "problem"}], "warnings": [...], ...}
+```
+A case is finished only when its meta.json exists; every file is written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mambamim.data.errors import DataError
+
+CACHE_FORMAT = "mambamim-cache"
+CACHE_VERSION = 1
+INDEX_NAME = "dataset.json"
+REPORT_NAME = "report.json"
+
+
+def case_dir(root: str | os.PathLike, case_id: str) -> Path:
+    return Path(root) / "cases" / case_id
+
+
+def case_paths(case_id: str) -> dict[str, str]:
+    """Paths of one case's files relative to the cache root."""
+    base = f"cases/{case_id}"
+    return {"image": f"{base}/image.npy", "label": f"{base}/label.npy", "meta": f"{base}/meta.json"}
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: str | os.PathLike, write) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` through a temp file in the same folder and ``os.replace``."""
+    arr = np.ascontiguousarray(array)
+    _atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    data = (json.dumps(obj, indent=1) + "\n").encode()
+    _atomic(path, lambda f: f.write(data))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_case_finished(root: str | os.PathLike, case_id: str) -> bool:
+    return (case_dir(root, case_id) / "meta.json").is_file()
+
+
+def load_cache_index(root: str | os.PathLike) -> dict:
+    """Read and validate ``root/dataset.json``. Returns the dict (layout above); raises DataError if ``root``
+    is not a mambamim cache of a known version."""
+    path = Path(root) / INDEX_NAME
+    if not path.is_file():
+        raise DataError(path, "no cache index here; run `mambamim data prepare --out` on this folder first")
+    try:
+        index = read_json(path)
+    except Exception as exc:
+        raise DataError(path, f"cannot parse cache index ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+        raise DataError(path, f"not a {CACHE_FORMAT} index (format={index.get('format') if isinstance(index, dict) else None!r})")
+    if index.get("version") != CACHE_VERSION:
+        raise DataError(path, f"cache version {index.get('version')} is not supported (expected {CACHE_VERSION})")
+    if not isinstance(index.get("cases"), list):
+        raise DataError(path, "cache index has no 'cases' list")
+    return index
+
+
+def load_case(root: str | os.PathLike, case_id: str, mmap: bool = True) -> dict[str, Any]:
+    """One cached case: ``{"id", "image": float32 (C, X, Y, Z), "label": uint8/16 (X, Y, Z) or None,
+    "meta": dict}``; arrays are read-only memory maps when ``mmap``."""
+    root = Path(root)
+    d = case_dir(root, case_id)
+    meta_path = d / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(meta_path, f"case {case_id!r} is not in the cache (or was never finished)")
+    meta = read_json(meta_path)
+    mode = "r" if mmap else None
+    image = np.load(d / "image.npy", mmap_mode=mode, allow_pickle=False)
+    label_file = d / "label.npy"
+    has_label = meta.get("source", {}).get("label") is not None
+    label = np.load(label_file, mmap_mode=mode, allow_pickle=False) if has_label and label_file.is_file() else None
+    return {"id": case_id, "image": image, "label": label, "meta": meta}

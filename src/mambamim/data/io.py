@@ -1,0 +1,564 @@
+"""Reading CT volumes and discovering cases in NIfTI, DICOM, nnU-Net raw and Decathlon layouts.
+
+Arrays returned here are in the file's own voxel order: ``(X, Y, Z)`` with the 4x4 ``affine`` mapping
+voxel indices to RAS+ world millimetres (nibabel convention). DICOM series are converted from LPS to RAS.
+
+A DICOM series is addressed by its folder, optionally ``"<folder>#<SeriesInstanceUID>"`` when the folder
+holds several series (``discover_cases`` always writes the ``#`` form for DICOM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from mambamim.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask", "_gt", "-label", "-seg", "_segmentation")
+_LABEL_STEMS = ("label", "labels", "seg", "segmentation", "mask", "gt")
+_IMAGE_STEMS = ("image", "img", "ct", "volume")
+_NON_DICOM_EXT = {".json", ".txt", ".csv", ".md", ".py", ".yaml", ".yml", ".png", ".jpg", ".npy", ".npz",
+                  ".pdf", ".xml", ".html", ".log", ".gz", ".zip", ".tar", ".mha", ".mhd", ".nrrd", ".pt", ".pth"}
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Case descriptions
+
+
+@dataclass
+class CaseSpec:
+    """One case to prepare.
+
+    ``image_paths`` has one entry per channel (a NIfTI file or a DICOM series ``folder#uid``);
+    ``split`` is a hint from the layout ("train", "val", "test" or None); ``error`` is set when
+    discovery already found a problem (missing file, orphan label), with ``error_path`` naming the file.
+    """
+
+    case_id: str
+    image_paths: list[str]
+    label_path: str | None = None
+    split: str | None = None
+    source: str | None = None
+    error: str | None = None
+    error_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case_id": self.case_id, "image_paths": list(self.image_paths), "label_path": self.label_path,
+                "split": self.split, "source": self.source, "error": self.error, "error_path": self.error_path}
+
+
+@dataclass
+class DatasetSpec:
+    """What ``discover_dataset`` found: the cases, the declared classes (id string -> name) if any."""
+
+    root: str
+    kind: str  # "nifti", "dicom", "mixed", "nnunet", "decathlon", "pairs"
+    cases: list[CaseSpec] = field(default_factory=list)
+    labels: dict[str, str] | None = None
+    channel_names: dict[str, str] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_ext(name: str) -> str:
+    low = name.lower()
+    for suf in NIFTI_SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _split_series(path: str) -> tuple[str, str | None]:
+    """``"dir#uid"`` -> (dir, uid); a plain existing path -> (path, None)."""
+    if os.path.exists(path) or "#" not in path:
+        return path, None
+    folder, uid = path.rsplit("#", 1)
+    return folder, uid or None
+
+
+def _axcodes(affine: np.ndarray) -> list[str]:
+    return [str(c) for c in nib.aff2axcodes(affine)]
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
+
+
+def _check_affine(path: str, affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(path, "affine is not a finite 4x4 matrix")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+        raise DataError(path, "affine is singular (zero voxel size or degenerate directions)")
+    return affine
+
+
+def _squeeze_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Validate a volume shape, squeezing trailing singleton dimensions past the third."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise DataError(path, f"{len(shape)}D image (shape {shape}); a 3D volume is needed")
+    extra = shape[3:]
+    if any(s != 1 for s in extra):
+        raise DataError(path, f"{len(shape)}D image (shape {shape}) with {int(np.prod(extra))} volumes; only 3D "
+                              "volumes (or 4D with a singleton 4th dimension) are supported: store each channel "
+                              "as its own file")
+    if any(s <= 1 for s in shape[:3]):
+        raise DataError(path, f"2D image (shape {shape[:3]}): a 3D volume with more than one slice is needed")
+    return shape[:3]  # type: ignore[return-value]
+
+
+def read_nifti(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a NIfTI volume: ``(X, Y, Z)`` array (``dtype`` or the stored type if None), affine, header info.
+
+    Raises DataError for missing, unreadable or truncated files and non-3D shapes.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(path, "file does not exist")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise DataError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    shape = _squeeze_shape(path, img.shape)
+    affine = _check_affine(path, img.affine)
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # truncated .nii.gz gives EOFError / zlib.error / OSError / ValueError
+        raise DataError(path, f"cannot read image data, file truncated or corrupt ({type(exc).__name__}: {exc})") \
+            from exc
+    data = data.reshape(shape)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    info = {"format": "nifti", "path": path, "shape": list(shape), "spacing": _spacing(affine),
+            "axcodes": _axcodes(affine), "dtype": str(img.get_data_dtype())}
+    return data, affine, info
+
+
+def _dcm():
+    import pydicom  # local import: only DICOM users pay for it
+
+    return pydicom
+
+
+def _read_dicom_header(path: str):
+    pydicom = _dcm()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+
+
+def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Files directly inside ``folder`` that are DICOM images, grouped by SeriesInstanceUID."""
+    series: dict[str, list[str]] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DataError(folder, f"cannot list folder ({exc})") from exc
+    for name in names:
+        full = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(full) or is_nifti(name):
+            continue
+        if os.path.splitext(name)[1].lower() in _NON_DICOM_EXT or name.upper() == "DICOMDIR":
+            continue
+        ds = _read_dicom_header(full)
+        if ds is None or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+            continue
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(full)
+    return series
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read one DICOM series: ``(X, Y, Z)`` float32 array in Hounsfield units (slope/intercept applied),
+    RAS affine, header info.
+
+    X runs along the DICOM row direction (columns of the pixel matrix), Y along the column direction, Z along
+    the slice normal (slices sorted by ImagePositionPatient projected on the normal).
+    """
+    folder = str(folder)
+    label = f"{folder}#{series_uid}" if series_uid else folder
+    if not os.path.isdir(folder):
+        raise DataError(label, "DICOM folder does not exist")
+    groups = scan_dicom_folder(folder)
+    if not groups:
+        raise DataError(label, "no DICOM image files found in folder")
+    if series_uid is None:
+        if len(groups) > 1:
+            raise DataError(folder, f"folder holds {len(groups)} DICOM series ({', '.join(sorted(groups))}); "
+                                    "name one as '<folder>#<SeriesInstanceUID>'")
+        series_uid = next(iter(groups))
+    if series_uid not in groups:
+        raise DataError(label, "no DICOM series with this SeriesInstanceUID in folder")
+    pydicom = _dcm()
+    slices = []
+    for f in groups[series_uid]:
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception as exc:
+            raise DataError(f, f"cannot read DICOM file ({type(exc).__name__}: {exc})") from exc
+        slices.append((f, ds))
+    first = slices[0][1]
+    if int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+        raise DataError(label, "multi-frame (enhanced) DICOM is not supported; export as single-frame slices")
+    for f, ds in slices:
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise DataError(f, f"DICOM slice lacks {tag}; cannot build the geometry")
+    iop = np.array([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
+    for f, ds in slices:
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+            raise DataError(f, "slices of one series have different ImageOrientationPatient (localizer mixed in?)")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+    order = np.argsort(pos @ normal, kind="stable")
+    slices = [slices[i] for i in order]
+    pos = pos[order]
+    n = len(slices)
+    if n < 2:
+        raise DataError(label, "DICOM series has a single slice (2D); a 3D volume is needed")
+    dist = pos @ normal
+    gaps = np.diff(dist)
+    if np.any(gaps < 1e-3):
+        dup = slices[int(np.argmin(gaps)) + 1][0]
+        raise DataError(dup, "duplicate slice position in DICOM series")
+    if gaps.max() - gaps.min() > max(0.01, 0.01 * float(np.median(gaps))):
+        raise DataError(label, f"irregular slice spacing in DICOM series ({gaps.min():.3f} to {gaps.max():.3f} mm): "
+                               "missing slices?")
+    ps = [float(v) for v in first.PixelSpacing]  # [between rows, between columns]
+    rows, cols = int(first.Rows), int(first.Columns)
+    vol = np.empty((cols, rows, n), dtype=np.float32)
+    for k, (f, ds) in enumerate(slices):
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise DataError(f, f"slice size {ds.Rows}x{ds.Columns} differs from the series' {rows}x{cols}")
+        try:
+            px = ds.pixel_array
+        except Exception as exc:
+            raise DataError(f, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        vol[:, :, k] = px.T.astype(np.float32) * slope + inter
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps[1]
+    lps[:3, 1] = col_dir * ps[0]
+    lps[:3, 2] = (pos[-1] - pos[0]) / (n - 1)
+    lps[:3, 3] = pos[0]
+    affine = _check_affine(label, _LPS_TO_RAS @ lps)
+    info = {"format": "dicom", "path": label, "folder": folder, "series_uid": series_uid, "n_slices": n,
+            "shape": list(vol.shape), "spacing": _spacing(affine), "axcodes": _axcodes(affine),
+            "files": [f for f, _ in slices], "modality": str(getattr(first, "Modality", "")),
+            "series_description": str(getattr(first, "SeriesDescription", ""))}
+    return vol, affine, info
+
+
+def read_image(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a NIfTI file or a DICOM series folder (``folder`` or ``folder#SeriesInstanceUID``).
+
+    Returns ``(array (X, Y, Z), affine 4x4 voxel->RAS mm, info dict)``; info has at least ``format``,
+    ``path``, ``shape``, ``spacing``, ``axcodes``. ``dtype=None`` keeps the stored NIfTI type (labels).
+    Raises DataError naming the file for any problem.
+    """
+    path = str(path)
+    folder, uid = _split_series(path)
+    if os.path.isdir(folder):
+        data, affine, info = read_dicom_series(folder, uid)
+        return (data if dtype is None else data.astype(dtype, copy=False)), affine, info
+    if uid is not None:
+        raise DataError(path, "DICOM folder does not exist")
+    if is_nifti(path):
+        return read_nifti(path, dtype=dtype)
+    if not os.path.exists(path):
+        raise DataError(path, "file does not exist")
+    raise DataError(path, "unsupported file type: expected .nii, .nii.gz or a DICOM series folder")
+
+
+def read_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a label map: ``(X, Y, Z)`` int64 array, affine, info. Values must be finite non-negative integers."""
+    data, affine, info = read_image(path, dtype=None)
+    path = str(path)
+    if not np.issubdtype(data.dtype, np.integer):
+        data = np.asarray(data, dtype=np.float64)
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise DataError(path, f"label map has {int(bad.sum())} non-finite voxels (NaN/inf)")
+        if not np.array_equal(data, np.round(data)):
+            raise DataError(path, "label map has non-integer values; is this an image rather than a label?")
+    if data.size and data.min() < 0:
+        raise DataError(path, f"label map has negative values (min {data.min()})")
+    return data.astype(np.int64, copy=False), affine, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _safe_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def _dedupe(cases: list[CaseSpec]) -> list[CaseSpec]:
+    seen: dict[str, int] = {}
+    for c in cases:
+        c.case_id = _safe_id(c.case_id)
+        base = c.case_id
+        if base in seen:
+            seen[base] += 1
+            c.case_id = f"{base}_{seen[base]}"
+        else:
+            seen[base] = 1
+    return cases
+
+
+def normalize_labels(labels: Any) -> dict[str, str] | None:
+    """Declared classes as ``{"0": "background", "1": "spleen", ...}`` from MSD (id->name) or
+    nnU-Net v2 (name->id) style dicts."""
+    if not labels:
+        return None
+    if not isinstance(labels, dict):
+        raise ValueError(f"labels must be a dict, got {type(labels).__name__}")
+    out: dict[int, str] = {}
+    keys_are_ids = all(re.fullmatch(r"\d+", str(k)) for k in labels)
+    for k, v in labels.items():
+        if keys_are_ids:
+            out[int(k)] = str(v)
+        else:
+            ids = v if isinstance(v, list) else [v]  # nnU-Net regions: take the member ids
+            for i in ids:
+                out.setdefault(int(i), str(k))
+    out.setdefault(0, "background")
+    return {str(k): out[k] for k in sorted(out)}
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception as exc:
+        raise DataError(path, f"cannot parse JSON ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_exists(spec: CaseSpec, source: str) -> CaseSpec:
+    for p in list(spec.image_paths) + ([spec.label_path] if spec.label_path else []):
+        if not os.path.exists(p):
+            spec.error, spec.error_path = f"file referenced by {source} does not exist", p
+            break
+    return spec
+
+
+def _decathlon(json_path: Path, meta: dict) -> DatasetSpec:
+    root = json_path.parent
+
+    def resolve(p: str) -> str:
+        return str((root / p).resolve()) if not os.path.isabs(p) else p
+
+    cases: list[CaseSpec] = []
+    for key, split in (("training", "train"), ("validation", "val"), ("test", "test")):
+        for item in meta.get(key, []) or []:
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict) or "image" not in item:
+                cases.append(CaseSpec(f"{split}_{len(cases)}", [], None, split, str(json_path),
+                                      f"malformed entry in '{key}': {item!r}", str(json_path)))
+                continue
+            imgs = item["image"] if isinstance(item["image"], list) else [item["image"]]
+            imgs = [resolve(p) for p in imgs]
+            lbl = resolve(item["label"]) if item.get("label") else None
+            cid = strip_nifti_ext(os.path.basename(imgs[0])) if imgs else f"{split}_{len(cases)}"
+            cases.append(_check_exists(CaseSpec(cid, imgs, lbl, split, str(json_path)), str(json_path)))
+    channels = meta.get("modality") or meta.get("channel_names")
+    return DatasetSpec(str(root), "decathlon", _dedupe(cases), normalize_labels(meta.get("labels")),
+                       {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None)
+
+
+def _nnunet(root: Path, meta: dict | None) -> DatasetSpec:
+    meta = meta or {}
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = meta.get("channel_names") or meta.get("modality")
+    n_channels = len(channels) if isinstance(channels, dict) else None
+    source = str(root / "dataset.json") if (root / "dataset.json").exists() else str(root)
+    cases: list[CaseSpec] = []
+    for img_dir, lbl_dir, split in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
+        idir, ldir = root / img_dir, root / lbl_dir
+        if not idir.is_dir():
+            continue
+        groups: dict[str, dict[int, str]] = {}
+        for f in sorted(idir.iterdir()):
+            if f.name.startswith(".") or not f.is_file():
+                continue
+            if not f.name.endswith(ending):
+                logger.warning("%s: ignored, name does not end with the dataset's file_ending %s", f, ending)
+                continue
+            stem = f.name[: -len(ending)]
+            m = re.fullmatch(r"(.+)_(\d{4})", stem)
+            if not m:
+                cases.append(CaseSpec(stem, [str(f)], None, split, source,
+                                      "nnU-Net image name lacks the _XXXX channel suffix", str(f)))
+                continue
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = str(f)
+        label_files = {f.name[: -len(ending)]: str(f) for f in sorted(ldir.iterdir())
+                       if f.is_file() and f.name.endswith(ending)} if ldir.is_dir() else {}
+        for cid, chans in sorted(groups.items()):
+            want = n_channels or (max(chans) + 1)
+            missing = [i for i in range(want) if i not in chans]
+            paths = [chans[i] for i in sorted(chans)]
+            lbl = label_files.pop(cid, None)
+            spec = CaseSpec(cid, paths, lbl, split, source)
+            if missing:
+                spec.error = f"channel(s) {missing} missing (expected {want} from dataset.json)"
+                spec.error_path = str(idir / f"{cid}_{missing[0]:04d}{ending}")
+            elif split == "train" and lbl is None:
+                spec.error, spec.error_path = "training image has no label in labelsTr", paths[0]
+            cases.append(spec)
+        for cid, lbl in sorted(label_files.items()):
+            cases.append(CaseSpec(cid, [], lbl, split, source, f"label has no image in {img_dir}", lbl))
+    return DatasetSpec(str(root), "nnunet", _dedupe(cases), normalize_labels(meta.get("labels")),
+                       {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None)
+
+
+def _pairs(root: Path) -> DatasetSpec:
+    idir, ldir = root / "images", root / "labels"
+    labels = {}
+    if ldir.is_dir():
+        for f in sorted(ldir.iterdir()):
+            if is_nifti(f.name):
+                labels[strip_nifti_ext(f.name)] = str(f)
+    cases = []
+    for f in sorted(idir.iterdir()):
+        if not f.is_file() or not is_nifti(f.name):
+            continue
+        stem = strip_nifti_ext(f.name)
+        key = stem if stem in labels else re.sub(r"_0000$", "", stem)
+        lbl = labels.pop(key, None)
+        spec = CaseSpec(re.sub(r"_0000$", "", stem), [str(f)], lbl, None, str(root))
+        if lbl is None and ldir.is_dir():
+            spec.error, spec.error_path = "image has no label of the same name in labels/", str(f)
+        cases.append(spec)
+    for key, lbl in sorted(labels.items()):
+        cases.append(CaseSpec(key, [], lbl, None, str(root), "label has no image of the same name in images/", lbl))
+    return DatasetSpec(str(root), "pairs", _dedupe(cases), _sidecar_labels(root))
+
+
+def _sidecar_labels(root: Path) -> dict[str, str] | None:
+    for name in ("classes.json", "labels.json"):
+        p = root / name
+        if p.is_file():
+            try:
+                return normalize_labels(_load_json(p))
+            except (DataError, ValueError) as exc:
+                logger.warning("%s: ignored (%s)", p, exc)
+    return None
+
+
+def _label_partner(stem: str, stems: set[str]) -> str | None:
+    """For a label-like stem, the image stem it belongs to (within one folder)."""
+    low = stem.lower()
+    for suf in _LABEL_SUFFIXES:
+        if low.endswith(suf) and stem[: -len(suf)] in stems:
+            return stem[: -len(suf)]
+    if low in _LABEL_STEMS:
+        cands = [s for s in stems if s.lower() in _IMAGE_STEMS]
+        if len(cands) == 1:
+            return cands[0]
+    return None
+
+
+def _generic(root: Path) -> DatasetSpec:
+    cases: list[CaseSpec] = []
+    kinds = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        d = Path(dirpath)
+        rel = d.relative_to(root)
+        prefix = "_".join(rel.parts) if rel.parts else root.name
+        niftis = {strip_nifti_ext(f): str(d / f) for f in sorted(filenames) if is_nifti(f) and not f.startswith(".")}
+        stems = set(niftis)
+        partners = {s: _label_partner(s, stems) for s in stems}
+        label_of = {img: s for s, img in partners.items() if img is not None}
+        for s in sorted(stems):
+            if partners[s] is not None:
+                continue
+            kinds.add("nifti")
+            cid = prefix if (s.lower() in _IMAGE_STEMS) else (f"{prefix}_{s}" if rel.parts else s)
+            lbl = niftis[label_of[s]] if s in label_of else None
+            cases.append(CaseSpec(cid, [niftis[s]], lbl, None, str(root)))
+        others = [f for f in filenames if not is_nifti(f) and not f.startswith(".")]
+        if others:
+            series = scan_dicom_folder(d)
+            for i, uid in enumerate(sorted(series, key=lambda u: series[u][0])):
+                kinds.add("dicom")
+                cid = prefix if len(series) == 1 else f"{prefix}_series{i + 1}"
+                cases.append(CaseSpec(cid, [f"{d}#{uid}"], None, None, str(root)))
+    kind = "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "nifti")
+    return DatasetSpec(str(root), kind, _dedupe(cases), _sidecar_labels(root))
+
+
+def discover_dataset(path: str | os.PathLike) -> DatasetSpec:
+    """Find the cases under ``path`` and the declared classes.
+
+    Understands: a NIfTI file; a Decathlon ``dataset.json`` (or a folder holding one with a "training"
+    list); an nnU-Net raw folder (imagesTr/labelsTr/imagesTs, ``_0000`` suffixes); a folder with
+    ``images/`` and ``labels/`` paired by name; any other folder tree of NIfTI files (``x.nii.gz`` +
+    ``x_seg.nii.gz`` or ``image.nii.gz`` + ``label.nii.gz`` pair up) and DICOM series folders (one case per
+    SeriesInstanceUID). Raises DataError when ``path`` does not exist or holds nothing readable.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise DataError(p, "input does not exist")
+    if p.is_file():
+        if p.name.lower().endswith(".json"):
+            meta = _load_json(p)
+            if isinstance(meta.get("training"), list) or isinstance(meta.get("test"), list):
+                return _decathlon(p, meta)
+            if (p.parent / "imagesTr").is_dir():
+                return _nnunet(p.parent, meta)
+            raise DataError(p, "JSON is neither a Decathlon dataset.json (no 'training' list) nor next to imagesTr/")
+        if is_nifti(p.name):
+            sidecar = p.parent / (strip_nifti_ext(p.name) + "_seg.nii.gz")
+            return DatasetSpec(str(p.parent), "nifti",
+                               [CaseSpec(_safe_id(strip_nifti_ext(p.name)), [str(p)],
+                                         str(sidecar) if sidecar.exists() else None, None, str(p))])
+        raise DataError(p, "unsupported input file: expected .nii/.nii.gz, a dataset.json or a folder")
+    ds_json = p / "dataset.json"
+    if ds_json.is_file():
+        meta = _load_json(ds_json)
+        if meta.get("format") == "mambamim-cache":
+            raise DataError(p, "this is already a mambamim cache; give the raw data as --input")
+        if meta.get("channel_names") and (p / "imagesTr").is_dir():
+            return _nnunet(p, meta)
+        if isinstance(meta.get("training"), list) or isinstance(meta.get("test"), list):
+            return _decathlon(ds_json, meta)
+        if (p / "imagesTr").is_dir():
+            return _nnunet(p, meta)
+    if (p / "imagesTr").is_dir():
+        return _nnunet(p, None)
+    if (p / "images").is_dir():
+        return _pairs(p)
+    spec = _generic(p)
+    if not spec.cases:
+        raise DataError(p, "no NIfTI files or DICOM series found")
+    return spec
+
+
+def discover_cases(path: str | os.PathLike) -> list[CaseSpec]:
+    """The cases under ``path`` (see ``discover_dataset``), in a stable order with unique safe ids."""
+    return discover_dataset(path).cases

@@ -1,0 +1,209 @@
+"""``prepare_dataset``: discover, check, preprocess and cache a dataset (resumable, parallel)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mambamim.data.cache import (CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, REPORT_NAME, case_dir, case_paths,
+                                 read_json, save_npy_atomic, write_json_atomic)
+from mambamim.data.errors import DataError
+from mambamim.data.io import CaseSpec, discover_dataset
+from mambamim.data.preprocess import PreprocessParams, preprocess_image, preprocess_label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareReport:
+    """Outcome of ``prepare_dataset``. ``failed`` / ``warnings`` entries: {"case", "file", "problem"}."""
+
+    out: str
+    prepared: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    labels: dict[str, str] | None = None
+    seconds: float = 0.0
+
+    @property
+    def n_ready(self) -> int:
+        """Cases usable in the cache (prepared now or earlier)."""
+        return len(self.prepared) + len(self.skipped)
+
+    def exit_code(self, strict: bool = False) -> int:
+        """1 when nothing could be prepared, or (strict) when any input failed; else 0."""
+        if self.n_ready == 0 or (strict and self.failed):
+            return 1
+        return 0
+
+    def summary(self) -> str:
+        return (f"{len(self.prepared)} prepared, {len(self.skipped)} skipped (already done), "
+                f"{len(self.failed)} failed, {len(self.warnings)} warnings in {self.seconds:.1f} s -> {self.out}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "prepared": self.prepared, "skipped": self.skipped, "failed": self.failed,
+                "warnings": self.warnings, "labels": self.labels, "seconds": round(self.seconds, 3)}
+
+
+def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict | None:
+    """The meta of an already finished case made from the same sources and parameters, else None."""
+    meta_path = case_dir(out, spec.case_id) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = read_json(meta_path)
+    except Exception:
+        return None
+    src = meta.get("source", {})
+    if (meta.get("preprocessing") != params.to_dict() or src.get("images") != list(spec.image_paths)
+            or src.get("label") != spec.label_path):
+        return None
+    if not (case_dir(out, spec.case_id) / "image.npy").is_file():
+        return None
+    return meta
+
+
+def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParams,
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Preprocess one case and write it into the cache at ``out`` (image, label, then meta.json last).
+
+    Returns ``{"id", "status": "ok"|"failed", "shape", "has_label", "label_values", "warnings", "error"}``;
+    never raises for data problems (they come back as ``error = {"case", "file", "problem"}``).
+    """
+    result: dict[str, Any] = {"id": spec.case_id, "status": "failed", "warnings": [], "error": None}
+    try:
+        image, meta = preprocess_image(spec.image_paths, params, case_id=spec.case_id)
+        label = preprocess_label(spec.label_path, meta, labels) if spec.label_path else None
+        d = case_dir(out, spec.case_id)
+        d.mkdir(parents=True, exist_ok=True)
+        meta_path = d / "meta.json"
+        if meta_path.exists():  # stale case being redone: unfinished until the new meta lands
+            meta_path.unlink()
+        save_npy_atomic(d / "image.npy", image)
+        if label is not None:
+            save_npy_atomic(d / "label.npy", label)
+        elif (d / "label.npy").exists():
+            (d / "label.npy").unlink()
+        meta["split"] = spec.split
+        meta["files"] = {"image": "image.npy", "label": "label.npy" if label is not None else None}
+        write_json_atomic(meta_path, meta)
+        result.update(status="ok", shape=[int(s) for s in image.shape], has_label=label is not None,
+                      label_values=meta.get("label_values", []),
+                      warnings=[{"case": spec.case_id, **w} for w in meta.get("warnings", [])])
+    except DataError as exc:
+        result["error"] = {"case": spec.case_id, "file": exc.path, "problem": exc.problem}
+    except Exception as exc:  # keep going with the other cases; the traceback goes to the debug log
+        logger.debug("case %s failed:\n%s", spec.case_id, traceback.format_exc())
+        first = spec.image_paths[0] if spec.image_paths else spec.label_path
+        result["error"] = {"case": spec.case_id, "file": first,
+                           "problem": f"unexpected error ({type(exc).__name__}: {exc})"}
+    return result
+
+
+def _labels_from_values(values: set[int]) -> dict[str, str] | None:
+    if not values:
+        return None
+    top = max(values)
+    return {str(i): ("background" if i == 0 else f"class_{i}") for i in range(top + 1)}
+
+
+def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: PreprocessParams | None = None,
+                    workers: int = 1, strict: bool = False, progress: bool = True) -> PrepareReport:
+    """Discover the cases under ``input``, check and preprocess them into the cache ``out``.
+
+    Finished cases (meta.json present, same sources and parameters) are skipped, so an interrupted run can
+    be restarted. Bad inputs are collected in ``out/report.json`` while the good ones are prepared.
+    ``strict`` only affects ``PrepareReport.exit_code``. Raises DataError when ``input`` holds no cases.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    params = params or PreprocessParams()
+    t0 = time.perf_counter()
+    out_p = Path(out).expanduser().resolve()
+    ds = discover_dataset(input)
+    out_p.mkdir(parents=True, exist_ok=True)
+    report = PrepareReport(out=str(out_p))
+    old_index = out_p / INDEX_NAME
+    if old_index.is_file():
+        try:
+            old = read_json(old_index)
+            if old.get("format") == CACHE_FORMAT and old.get("preprocessing") != params.to_dict():
+                logger.warning("%s was prepared with other preprocessing parameters; its cases are redone",
+                               old_index)
+        except Exception:
+            pass
+
+    shapes: dict[str, list[int]] = {}
+    has_label: dict[str, bool] = {}
+    label_values: set[int] = set()
+    todo: list[CaseSpec] = []
+    for spec in ds.cases:
+        if spec.error:
+            report.failed.append({"case": spec.case_id, "file": spec.error_path, "problem": spec.error})
+            continue
+        meta = _finished_meta(out_p, spec, params)
+        if meta is not None:
+            report.skipped.append(spec.case_id)
+            shapes[spec.case_id] = meta["cache"]["shape"]
+            has_label[spec.case_id] = meta["source"].get("label") is not None
+            label_values.update(meta.get("label_values", []))
+            continue
+        todo.append(spec)
+    logger.info("%d cases found in %s (%s layout): %d to prepare, %d already done, %d with problems",
+                len(ds.cases), ds.root, ds.kind, len(todo), len(report.skipped), len(report.failed))
+
+    def collect(res: dict[str, Any]) -> None:
+        if res["status"] == "ok":
+            report.prepared.append(res["id"])
+            shapes[res["id"]] = res["shape"]
+            has_label[res["id"]] = res["has_label"]
+            label_values.update(res["label_values"])
+            report.warnings.extend(res["warnings"])
+        else:
+            report.failed.append(res["error"])
+            logger.warning("%s: %s", res["error"]["file"], res["error"]["problem"])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress or not todo)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for spec in todo:
+                bar.set_postfix_str(spec.case_id, refresh=False)
+                collect(prepare_case(spec, out_p, params, ds.labels))
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+                futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels) for spec in todo]
+                for fut in as_completed(futures):
+                    collect(fut.result())
+                    bar.update(1)
+    finally:
+        bar.close()
+
+    order = {c.case_id: i for i, c in enumerate(ds.cases)}
+    report.prepared.sort(key=order.__getitem__)
+    ready = [c for c in ds.cases if c.case_id in shapes]
+    report.labels = ds.labels if ds.labels is not None else (
+        _labels_from_values(label_values) if any(has_label.values()) else None)
+    index = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": params.to_dict(),
+        "labels": report.labels, "source": {"input": str(Path(input).expanduser().resolve()), "layout": ds.kind},
+        "cases": [{"id": c.case_id, "image": case_paths(c.case_id)["image"],
+                   "label": case_paths(c.case_id)["label"] if has_label[c.case_id] else None,
+                   "meta": case_paths(c.case_id)["meta"], "shape": shapes[c.case_id], "split": c.split}
+                  for c in ready],
+    }
+    write_json_atomic(out_p / INDEX_NAME, index)
+    report.seconds = time.perf_counter() - t0
+    report_dict = {k: v for k, v in report.to_dict().items() if k != "labels"}
+    write_json_atomic(out_p / REPORT_NAME, {**report_dict, "input": str(input), "strict": strict})
+    logger.info("%s", report.summary())
+    return report

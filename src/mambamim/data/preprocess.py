@@ -1,0 +1,394 @@
+"""Preprocessing into cache space and its exact geometric inverse.
+
+Forward (``preprocess_image`` / ``preprocess_label``), for every case:
+
+1. reorient to RAS (a pure axis permutation / flip, nibabel ``io_orientation``);
+2. resample to ``params.spacing`` keeping the first voxel centre fixed (image trilinear, labels nearest);
+3. clip intensities to ``[hu_min, hu_max]`` and scale to ``[0, 1]`` (image only);
+4. crop to the body's bounding box (resampled HU > ``hu_min``) plus ``crop_margin`` voxels;
+5. pad with zeros (both sides) to at least ``min_size`` per axis, with a warning naming the file.
+
+The meta dict records each step's grid so ``restore_to_original`` can undo them in reverse order: unpad,
+uncrop (zeros outside), resample to the RAS grid of the original shape, reorient back. For label maps the
+round trip is exact whenever the resampling factor original->cache spacing is 1 or an upsampling by an
+integer factor (e.g. 3 mm -> 1.5 mm); a downsampling necessarily loses detail finer than the cache grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+from scipy import ndimage
+
+from mambamim.data.errors import DataError
+from mambamim.data.io import read_image, read_label
+
+logger = logging.getLogger(__name__)
+
+META_VERSION = 1
+_AFFINE_ATOL_DIR = 1e-3  # mm, on the direction * spacing columns
+_AFFINE_ATOL_ORIGIN = 1e-2  # mm
+
+
+def _triple(value: Any, name: str, kind: type) -> tuple:
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        value = (value,) * 3
+    try:
+        out = tuple(kind(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number or three numbers, got {value!r}") from exc
+    if len(out) == 1:
+        out = out * 3
+    if len(out) != 3:
+        raise ValueError(f"{name} must have 1 or 3 values, got {len(out)}")
+    return out
+
+
+@dataclass
+class PreprocessParams:
+    """Preprocessing settings; ``to_dict``/``from_dict`` let caches and checkpoints carry them.
+
+    spacing: target voxel size in mm (x, y, z) of the RAS grid; hu_min / hu_max: intensity window mapped
+    to [0, 1]; crop_foreground: crop to the body (voxels above hu_min) plus crop_margin voxels;
+    min_size: pad each axis to at least this many voxels.
+    """
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    hu_min: float = -175.0
+    hu_max: float = 250.0
+    crop_foreground: bool = True
+    min_size: tuple[int, int, int] = (96, 96, 96)
+    crop_margin: int = 4
+
+    def __post_init__(self) -> None:
+        self.spacing = _triple(self.spacing, "spacing", float)
+        self.min_size = _triple(self.min_size, "min_size", int)
+        if any(not np.isfinite(s) or s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+        if any(s < 0 for s in self.min_size):
+            raise ValueError(f"min_size must be >= 0, got {self.min_size}")
+        self.hu_min, self.hu_max = float(self.hu_min), float(self.hu_max)
+        if not (np.isfinite(self.hu_min) and np.isfinite(self.hu_max)) or self.hu_max <= self.hu_min:
+            raise ValueError(f"need finite hu_min < hu_max, got {self.hu_min}, {self.hu_max}")
+        self.crop_foreground = bool(self.crop_foreground)
+        self.crop_margin = int(self.crop_margin)
+        if self.crop_margin < 0:
+            raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"], d["min_size"] = list(self.spacing), list(self.min_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PreprocessParams":
+        """Build from ``to_dict`` output; unknown keys are ignored (logged), missing ones take defaults."""
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(d) - known)
+        if extra:
+            logger.debug("PreprocessParams.from_dict: ignoring unknown keys %s", extra)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry helpers
+
+
+def _spacing_of(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def _lists(a: np.ndarray) -> list:
+    return np.asarray(a, dtype=np.float64).tolist()
+
+
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two voxel->world affines agree within tolerance (direction*spacing 1e-3, origin 1e-2 mm)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return bool(np.allclose(a[:3, :3], b[:3, :3], atol=_AFFINE_ATOL_DIR, rtol=0)
+                and np.allclose(a[:3, 3], b[:3, 3], atol=_AFFINE_ATOL_ORIGIN, rtol=0))
+
+
+def _reorient(vol: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Apply a nibabel orientation transform to the last three axes of ``vol`` (..., X, Y, Z)."""
+    if vol.ndim == 3:
+        return np.ascontiguousarray(nio.apply_orientation(vol, transform))
+    moved = np.moveaxis(vol, 0, -1)  # (X, Y, Z, C): apply_orientation acts on the leading axes
+    return np.ascontiguousarray(np.moveaxis(nio.apply_orientation(moved, transform), -1, 0))
+
+
+def _resample3d(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
+    """Sample ``vol`` (X, Y, Z) on a grid whose voxel index v maps to input index ``out_to_in @ [v, 1]``."""
+    m = np.asarray(out_to_in, dtype=np.float64)
+    lin, off = m[:3, :3], m[:3, 3]
+    matrix = np.diag(lin) if np.allclose(lin, np.diag(np.diag(lin)), atol=1e-12) else lin
+    return ndimage.affine_transform(vol, matrix, offset=off, output_shape=tuple(int(s) for s in out_shape),
+                                    order=order, mode="nearest", prefilter=False)
+
+
+def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
+    if vol.ndim == 3:
+        return _resample3d(vol, out_to_in, out_shape, order)
+    return np.stack([_resample3d(v, out_to_in, out_shape, order) for v in vol])
+
+
+def _is_identity(m: np.ndarray) -> bool:
+    return bool(np.allclose(np.asarray(m), np.eye(4), atol=1e-9))
+
+
+def plan_geometry(affine: np.ndarray, shape: Sequence[int], params: PreprocessParams) -> dict[str, Any]:
+    """Reorientation and resampling plan for a volume of ``shape`` (X, Y, Z) with ``affine``.
+
+    Returns the meta entries ``original``, ``ras`` and ``resampled`` (crop and padding come later, from the
+    data).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = [int(s) for s in shape]
+    orig_ornt = nio.io_orientation(affine)
+    to_ras = nio.ornt_transform(orig_ornt, nio.axcodes2ornt(("R", "A", "S")))
+    ras_affine = affine @ nio.inv_ornt_aff(to_ras, shape)
+    ras_shape = [shape[int(a)] for a in np.argsort(to_ras[:, 0])]
+    # to_ras[i, 0] is the output axis of input axis i: output axis j has the length of input axis argsort[j]
+    ras_spacing = _spacing_of(ras_affine)
+    target = np.asarray(params.spacing, dtype=np.float64)
+    scale = target / ras_spacing
+    if np.allclose(scale, 1.0, atol=1e-6):
+        scale = np.ones(3)
+        res_shape = list(ras_shape)
+    else:
+        res_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, ras_spacing, target)]
+    res_affine = ras_affine @ np.diag([*scale, 1.0])
+    return {
+        "original": {"affine": _lists(affine), "shape": shape, "spacing": _spacing_of(affine).tolist(),
+                     "axcodes": [str(c) for c in nib.aff2axcodes(affine)], "ornt": _lists(orig_ornt)},
+        "ras": {"affine": _lists(ras_affine), "shape": ras_shape, "spacing": ras_spacing.tolist(),
+                "ornt_transform": _lists(to_ras)},
+        "resampled": {"affine": _lists(res_affine), "shape": res_shape,
+                      "spacing": _spacing_of(res_affine).tolist(), "scale": scale.tolist()},
+    }
+
+
+def _forward_geometry(vol: np.ndarray, meta: dict, order: int) -> np.ndarray:
+    """Reorient + resample ``vol`` (X, Y, Z) or (C, X, Y, Z) from the original grid to the resampled grid."""
+    to_ras = np.asarray(meta["ras"]["ornt_transform"])
+    vol = _reorient(vol, to_ras)
+    ras_a, res_a = np.asarray(meta["ras"]["affine"]), np.asarray(meta["resampled"]["affine"])
+    out_to_in = np.linalg.solve(ras_a, res_a)  # resampled voxel -> RAS voxel
+    if not _is_identity(out_to_in):
+        vol = _resample(vol, out_to_in, meta["resampled"]["shape"], order)
+    return vol
+
+
+def _crop_pad(vol: np.ndarray, meta: dict) -> np.ndarray:
+    box = meta["crop"]["box"]
+    sl = (Ellipsis,) + tuple(slice(a, b) for a, b in box)
+    vol = vol[sl]
+    pad = [tuple(p) for p in meta["pad"]]
+    if any(p != (0, 0) for p in pad):
+        vol = np.pad(vol, [(0, 0)] * (vol.ndim - 3) + pad, mode="constant", constant_values=0)
+    return np.ascontiguousarray(vol)
+
+
+def _cache_affine(res_affine: np.ndarray, box: list, pad: list) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = [b[0] - p[0] for b, p in zip(box, pad)]
+    return np.asarray(res_affine) @ shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _as_paths(image_paths: Sequence[str] | str | os.PathLike) -> list[str]:
+    if isinstance(image_paths, (str, os.PathLike)):
+        return [str(image_paths)]
+    paths = [str(p) for p in image_paths]
+    if not paths:
+        raise ValueError("image_paths is empty")
+    return paths
+
+
+def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams | None = None,
+                     case_id: str | None = None) -> tuple[np.ndarray, dict]:
+    """Read and preprocess one case's image (one path per channel; NIfTI or DICOM series folder).
+
+    Returns ``(image, meta)``: image float32 ``(C, X, Y, Z)`` in cache space (RAS, target spacing, values
+    in [0, 1], cropped and padded), meta a JSON-able dict for ``restore_to_original`` /
+    ``preprocess_label``. Writes nothing. Raises DataError naming the file for any input problem.
+    """
+    params = params or PreprocessParams()
+    paths = _as_paths(image_paths)
+    vols, infos = [], []
+    ref_affine = None
+    for p in paths:
+        vol, affine, info = read_image(p, dtype=np.float32)
+        bad = ~np.isfinite(vol)
+        if bad.any():
+            raise DataError(p, f"{int(bad.sum())} non-finite voxels (NaN/inf) in image")
+        if ref_affine is None:
+            ref_affine = affine
+        else:
+            if vol.shape != vols[0].shape:
+                raise DataError(p, f"channel shape {vol.shape} differs from channel 0 {vols[0].shape} ({paths[0]})")
+            if not affines_match(affine, ref_affine):
+                raise DataError(p, f"channel affine differs from channel 0 ({paths[0]})")
+        vols.append(vol)
+        infos.append(info)
+    data = np.stack(vols)  # (C, X, Y, Z)
+    meta: dict[str, Any] = {"format": "mambamim-case-meta", "version": META_VERSION,
+                            "case_id": case_id, "source": {"images": paths, "label": None},
+                            "input_format": infos[0]["format"]}
+    if infos[0]["format"] == "dicom":
+        meta["dicom"] = {"series_uid": infos[0].get("series_uid"), "folder": infos[0].get("folder"),
+                         "n_slices": infos[0].get("n_slices")}
+    meta.update(plan_geometry(ref_affine, data.shape[1:], params))
+    data = _forward_geometry(data, meta, order=1)
+    lo, hi = params.hu_min, params.hu_max
+    body = (data > lo).any(axis=0)
+    res_shape = list(data.shape[1:])
+    box = [[0, n] for n in res_shape]
+    crop_applied = False
+    if params.crop_foreground:
+        if body.any():
+            idx = [np.flatnonzero(body.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+            m = params.crop_margin
+            box = [[max(0, int(ix[0]) - m), min(n, int(ix[-1]) + 1 + m)] for ix, n in zip(idx, res_shape)]
+            crop_applied = box != [[0, n] for n in res_shape]
+        else:
+            logger.warning("%s: no voxel above hu_min=%g, foreground crop skipped", paths[0], lo)
+    sizes = [b - a for a, b in box]
+    pad = []
+    for n, want in zip(sizes, params.min_size):
+        extra = max(0, want - n)
+        pad.append([extra // 2, extra - extra // 2])
+    warnings = []
+    if any(p != [0, 0] for p in pad):
+        msg = (f"volume {'x'.join(map(str, sizes))} (after resampling{' and cropping' if crop_applied else ''}) "
+               f"is smaller than min_size {'x'.join(map(str, params.min_size))}: zero-padded")
+        logger.warning("%s: %s", paths[0], msg)
+        warnings.append({"file": paths[0], "problem": msg})
+    meta["crop"] = {"box": box, "applied": crop_applied, "margin": params.crop_margin}
+    meta["pad"] = pad
+    np.clip(data, lo, hi, out=data)
+    data -= lo
+    data /= np.float32(hi - lo)
+    data = _crop_pad(data, meta).astype(np.float32, copy=False)
+    meta["cache"] = {"affine": _lists(_cache_affine(np.asarray(meta["resampled"]["affine"]), box, pad)),
+                     "shape": [int(s) for s in data.shape]}
+    meta["intensity"] = {"hu_min": lo, "hu_max": hi, "out_min": 0.0, "out_max": 1.0, "clip": True}
+    meta["preprocessing"] = params.to_dict()
+    meta["warnings"] = warnings
+    return data, meta
+
+
+def preprocess_label(label_path: str, meta: dict, declared: dict[str, str] | None = None) -> np.ndarray:
+    """Read a label map and bring it to cache space with the image's ``meta`` (nearest neighbour).
+
+    Checks it against the image (shape, orientation, affine) and, when ``declared`` (id string -> name) is
+    given, that every value is a declared class. Returns uint8 ``(X, Y, Z)`` (uint16 above 255).
+    Records ``source.label`` and ``label_values`` in ``meta``.
+    """
+    label, affine, _ = read_label(label_path)
+    orig = meta["original"]
+    if list(label.shape) != list(orig["shape"]):
+        raise DataError(label_path, f"label shape {list(label.shape)} differs from image shape {orig['shape']} "
+                                    f"({meta['source']['images'][0]})")
+    codes = [str(c) for c in nib.aff2axcodes(affine)]
+    if codes != list(orig["axcodes"]):
+        raise DataError(label_path, f"label orientation {''.join(codes)} differs from image orientation "
+                                    f"{''.join(orig['axcodes'])}")
+    if not affines_match(affine, np.asarray(orig["affine"])):
+        diff = float(np.abs(affine - np.asarray(orig["affine"])).max())
+        raise DataError(label_path, f"label affine differs from the image's (max difference {diff:.4g})")
+    values = np.unique(label)
+    if declared is not None:
+        allowed = {int(k) for k in declared}
+        extra = [int(v) for v in values if int(v) not in allowed]
+        if extra:
+            raise DataError(label_path, f"label values {extra[:10]} are not declared classes "
+                                        f"(declared {min(allowed)}..{max(allowed)})")
+    top = int(values.max()) if values.size else 0
+    dtype = np.uint8 if max(top, max((int(k) for k in declared), default=0) if declared else 0) <= 255 \
+        else np.uint16
+    if top > np.iinfo(np.uint16).max:
+        raise DataError(label_path, f"label value {top} exceeds 65535")
+    small = label.astype(np.uint16 if top > 255 else np.uint8)
+    out = _forward_geometry(small, meta, order=0)
+    out = _crop_pad(out, meta).astype(dtype, copy=False)
+    meta["source"]["label"] = str(label_path)
+    meta["label_values"] = [int(v) for v in values]
+    return out
+
+
+def restore_to_original(array: np.ndarray, meta: dict, is_label: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Map an array from cache space back to the original image grid.
+
+    ``array``: a label map ``(X, Y, Z)`` (is_label=True, nearest neighbour) or a float map ``(X, Y, Z)`` /
+    ``(K, X, Y, Z)`` (is_label=False, trilinear) with the cache shape of ``meta``. Undoes padding and crop
+    (zeros outside the crop), resamples to the RAS grid of the original shape and reorients back.
+    Returns ``(array in the original voxel grid (X0, Y0, Z0) or (K, X0, Y0, Z0), original affine 4x4)``.
+    """
+    arr = np.asarray(array)
+    cache_shape = list(meta["cache"]["shape"])[-3:]
+    if arr.ndim not in (3, 4) or list(arr.shape[-3:]) != cache_shape:
+        raise ValueError(f"array shape {arr.shape} does not match the cache shape {cache_shape} of this meta")
+    if is_label and arr.ndim != 3:
+        raise ValueError(f"a label map must be (X, Y, Z), got {arr.shape}; pass is_label=False for (K, X, Y, Z)")
+    if not is_label and not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    # undo padding
+    sl = (Ellipsis,) + tuple(slice(b, n - a) for (b, a), n in zip(meta["pad"], cache_shape))
+    arr = arr[sl]
+    # undo crop
+    res_shape = list(meta["resampled"]["shape"])
+    full = np.zeros(arr.shape[:-3] + tuple(res_shape), dtype=arr.dtype)
+    full[(Ellipsis,) + tuple(slice(a, b) for a, b in meta["crop"]["box"])] = arr
+    # resample back to the RAS grid of the original shape
+    ras_a, res_a = np.asarray(meta["ras"]["affine"]), np.asarray(meta["resampled"]["affine"])
+    out_to_in = np.linalg.solve(res_a, ras_a)  # RAS voxel -> resampled voxel
+    if not _is_identity(out_to_in):
+        full = _resample(full, out_to_in, meta["ras"]["shape"], order=0 if is_label else 1)
+    # reorient back
+    orig_ornt = np.asarray(meta["original"]["ornt"])
+    back = nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), orig_ornt)
+    out = _reorient(full, back)
+    if list(out.shape[-3:]) != list(meta["original"]["shape"]):  # pragma: no cover - guards the algebra
+        raise RuntimeError(f"restored shape {out.shape} != original {meta['original']['shape']}")
+    return out, np.asarray(meta["original"]["affine"], dtype=np.float64)
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> str:
+    """Write ``array`` (X, Y, Z) or (X, Y, Z, K) with ``affine`` as NIfTI: temp file in the same folder,
+    fsync, ``os.replace``. Returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        arr = np.asarray(array)
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        elif arr.dtype == np.int64:
+            arr = arr.astype(np.int32)
+        img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        nib.save(img, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
