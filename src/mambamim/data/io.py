@@ -137,7 +137,7 @@ def read_nifti(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.nda
     try:
         img = nib.load(path)
     except Exception as exc:  # nibabel raises many types for corrupt headers
-        raise DataError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+        raise DataError(path, f"cannot read NIfTI header: not a NIfTI file, or truncated or corrupt ({type(exc).__name__}: {exc})") from exc
     shape = _squeeze_shape(path, img.shape)
     affine = _check_affine(path, img.affine)
     try:
