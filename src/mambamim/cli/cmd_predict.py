@@ -1,0 +1,130 @@
+"""``mambamim predict``: segment NIfTI files, folders of them or DICOM series folders.
+
+Each input's label map is written as ``<case>_seg.nii.gz`` in the input's own voxel grid,
+orientation and affine (the exact inverse of preprocessing). A case that fails is reported with
+the file it concerns and the others are still written; the exit status is non-zero only when
+every case failed (or the checkpoint cannot be loaded).
+
+The small argument / progress helpers below are shared by the other evaluation subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (default: auto)")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--roi", type=int, default=None,
+                        help="sliding-window side in voxels, a multiple of 16 (default: the checkpoint's)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--tta", nargs="?", const="all", default="none", choices=["none", "axes", "all"],
+                        help="flip test-time augmentation: 'axes' = identity + 3 single-axis flips, "
+                             "'all' (or plain --tta) = all 8 flip combinations")
+
+
+def error(command: str, message: str) -> int:
+    """Print a one-line error for ``mambamim <command>`` on stderr and return exit status 2."""
+    print(f"mambamim {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def roi_arg(value: int | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if value < 16 or value % 16:
+        raise ValueError(f"--roi must be a positive multiple of 16, got {value}")
+    return (value,) * 3
+
+
+def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
+    """A tqdm progress bar on stderr (plain iteration when tqdm is missing or disabled)."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def _discover(inputs: list[str]):
+    """(case_id, image_paths or None, error or None, path) for every case under the inputs."""
+    from mambamim.data.errors import DataError
+    from mambamim.data.io import discover_cases
+
+    found = []
+    for inp in inputs:
+        try:
+            cases = discover_cases(inp)
+        except (DataError, OSError) as exc:
+            found.append((os.path.basename(os.path.normpath(inp)) or inp, None, str(exc), inp))
+            continue
+        for c in cases:
+            if c.error or not c.image_paths:
+                found.append((c.case_id, None, f"{c.error_path or inp}: {c.error or 'no image'}", c.error_path or inp))
+            else:
+                found.append((c.case_id, list(c.image_paths), None, c.image_paths[0]))
+    seen: dict[str, int] = {}
+    out = []
+    for cid, paths, err, where in found:
+        n = seen.get(cid, 0)
+        seen[cid] = n + 1
+        out.append((cid if n == 0 else f"{cid}_{n + 1}", paths, err, where))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="fine-tuning checkpoint (best.pt / last.pt) or run folder")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="NIfTI file(s), folder(s) of NIfTI files, or DICOM series folder(s)")
+    parser.add_argument("--output", required=True, help="folder for the <case>_seg.nii.gz label maps")
+    add_window_arguments(parser)
+    add_device_arguments(parser)
+    parser.add_argument("--suffix", default="_seg.nii.gz", help="output name suffix (default _seg.nii.gz)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mambamim.engine import inference
+
+    try:
+        roi = roi_arg(args.roi)
+        model, info = inference.load_segmenter(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return error("predict", str(exc))
+    cases = _discover(args.input)
+    if not cases:
+        return error("predict", f"no NIfTI files or DICOM series found in {', '.join(args.input)}")
+    os.makedirs(args.output, exist_ok=True)
+    ok, failed = [], []
+    t0 = time.perf_counter()
+    for cid, paths, err, where in progress(cases, "predict", total=len(cases), enabled=args.progress):
+        if err is not None:
+            failed.append((cid, err))
+            print(f"FAILED {where}: {err}", file=sys.stderr)
+            continue
+        out_path = os.path.join(args.output, f"{cid}{args.suffix}")
+        try:
+            inference.segment_image(model, info, paths, out_path, roi=roi, overlap=args.overlap,
+                                    sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp)
+        except Exception as exc:  # one bad case must not stop the others
+            msg = str(exc) if paths[0] in str(exc) else f"{paths[0]}: {exc}"
+            failed.append((cid, msg))
+            print(f"FAILED {msg}", file=sys.stderr)
+            continue
+        ok.append(out_path)
+    dt = time.perf_counter() - t0
+    print(f"wrote {len(ok)} of {len(cases)} label map(s) to {args.output} in {dt:.1f} s"
+          + (f"; {len(failed)} failed:" if failed else ""))
+    for cid, msg in failed:
+        print(f"  {cid}: {msg}")
+    return 1 if not ok else 0
