@@ -1,0 +1,437 @@
+"""Fused Triton selective scan (the S6 core of Mamba), forward and backward.
+
+Semantics (shared B/C across channels, as in Mamba where B and C come from ``x_proj``)::
+
+    delta = delta + delta_bias[:, None]            (if delta_bias is given)
+    delta = softplus(delta)                        (if delta_softplus)
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      h: (batch, dim, state), h_{-1} = 0
+    y_t = sum_n C_t[n] * h_t[..., n] + D * u_t
+    y_t = y_t * silu(z_t)                          (if z is given)
+
+Layouts: ``u, delta, z``: (batch, dim, length); ``A``: (dim, state); ``B, C``: (batch, state, length);
+``D, delta_bias``: (dim,). Output ``y``: (batch, dim, length) in ``u``'s dtype.
+
+Kernel design. One program per (batch, block of ``BLOCK_D`` channels) walks the sequence in chunks
+of ``BLOCK_T`` steps. Inside a chunk the work is a 4-D register tile ``(BLOCK_T, NG, BLOCK_D, NL)``
+with ``d_state = NG * NL``: Triton's default layout puts the last axes on lanes and warps, so the
+time axis (axis 0) and the state groups (axis 1) live inside each thread. The time recurrence is a
+``tl.associative_scan`` along axis 0 (sequential within a thread, no shuffles) and the sum over the
+state needs only ``log2(NL)`` shuffle levels. The state is fp32; inputs of any float dtype are loaded
+and promoted. ``exp`` runs once per (b, d, n, t) in both passes.
+
+Backward: the forward stores the state at every chunk start, ``(batch, n_chunks, dim, state)`` fp32
+(a ``d_state / BLOCK_T`` fraction of one fp32 ``(batch, dim, length)`` tensor). The backward walks
+the chunks in reverse; for each it recomputes the states inside the chunk from the stored start
+state, then runs a reverse scan for the adjoint ``g_t = dL/dh_t``::
+
+    g_t = C_t * dy0_t + exp(delta_{t+1} A) * g_{t+1}
+
+The coefficient of ``g_{t+1}`` belongs to step ``t+1``; the reverse scan carries the first
+coefficient of each segment (``_bwd_combine``) so no shifted copy of ``exp(delta A)`` is needed.
+``exp(delta_t A) * h_{t-1}`` is taken as ``h_t - x_t``. Gradients of the shared ``B``/``C`` are
+per-program partial sums over the program's channels, summed over channel blocks with torch;
+``A``, ``D`` and ``delta_bias`` gradients are accumulated in registers over time and summed over the
+batch with torch (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:  # triton is optional: CPU-only installs (and CI) have none
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["selective_scan_triton", "is_available"]
+
+_LOG2E = 1.4426950408889634
+_MAX_STATE = 64
+
+
+def is_available() -> bool:
+    """True when Triton is importable and a CUDA device is present."""
+    return _HAS_TRITON and torch.cuda.is_available()
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _fwd_combine(a1, b1, a2, b2):
+        # (a, b) is the map h -> a * h + b; (a1, b1) is earlier in time than (a2, b2).
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _bwd_combine(p1, al1, f1, p2, al2, f2):
+        # Reverse scan: argument 1 is the later segment R, argument 2 the earlier segment E.
+        # A segment [i..j] maps q = exp(delta_{j+1} A) g_{j+1} to g_i = al + p * q; f = exp(delta_i A)
+        # is its first coefficient, which the segment before it needs.
+        w = p2 * f1
+        return w * p1, al2 + w * al1, f2
+
+    @triton.jit
+    def _softplus(x):
+        # log(1 + exp(x)) without overflow; torch's threshold 20 gives x itself there too.
+        return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+    @triton.jit
+    def _ss_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
+        dim, L, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        offs_t = tl.arange(0, BLOCK_T)
+        # state index n = g * NL + l, as (NG, 1, NL) and (1, NG, NL)
+        n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
+        n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+        t4 = offs_t[:, None, None, None]
+
+        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
+        A2 = A.to(tl.float32) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+
+        row = pid_b * dim * L + offs_d.to(tl.int64) * L  # (BLOCK_D,)
+        bc_base = pid_b * N * L
+        h = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)
+        for c in range(0, n_chunks):
+            t = c * BLOCK_T + offs_t
+            t_mask = t < L
+            m2 = t_mask[:, None] & d_mask[None, :]
+            off2 = row[None, :] + t[:, None]  # (BLOCK_T, BLOCK_D)
+            u = tl.load(u_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            dt = tl.load(delta_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            off_bc = bc_base + n_tn * L + t[:, None, None]  # (BLOCK_T, NG, NL)
+            Bt = tl.load(B_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m2, dt, 0.0)  # padded steps: exp(0) = 1 and no input, the state carries
+            if STORE_STATES:
+                st_off = ((pid_b * n_chunks + c) * dim + offs_d[None, :, None]) * N + n3
+                tl.store(states_ptr + st_off, h, mask=d_mask[None, :, None])
+
+            dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])  # (T, NG, BD, NL)
+            x = (dt * u)[:, None, :, None] * Bt[:, :, None, :]
+            x = tl.where(t4 == 0, x + dA * h[None, :, :, :], x)  # fold the carried state in
+            _, hs = tl.associative_scan((dA, x), 0, _fwd_combine)
+            y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=3), axis=1)  # (T, BD)
+            if HAS_D:
+                y = y + u * Dv[None, :]
+            if HAS_Z:
+                y = y * (zz * tl.sigmoid(zz))
+            tl.store(y_ptr + off2, y.to(y_ptr.dtype.element_ty), mask=m2)
+            h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
+
+    @triton.jit
+    def _ss_bwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
+        batch, dim, L, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        offs_t = tl.arange(0, BLOCK_T)
+        n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
+        n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+        t4 = offs_t[:, None, None, None]
+
+        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
+        A = A.to(tl.float32)
+        A2 = A * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+
+        row = pid_b * dim * L + offs_d.to(tl.int64) * L
+        bc_base = pid_b * N * L
+        part_base = (pid_d * batch + pid_b) * N * L  # dB/dC partials: (n_dblocks, batch, N, L)
+        q = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)  # exp(delta A) * g at the next chunk's start
+        dA_acc = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        ones = tl.full((BLOCK_T, NG, BLOCK_D, NL), 1.0, tl.float32)
+        for ci in range(0, n_chunks):
+            c = n_chunks - 1 - ci
+            t = c * BLOCK_T + offs_t
+            t_mask = t < L
+            m2 = t_mask[:, None] & d_mask[None, :]
+            off2 = row[None, :] + t[:, None]
+            u = tl.load(u_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            dt_raw = tl.load(delta_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            off_bc = bc_base + n_tn * L + t[:, None, None]
+            Bt = tl.load(B_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
+            st_off = ((pid_b * n_chunks + c) * dim + offs_d[None, :, None]) * N + n3
+            h0 = tl.load(states_ptr + st_off, mask=d_mask[None, :, None], other=0.0)
+            if HAS_Z:
+                zz = tl.load(z_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_raw = dt_raw + bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt_raw)
+            else:
+                dt = dt_raw
+            dt = tl.where(m2, dt, 0.0)
+
+            # recompute the states inside the chunk
+            dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
+            du_dt = dt * u
+            x = du_dt[:, None, :, None] * Bt[:, :, None, :]
+            x0 = tl.where(t4 == 0, x + dA * h0[None, :, :, :], x)
+            _, hs = tl.associative_scan((dA, x0), 0, _fwd_combine)
+
+            if HAS_Z:
+                y0 = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=3), axis=1)
+                if HAS_D:
+                    y0 = y0 + u * Dv[None, :]
+                sz = tl.sigmoid(zz)
+                dz = dy * y0 * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + off2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                dy0 = dy * (zz * sz)
+            else:
+                dy0 = dy
+
+            # adjoint state, reverse in time; the carry enters at the chunk's last step
+            bvec = Ct[:, :, None, :] * dy0[:, None, :, None]
+            bvec = tl.where(t4 == BLOCK_T - 1, bvec + q[None, :, :, :], bvec)
+            _, g, _ = tl.associative_scan((ones, bvec, dA), 0, _bwd_combine, reverse=True)
+            q = tl.sum(tl.where(t4 == 0, dA * g, 0.0), axis=0)
+
+            gh = g * (hs - x)  # g_t * exp(delta_t A) * h_{t-1}
+            dA_acc += tl.sum(gh * dt[:, None, :, None], axis=0)
+            gB = tl.sum(tl.sum(g * Bt[:, :, None, :], axis=3), axis=1)  # (T, BD)
+            ghA = tl.sum(tl.sum(gh * A[None, :, :, :], axis=3), axis=1)
+            ddt = u * gB + ghA
+            du = dt * gB
+            if HAS_D:
+                du = du + dy0 * Dv[None, :]
+                dD_acc += tl.sum(dy0 * u, axis=0)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + off2, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddelta_ptr + off2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+
+            dBp = tl.sum(g * du_dt[:, None, :, None], axis=2)  # (T, NG, NL)
+            dCp = tl.sum(hs * dy0[:, None, :, None], axis=2)
+            off_p = part_base + n_tn * L + t[:, None, None]
+            tl.store(dB_part_ptr + off_p, dBp, mask=t_mask[:, None, None])
+            tl.store(dC_part_ptr + off_p, dCp, mask=t_mask[:, None, None])
+
+        dA_off = (pid_b * dim + offs_d[None, :, None]) * N + n3
+        tl.store(dA_part_ptr + dA_off, dA_acc, mask=d_mask[None, :, None])
+        if HAS_D:
+            tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=d_mask)
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + pid_b * dim + offs_d, dbias_acc, mask=d_mask)
+
+
+def _split_state(d_state: int) -> Tuple[int, int]:
+    """d_state = NG * NL: NG state groups inside a thread, NL on lanes."""
+    ng = min(d_state, 4)
+    return ng, d_state // ng
+
+
+def _default_config(d_state: int, dim: int, backward: bool) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_T, num_warps): every thread owns one channel of the tile (fewer for tiny dim)."""
+    _, nl = _split_state(d_state)
+    num_warps = 4
+    block_d = min(max(1, 32 // nl) * num_warps, triton.next_power_of_2(dim))
+    block_t = 8
+    return block_d, block_t, num_warps
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} != u shape {tuple(u.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim, state) with dim={dim}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    if n < 1 or n > _MAX_STATE or (n & (n - 1)) != 0:
+        raise ValueError(f"d_state must be a power of two <= {_MAX_STATE}, got {n}")
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (batch, n, L):
+            raise ValueError(f"{name} must be (batch, state, length) = {(batch, n, L)}, got {tuple(t.shape)}")
+    if D is not None and D.shape != (dim,):
+        raise ValueError(f"D must be ({dim},), got {tuple(D.shape)}")
+    if delta_bias is not None and delta_bias.shape != (dim,):
+        raise ValueError(f"delta_bias must be ({dim},), got {tuple(delta_bias.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z shape {tuple(z.shape)} != u shape {tuple(u.shape)}")
+    if L < 1:
+        raise ValueError("length must be >= 1")
+    return batch, dim, L, n
+
+
+def _launch_forward(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool, store_states: bool,
+    block_d: Optional[int] = None, block_t: Optional[int] = None, num_warps: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run the forward kernel on contiguous inputs.
+
+    Returns y (batch, dim, length) in u's dtype, and when ``store_states`` the fp32 states at each
+    chunk start, (batch, n_chunks, dim, state).
+    """
+    batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    ng, nl = _split_state(n)
+    bd, bt, nw = _default_config(n, dim, backward=store_states)
+    bd, bt, nw = block_d or bd, block_t or bt, num_warps or nw
+    n_chunks = triton.cdiv(L, bt)
+    y = torch.empty_like(u)
+    states = (
+        torch.empty((batch, n_chunks, dim, n), device=u.device, dtype=torch.float32)
+        if store_states else y  # dummy pointer, never written
+    )
+    grid = (batch, triton.cdiv(dim, bd))
+    _ss_fwd_kernel[grid](
+        u, delta, A, B, C,
+        D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, y, states,
+        dim, L, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states,
+        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, num_warps=nw,
+    )
+    return y, (states if store_states else None)
+
+
+def _launch_backward(
+    dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor], delta_softplus: bool, states: torch.Tensor,
+    block_d: Optional[int] = None, block_t: Optional[int] = None, num_warps: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Run the backward kernel; returns (du, ddelta, dA, dB, dC, dD, dz, dbias), Nones where absent.
+
+    ``states`` must come from ``_launch_forward`` with the same ``block_t``.
+    """
+    batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    ng, nl = _split_state(n)
+    bd, bt, nw = _default_config(n, dim, backward=True)
+    bd, bt, nw = block_d or bd, block_t or bt, num_warps or nw
+    n_chunks = triton.cdiv(L, bt)
+    if states.shape != (batch, n_chunks, dim, n):
+        raise ValueError(f"states shape {tuple(states.shape)} does not match block_t={bt}")
+    n_db = triton.cdiv(dim, bd)
+    dev = u.device
+    f32 = torch.float32
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA_part = torch.empty((batch, dim, n), device=dev, dtype=f32)
+    dB_part = torch.empty((n_db, batch, n, L), device=dev, dtype=f32)
+    dC_part = torch.empty((n_db, batch, n, L), device=dev, dtype=f32)
+    dD_part = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else None
+    dummy = dA_part
+    grid = (batch, n_db)
+    _ss_bwd_kernel[grid](
+        u, delta, A, B, C,
+        D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, states, dy,
+        du, ddelta, dz if dz is not None else dummy, dA_part, dB_part, dC_part,
+        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+        batch, dim, L, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus),
+        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, num_warps=nw,
+    )
+    dA = dA_part.sum(0).to(A.dtype)
+    dB = (dB_part.sum(0) if n_db > 1 else dB_part[0]).to(B.dtype)
+    dC = (dC_part.sum(0) if n_db > 1 else dC_part[0]).to(C.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        D = D.contiguous() if D is not None else None
+        z = z.contiguous() if z is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+        need_grad = any(ctx.needs_input_grad[:8])
+        y, states = _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    store_states=need_grad)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.delta_softplus = bool(delta_softplus)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _launch_backward(
+            dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Fused selective scan; differentiable in every tensor argument.
+
+    Args:
+        u, delta: (batch, dim, length), any float dtype.
+        A: (dim, state), state a power of two up to 64.
+        B, C: (batch, state, length), shared across channels.
+        D: optional (dim,) skip weight.
+        z: optional (batch, dim, length) gate; y is multiplied by silu(z).
+        delta_bias: optional (dim,) added to delta before the softplus.
+        delta_softplus: apply softplus to delta.
+
+    Returns:
+        y: (batch, dim, length) in u's dtype. Accumulation and the state are fp32.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("selective_scan_triton needs triton, which is not installed")
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
