@@ -1,0 +1,246 @@
+"""Evaluating a checkpoint on a cache, writing the results, and the figures of the demo report.
+
+Scores are computed in cache space (RAS, the checkpoint's preprocessing spacing), where the
+network predicts and the reference labels were resampled with nearest neighbour; HD95 and the
+surface-Dice tolerance are in mm of that grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambamim.evaluation.metrics import MetricTable, case_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def cache_spacing(meta: dict) -> tuple[float, float, float]:
+    """Voxel size in mm of a cached case (from its cache affine)."""
+    aff = np.asarray(meta["cache"]["affine"], dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def labeled_cases(cache_dir: str | os.PathLike, split: str | None = None,
+                  case_ids: Sequence[str] | None = None) -> list[str]:
+    """Ids of the cache's cases that have a label (optionally of one ``split`` or in ``case_ids``)."""
+    from mambamim.data.cache import load_cache_index
+
+    index = load_cache_index(cache_dir)
+    ids = [c["id"] for c in index["cases"] if c.get("label")
+           and (split is None or c.get("split") == split)]
+    if case_ids is not None:
+        wanted = set(case_ids)
+        unknown = sorted(wanted - {c["id"] for c in index["cases"]})
+        if unknown:
+            raise ValueError(f"case(s) not in cache {cache_dir}: {', '.join(unknown[:10])}")
+        ids = [c for c in ids if c in wanted]
+    return ids
+
+
+def evaluate_on_cache(
+    model: nn.Module,
+    info: dict[str, Any],
+    cache_dir: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    *,
+    roi: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    tta_flips: bool | str = False,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    nsd_tolerance_mm: float = 1.0,
+    progress: bool = False,
+    on_case: Callable[[str, np.ndarray, dict], None] | None = None,
+) -> MetricTable:
+    """Sliding-window predict and score every labeled case of a cache.
+
+    Args:
+        model, info: a segmentation network and its info (``class_names`` indexed by label value,
+            ``roi_size``), e.g. from :func:`mambamim.engine.inference.load_segmenter`.
+        cache_dir: a prepared cache.
+        case_ids: cases to score; default every labeled case.
+        roi, overlap, sw_batch_size, tta_flips, device, amp: see
+            :func:`mambamim.engine.inference.predict_volume`.
+        nsd_tolerance_mm: surface-Dice tolerance.
+        progress: show a tqdm bar.
+        on_case: called as ``on_case(case_id, prediction (X, Y, Z) int64, case dict)`` after each case.
+
+    Returns:
+        A :class:`MetricTable` over classes ``1 .. num_classes - 1``.
+    """
+    from mambamim.data.cache import load_case
+    from mambamim.engine.inference import predict_volume, roi_from_info
+
+    ids = list(case_ids) if case_ids is not None else labeled_cases(cache_dir)
+    if not ids:
+        raise ValueError(f"no labeled case to evaluate in {cache_dir}")
+    names = list(info.get("class_names") or [])
+    if len(names) < 2:
+        raise ValueError("the checkpoint declares fewer than two classes; nothing to score")
+    fg_names = names[1:]
+    if len(set(fg_names)) != len(fg_names):
+        fg_names = [f"{i}_{n}" for i, n in enumerate(fg_names, start=1)]
+    labels = list(range(1, len(names)))
+    roi = tuple(roi) if roi else roi_from_info(info)
+    table = MetricTable(class_names=fg_names)
+    iterator: Any = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="evaluate", unit="case")
+    for cid in iterator:
+        case = load_case(cache_dir, cid, mmap=False)
+        if case["label"] is None:
+            raise ValueError(f"case {cid!r} of {cache_dir} has no label")
+        image = torch.from_numpy(np.ascontiguousarray(case["image"], dtype=np.float32))
+        pred = predict_volume(model, image, roi=roi, overlap=overlap, sw_batch_size=sw_batch_size,
+                              tta_flips=tta_flips, device=device, amp=amp, output="labels").numpy()
+        gt = np.asarray(case["label"]).astype(np.int64)
+        spacing = cache_spacing(case["meta"])
+        extra = sorted(set(np.unique(gt).tolist()) - set(range(len(names))))
+        if extra:
+            logger.warning("case %s: reference label values %s are not classes of the model; ignored", cid, extra)
+        scores = case_metrics(pred, gt, spacing, labels, nsd_tolerance_mm=nsd_tolerance_mm)
+        row = table.add_case(cid, {n: scores[c] for n, c in zip(fg_names, labels)})
+        logger.info("%s: mean Dice %.4f", cid, row["dice_mean"])
+        if on_case is not None:
+            on_case(cid, pred, case)
+    return table
+
+
+def write_evaluation(table: MetricTable, out_dir: str | os.PathLike, title: str = "Evaluation",
+                     extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``per_case.csv``, ``summary.json`` (NaN as null, inf as "inf") and ``summary.md`` into ``out_dir``.
+
+    Returns:
+        ``{"per_case": path, "summary_json": path, "summary_md": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
+    table.to_csv(paths["per_case"])
+    summary = table.summary()
+    if extra:
+        summary = {**extra, **summary}
+    _atomic_text(paths["summary_json"], json.dumps(_json_safe(summary), indent=2))
+    _atomic_text(paths["summary_md"], table.summary_markdown(title))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], out_png: str | os.PathLike,
+                     title: str = "training loss") -> Path:
+    """Line plot of one or more loss curves: ``{label: (steps, losses)}``. Returns the PNG path."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (steps, losses) in curves.items():
+        if len(steps):
+            ax.plot(list(steps), list(losses), label=label, marker="." if len(steps) < 40 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    return _save_png(fig, out_png)
+
+
+def plot_dice_bars(tables: dict[str, MetricTable], out_png: str | os.PathLike,
+                   title: str = "Dice per class") -> Path:
+    """Grouped bar chart of the per-class mean Dice of one or more evaluations. Returns the PNG path."""
+    names = list(next(iter(tables.values())).class_names) if tables else []
+    fig = _figure(max(5.0, 0.6 * len(names) * max(1, len(tables)) + 2), 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(tables))
+    x = np.arange(len(names))
+    for k, (label, table) in enumerate(tables.items()):
+        s = table.summary()["classes"]
+        means = [s[n]["dice_mean"] if n in s and not math.isnan(s[n]["dice_mean"]) else 0.0 for n in names]
+        stds = [s[n]["dice_std"] if n in s and not math.isnan(s[n]["dice_std"]) else 0.0 for n in names]
+        ax.bar(x + (k - (len(tables) - 1) / 2) * width, means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if tables:
+        ax.legend()
+    return _save_png(fig, out_png)
+
+
+def plot_overlay(image: np.ndarray, labels: dict[str, np.ndarray], out_png: str | os.PathLike,
+                 z: int | None = None, title: str | None = None) -> Path:
+    """Axial slice of ``image`` (X, Y, Z) with label maps (X, Y, Z) drawn as coloured overlays,
+    one panel per entry of ``labels`` (e.g. reference and prediction). Returns the PNG path."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 4:
+        image = image[0]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (X, Y, Z) or (C, X, Y, Z), got {image.shape}")
+    if z is None:
+        # the slice with most foreground in the first label map, else the centre
+        first = next(iter(labels.values()), None)
+        fg = (np.asarray(first) > 0).sum(axis=(0, 1)) if first is not None else None
+        z = int(fg.argmax()) if fg is not None and fg.max() > 0 else image.shape[2] // 2
+    n = max(1, len(labels))
+    fig = _figure(3.2 * n, 3.4)
+    top = max(1, max((int(np.asarray(v).max()) for v in labels.values()), default=1))
+    for k, (name, lab) in enumerate(labels.items() or [("image", None)]):
+        ax = fig.add_subplot(1, n, k + 1)
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        if lab is not None:
+            sl = np.asarray(lab)[:, :, z].T.astype(float)
+            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap="tab20", origin="lower", alpha=0.5,
+                      vmin=0, vmax=max(top, 1), interpolation="nearest")
+        ax.set_title(f"{name} (z={z})", fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, out_png)
