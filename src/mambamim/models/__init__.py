@@ -1,0 +1,64 @@
+"""Model registry: ``create_model(name, size="base", **kwargs)``; configurations are data."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from mambamim.models.hymamba import HyMamba
+from mambamim.models.vim_unetr import VimUNETR
+
+__all__ = ["create_model", "list_models", "model_config", "MODEL_REGISTRY", "MODEL_PRESETS"]
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "hymamba": HyMamba,
+    "vim_unetr": VimUNETR,
+    # HyMamba's CNN stages without the Mamba part: the pure-CNN (SparK) case.
+    "mednext_cnn": lambda **kw: HyMamba(**{**kw, "mamba_depth": 0}),
+}
+
+# Size presets per model; "base" is the paper's configuration, "tiny" is for tests and CPU demos.
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "hymamba": {
+        "base": {},
+        "tiny": dict(stem_channels=8, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), expansions=(2, 2, 2, 2),
+                     mamba_depth=1),
+        "small": dict(stem_channels=16, widths=(32, 64, 96, 192), depths=(1, 1, 2, 1), mamba_depth=2),
+    },
+    "vim_unetr": {
+        "base": {},
+        "tiny": dict(dim=48, depth=4, feature_size=8),
+        "small": dict(dim=384, depth=12, feature_size=16),
+    },
+    "mednext_cnn": {
+        "base": {},
+        "tiny": dict(stem_channels=8, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), expansions=(2, 2, 2, 2)),
+        "small": dict(stem_channels=16, widths=(32, 64, 96, 192), depths=(1, 1, 2, 1)),
+    },
+}  # fmt: skip
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def model_config(name: str, size: str = "base", **kwargs: Any) -> dict[str, Any]:
+    """The full keyword arguments ``create_model`` would pass for ``name`` / ``size`` / overrides."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    presets = MODEL_PRESETS[name]
+    if size not in presets:
+        raise ValueError(f"unknown size {size!r} for {name!r}; available: {sorted(presets)}")
+    return {**presets[size], **kwargs}
+
+
+def create_model(name: str, size: str = "base", **kwargs: Any) -> nn.Module:
+    """Build a segmentation network by name (``hymamba``, ``vim_unetr``, ``mednext_cnn``).
+
+    Args:
+        name: registered model name.
+        size: preset (``base`` = paper configuration, ``small``, ``tiny``).
+        **kwargs: constructor arguments overriding the preset (in_channels, num_classes, scan, widths, ...).
+    """
+    return MODEL_REGISTRY[name](**model_config(name, size, **kwargs))

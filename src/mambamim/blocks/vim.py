@@ -1,0 +1,139 @@
+"""Vision-Mamba layers and the Mamba stage that runs them on a serialized token grid."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from mambamim.layers.mamba import MambaMixer
+from mambamim.layers.posembed import sincos_pos_embed_3d
+from mambamim.layers.scan_order import ScanOrder
+
+__all__ = ["VimLayer", "MambaStage", "StageOutput", "gather_visible", "scatter_visible"]
+
+
+class VimLayer(nn.Module):
+    """LayerNorm -> Mamba mixer -> residual; then LayerNorm -> MLP -> residual (skipped if mlp_ratio = 0).
+
+    Shapes: (B, L, C) -> (B, L, C).
+    """
+
+    def __init__(
+        self, dim: int, mlp_ratio: float = 2.0, bidirectional: bool = True, d_state: int = 16, d_conv: int = 4,
+        expand: int = 2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if mlp_ratio < 0:
+            raise ValueError(f"VimLayer: mlp_ratio must be >= 0, got {mlp_ratio}")
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = MambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
+        if mlp_ratio > 0:
+            hidden = int(dim * mlp_ratio)
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        else:
+            self.norm2 = None
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class StageOutput(NamedTuple):
+    """What :class:`MambaStage` returns.
+
+    tokens: (B, L, C) in scan order; zeros at masked positions when a mask was given.
+    visible: (B, L) bool in scan order, or None for a dense run.
+    perm: (L,) scan permutation (``tokens[:, i]`` is grid cell ``perm[i]``).
+    hidden: outputs of the requested layers, each (B, L, C) in scan order (masked positions zero).
+    """
+
+    tokens: torch.Tensor
+    visible: torch.Tensor | None
+    perm: torch.Tensor
+    hidden: list[torch.Tensor]
+
+
+def gather_visible(seq: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the visible tokens of each sample, in order.
+
+    seq (B, L, C), visible (B, L) bool with the same count K in every sample ->
+    (tokens (B, K, C), index (B, K) of their sequence positions).
+    """
+    counts = visible.sum(dim=1)
+    k = int(counts[0])
+    if bool((counts != k).any()):
+        raise ValueError(f"every sample needs the same number of visible tokens, got counts {counts.tolist()}")
+    # A stable sort on "is masked" lists the visible positions first, in sequence order.
+    index = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[:, :k]
+    return seq.gather(1, index.unsqueeze(-1).expand(-1, -1, seq.shape[-1])), index
+
+
+def scatter_visible(tokens: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`gather_visible`: (B, K, C) -> (B, L, C) with zeros at the other positions."""
+    out = tokens.new_zeros(tokens.shape[0], length, tokens.shape[-1])
+    return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+
+
+class MambaStage(nn.Module):
+    """A stack of Vision-Mamba layers over a 3D token grid, optionally on the visible tokens only.
+
+    The grid is serialized in the chosen scan order; a fixed 3D sin-cos position embedding of each
+    token's true grid position is added before the first layer; with a mask, only visible tokens
+    (in scan order) enter the layers.
+
+    Args:
+        dim: token width C.
+        depth: number of layers.
+        mlp_ratio: MLP width factor per layer (0: no MLP, as in the original Vision Mamba).
+        scan: ``raster``, ``zigzag``, ``hilbert`` or ``shuffle``.
+        bidirectional: bidirectional mixers (Vision Mamba v2).
+        final_norm: LayerNorm on the output.
+    """
+
+    def __init__(
+        self, dim: int, depth: int, mlp_ratio: float = 2.0, scan: str = "raster", bidirectional: bool = True,
+        final_norm: bool = True, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"MambaStage: depth must be >= 1, got {depth}")
+        self.dim = dim
+        self.scan = ScanOrder(scan)
+        self.layers = nn.ModuleList(
+            VimLayer(dim, mlp_ratio, bidirectional, d_state=d_state, d_conv=d_conv, expand=expand)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, return_layers: Sequence[int] = ()
+    ) -> StageOutput:
+        """x (B, C, D, H, W); visible (B, D, H, W) bool or None; return_layers: 1-based layer indices."""
+        if x.dim() != 5 or x.shape[1] != self.dim:
+            raise ValueError(f"MambaStage expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
+        grid = tuple(x.shape[2:])
+        if visible is not None and tuple(visible.shape) != (x.shape[0], *grid):
+            raise ValueError(f"mask {tuple(visible.shape)} does not match the token grid {(x.shape[0], *grid)}")
+        perm = self.scan.permutation(grid, x.device)
+        pos = sincos_pos_embed_3d(grid, self.dim).to(device=x.device, dtype=x.dtype)
+        seq = ScanOrder.serialize(x, perm) + pos[perm]
+        length = seq.shape[1]
+        vis_seq = index = None
+        if visible is not None:
+            vis_seq = visible.flatten(1)[:, perm]
+            seq, index = gather_visible(seq, vis_seq)
+        hidden = []
+        for i, layer in enumerate(self.layers, start=1):
+            seq = layer(seq)
+            if i in return_layers:
+                hidden.append(seq if index is None else scatter_visible(seq, index, length))
+        seq = self.norm(seq)
+        if index is not None:
+            seq = scatter_visible(seq, index, length)
+        return StageOutput(seq, vis_seq, perm, hidden)

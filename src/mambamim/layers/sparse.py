@@ -1,0 +1,139 @@
+"""Mask-aware ("sparse") layers for masked pre-training of CNN stages.
+
+Every layer takes ``forward(x, mask=None)``. ``mask`` is a float 0/1 tensor (B, 1, D, H, W) at the
+layer's *output* grid, 1 = visible; ``None`` runs the layer densely, so the same weights serve
+pre-training and fine-tuning. Rules that make the encoder blind to masked input voxels:
+
+- spatial ops (conv with kernel > 1, pooling) read only zeros at masked positions because every layer
+  re-zeroes its output there;
+- normalisation statistics are computed over visible positions only;
+- pointwise ops may write at masked positions (a bias), which the block re-zeroes before the next
+  spatial op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "apply_mask",
+    "SparseConv3d",
+    "SparseMaxPool3d",
+    "SparseBatchNorm3d",
+    "SparseGroupNorm",
+    "SparseInstanceNorm3d",
+    "SparseLayerNorm3d",
+    "NORMS",
+    "make_norm",
+]
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` (B, C, ...) where ``mask`` (B, 1, ...) is 0; identity for ``mask=None``."""
+    return x if mask is None else x * mask.to(x.dtype)
+
+
+class SparseConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose output is re-zeroed at masked positions."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return apply_mask(super().forward(x), mask)
+
+
+class SparseMaxPool3d(nn.MaxPool3d):
+    """Max pooling; ``mask`` is the mask at the pooled grid.
+
+    With masks that are nearest upsamplings of one coarse mask, a visible output cell only covers
+    visible input cells, so no masked value can win the max.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return apply_mask(super().forward(x), mask)
+
+
+def _masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Mean and biased variance of x over ``dims`` counting only mask == 1 positions (float32)."""
+    xf = x.float()
+    m = mask.float().expand_as(xf)
+    count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
+    mean = (xf * m).sum(dim=dims, keepdim=True) / count
+    var = (((xf - mean) * m) ** 2).sum(dim=dims, keepdim=True) / count
+    return mean, var, count
+
+
+class SparseBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d with batch statistics over visible positions only (running stats updated from them)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if mask is None or not (self.training or not self.track_running_stats):
+            return apply_mask(super().forward(x), mask)
+        mean, var, count = _masked_moments(x, mask, (0, 2, 3, 4))
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = count.flatten()[0]
+                unbiased = var.flatten() * n / (n - 1).clamp_min(1.0)
+                self.running_mean.mul_(1 - momentum).add_(mean.flatten(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+        return apply_mask(y.to(x.dtype), mask)
+
+
+class SparseGroupNorm(nn.GroupNorm):
+    """GroupNorm whose per-sample, per-group statistics use visible positions only."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if mask is None:
+            return super().forward(x)
+        b, c = x.shape[:2]
+        g = self.num_groups
+        xg = x.reshape(b, g, c // g, -1)
+        mean, var, _ = _masked_moments(xg, mask.reshape(b, 1, 1, -1), (2, 3))
+        y = ((xg.float() - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
+        if self.affine:
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return apply_mask(y.to(x.dtype), mask)
+
+
+class SparseInstanceNorm3d(SparseGroupNorm):
+    """Instance norm (one group per channel), affine by default, statistics over visible positions."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(num_channels, num_channels, eps=eps, affine=affine)
+
+
+class SparseLayerNorm3d(nn.Module):
+    """LayerNorm over channels at every voxel of a channels-first volume; output re-masked."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps).movedim(-1, 1)
+        return apply_mask(y, mask)
+
+
+NORMS = ("group", "instance", "batch", "layer")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Sparse-aware norm by name: ``group`` (MedNeXt's default: one group per channel, affine),
+    ``instance`` (same statistics), ``batch`` or ``layer`` (per-voxel over channels)."""
+    if kind == "group":
+        return SparseGroupNorm(channels, channels)
+    if kind == "instance":
+        return SparseInstanceNorm3d(channels)
+    if kind == "batch":
+        return SparseBatchNorm3d(channels)
+    if kind == "layer":
+        return SparseLayerNorm3d(channels)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")

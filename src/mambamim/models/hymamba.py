@@ -1,0 +1,190 @@
+"""HyMamba: a MedNeXt CNN encoder (four resolution stages, max-pool downsampling) followed by a
+Vision-Mamba stage at 1/16 resolution, with a UNETR-style segmentation decoder (paper section 3.1).
+
+Reference configuration (SPEC section 1): stem 3^3 conv 1->32; 3^3 conv to 64 (full-resolution skip);
+pool, 2 MedNeXt blocks at 64 (expansion 2), widen to 128 (1/2 skip); pool, 2 blocks at 128 (exp. 4),
+widen to 192 (1/4 skip); pool, 2 blocks at 192 (exp. 4), widen to 384 (1/8 skip); pool, 1 block at
+384 (exp. 4); 4 Vision-Mamba layers of width 384 (MLP ratio 2). Each skip is refined by a residual
+conv block; the decoder goes back up with transposed-conv up blocks and a 1x1x1 head.
+
+Size: 41.7 M parameters for 1 input channel and 14 classes (11.6 M of them in the encoder); the
+authors' fine-tuning network counts 41.8 M.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from torch import nn
+
+from mambamim.blocks.mednext import ConvNormAct, MedNeXtBlock
+from mambamim.blocks.vim import MambaStage
+from mambamim.layers.scan_order import ScanOrder
+from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d
+
+__all__ = ["HyMambaEncoder", "HyMamba", "stage_masks_from_bottleneck"]
+
+
+def stage_masks_from_bottleneck(visible: torch.Tensor, num_levels: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Bottleneck mask (B, d, h, w) bool -> float masks (B, 1, ...) at 1/1, 1/2, ..., 1/2^num_levels.
+
+    Index i is the grid at 1/2^i; nearest upsampling of the bottleneck (1/2^num_levels) mask.
+    """
+    m = visible.unsqueeze(1).to(dtype)
+    masks = [m]
+    for _ in range(num_levels):
+        m = m.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+        masks.append(m)
+    return masks[::-1]
+
+
+class HyMambaEncoder(nn.Module):
+    """CNN stages + (optional) Mamba stage. Everything here is what pre-training trains.
+
+    ``forward(x, visible=None)`` returns the skip features [f0 (full), f1 (1/2), f2 (1/4), f3 (1/8)]
+    and the 1/16 output (B, C, d, h, w). With ``visible`` (B, D/16, H/16, W/16) bool, the CNN runs
+    sparse under the upsampled masks and the Mamba stage sees only visible tokens (masked tokens are
+    zero in its output); use :meth:`forward_features` to get the Mamba stage's sequence output.
+
+    Args:
+        in_channels: image channels.
+        stem_channels: width of the full-resolution stem.
+        widths: channels of the four skips (full, 1/2, 1/4, 1/8); the 1/16 stage keeps widths[-1].
+        depths: MedNeXt blocks at 1/2, 1/4, 1/8 and 1/16.
+        expansions: MedNeXt expansion factors at the same four resolutions.
+        mamba_depth: Vision-Mamba layers at 1/16 (0 = pure CNN encoder, SparK's setting).
+        mlp_ratio: MLP ratio of the Mamba layers.
+        scan: scan order of the Mamba stage.
+        norm: norm of the CNN blocks.
+        bidirectional: bidirectional Mamba mixers.
+    """
+
+    num_levels = 4
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        stem_channels: int = 32,
+        widths: Sequence[int] = (64, 128, 192, 384),
+        depths: Sequence[int] = (2, 2, 2, 1),
+        expansions: Sequence[int] = (2, 4, 4, 4),
+        mamba_depth: int = 4,
+        mlp_ratio: float = 2.0,
+        scan: str = "raster",
+        norm: str = "group",
+        bidirectional: bool = True,
+        d_state: int = 16,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        for name, seq in (("widths", widths), ("depths", depths), ("expansions", expansions)):
+            if len(seq) != 4:
+                raise ValueError(f"{name} needs 4 entries (full, 1/2, 1/4, 1/8 / 1/16 stages), got {tuple(seq)}")
+        if min(widths) < 1 or min(expansions) < 1 or min(depths) < 0 or mamba_depth < 0:
+            raise ValueError("widths and expansions must be >= 1, depths and mamba_depth >= 0")
+        self.in_channels = in_channels
+        self.widths = tuple(int(w) for w in widths)
+        self.out_channels = self.widths[-1]
+        self.stem = SparseConv3d(in_channels, stem_channels, 3, padding=1)
+        self.widen = nn.ModuleList([ConvNormAct(stem_channels, widths[0], norm=norm)])
+        self.pool = SparseMaxPool3d(2)
+        self.stages = nn.ModuleList()
+        for level in range(4):
+            ch = widths[level]
+            self.stages.append(nn.ModuleList(MedNeXtBlock(ch, expansions[level], norm=norm) for _ in range(depths[level])))
+            if level < 3:
+                self.widen.append(ConvNormAct(ch, widths[level + 1], norm=norm))
+        self.mamba = (
+            MambaStage(widths[-1], mamba_depth, mlp_ratio, scan, bidirectional, d_state=d_state)
+            if mamba_depth > 0
+            else None
+        )
+
+    def forward_cnn(self, x: torch.Tensor, masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4."""
+        if masks is None:
+            masks = [None] * 5
+        feats = []
+        h = self.widen[0](self.stem(x, masks[0]), masks[0])
+        feats.append(h)
+        for level in range(4):
+            h = self.pool(h, masks[level + 1])
+            for block in self.stages[level]:
+                h = block(h, masks[level + 1])
+            if level < 3:
+                h = self.widen[level + 1](h, masks[level + 1])
+            feats.append(h)
+        return feats
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if any(s % 16 for s in x.shape[2:]):
+            raise ValueError(f"spatial sides must be multiples of 16, got {tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
+        self.check_input(x)
+        masks = None if visible is None else stage_masks_from_bottleneck(visible, 4, x.dtype)
+        if masks is not None:
+            x = x * masks[0]
+        feats = self.forward_cnn(x, masks)
+        if self.mamba is not None:
+            out = self.mamba(feats[4], visible)
+            feats[4] = ScanOrder.deserialize(out.tokens, out.perm, tuple(feats[4].shape[2:]))
+        return feats
+
+
+class HyMamba(nn.Module):
+    """HyMamba segmentation network. forward(x (B, C_in, D, H, W)) -> logits (B, num_classes, D, H, W);
+    sides must be multiples of 16 (non-cubic is fine).
+
+    Args: see :class:`HyMambaEncoder`, plus ``num_classes`` and ``decoder_norm`` (MONAI norm name).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 14,
+        stem_channels: int = 32,
+        widths: Sequence[int] = (64, 128, 192, 384),
+        depths: Sequence[int] = (2, 2, 2, 1),
+        expansions: Sequence[int] = (2, 4, 4, 4),
+        mamba_depth: int = 4,
+        mlp_ratio: float = 2.0,
+        scan: str = "raster",
+        norm: str = "group",
+        bidirectional: bool = True,
+        d_state: int = 16,
+        decoder_norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.encoder = HyMambaEncoder(
+            in_channels, stem_channels, widths, depths, expansions, mamba_depth, mlp_ratio, scan, norm,
+            bidirectional, d_state,
+        )  # fmt: skip
+        w = tuple(widths)
+        self.skip_blocks = nn.ModuleList(
+            UnetrBasicBlock(3, c, c, kernel_size=3, stride=1, norm_name=decoder_norm, res_block=True) for c in w
+        )
+        ups = []
+        in_ch = w[-1]
+        for level in (3, 2, 1, 0):
+            ups.append(
+                UnetrUpBlock(3, in_ch, w[level], kernel_size=3, upsample_kernel_size=2, norm_name=decoder_norm,
+                             res_block=True)
+            )  # fmt: skip
+            in_ch = w[level]
+        self.up_blocks = nn.ModuleList(ups)
+        self.head = UnetOutBlock(3, w[0], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)
+        h = feats[4]
+        for up, level in zip(self.up_blocks, (3, 2, 1, 0)):
+            h = up(h, self.skip_blocks[level](feats[level]))
+        return self.head(h)
