@@ -1,0 +1,331 @@
+"""Typed, validated run configurations (saved as ``config.yaml`` in the run folder) and the
+resolution of a ``--data`` argument to a preprocessed cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PretrainConfig",
+    "FinetuneConfig",
+    "SIZES",
+    "CACHE_FORMAT",
+    "find_cache",
+    "resolve_data",
+    "read_cache_meta",
+    "model_size_kwargs",
+]
+
+SIZES = ("tiny", "small", "base")
+TOKENS = ("toki", "learnable")
+SCANS = ("raster", "zigzag", "hilbert", "shuffle")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+CACHE_FORMAT = "mambamim-cache"
+
+C = TypeVar("C", bound="_Config")
+
+
+@dataclass
+class _Config:
+    KIND: ClassVar[str] = ""
+    # Options that may differ when a run is resumed (they do not change the maths).
+    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML / JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        """Build from a dict; unknown keys raise ValueError (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - {"kind"})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+        cfg = cls(**{k: v for k, v in values.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def save_yaml(self, path: str | os.PathLike) -> Path:
+        """Write the configuration (with a ``kind`` line) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"kind": self.KIND, **self.to_dict()}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load_yaml(cls: type[C], path: str | os.PathLike) -> C:
+        """Read a configuration written by :meth:`save_yaml`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a configuration of this kind, or invalid values.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"run configuration not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a run configuration")
+        kind = data.pop("kind", cls.KIND)
+        if kind != cls.KIND:
+            raise ValueError(f"{path} is a {kind!r} configuration, expected {cls.KIND!r}")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # shared checks
+    def _check_common(self) -> None:
+        if not self.data and not getattr(self, "resume", None):
+            raise ValueError("data is required (a cache folder, a dataset.json or a folder of NIfTI / DICOM)")
+        if not self.out and not getattr(self, "resume", None):
+            raise ValueError("out (the run folder) is required")
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
+        if self.crop < 16 or self.crop % 16:
+            raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 or None disables), got {self.clip_grad}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.checkpoint_steps < 0:
+            raise ValueError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
+        if str(self.find_unused_parameters).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"find_unused_parameters must be auto, true or false, got {self.find_unused_parameters!r}")
+
+
+@dataclass
+class PretrainConfig(_Config):
+    """Every option of a MambaMIM pre-training run (paper section 4.2 defaults).
+
+    Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.
+    ``save_every`` is in epochs (periodic ``checkpoints/epoch_NNNN.pt``); ``last.pt`` and
+    ``encoder.pt`` are rewritten at every epoch end, every ``checkpoint_steps`` steps (0 = only at
+    epoch ends) and when the run stops. ``stop_after`` ends this session after that many steps
+    (with a checkpoint) without changing the schedule, for time-limited jobs; ``--resume``
+    continues it.
+    """
+
+    KIND: ClassVar[str] = "pretrain"
+
+    data: str = ""
+    out: str = ""
+    model: str = "hymamba"
+    size: str = "base"
+    in_channels: int = 1
+    mask_ratio: float = 0.75
+    token: str = "toki"
+    skip: bool = True
+    bottom_up: bool = True
+    scan: str = "raster"
+    epochs: int | None = 100
+    steps: int | None = None
+    batch_size: int = 8
+    num_crops: int = 4
+    crop: int = 96
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = 1.0
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 4
+    save_every: int = 10
+    checkpoint_steps: int = 0
+    vis_every: int = 5
+    log_every: int = 10
+    cases: list[str] | None = None
+    stop_after: int | None = None
+    find_unused_parameters: str = "auto"
+    progress: bool = True
+    resume: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid option."""
+        self._check_common()
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.token not in TOKENS:
+            raise ValueError(f"token must be one of {TOKENS}, got {self.token!r}")
+        if self.steps is None and (self.epochs is None or self.epochs < 1):
+            raise ValueError("give epochs >= 1 or steps >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.save_every < 0 or self.vis_every < 0:
+            raise ValueError("save_every and vis_every must be >= 0 (0 disables)")
+
+
+@dataclass
+class FinetuneConfig(_Config):
+    """Every option of a fine-tuning run (Swin UNETR recipe defaults).
+
+    Validation: ``val_cases`` (a text / JSON file of case ids), else the cache's ``validation``
+    list, else fold ``fold`` of ``num_folds`` (``fold=None`` with no list: no validation).
+    ``checkpoint_steps`` (0 = ``val_every``) sets how often ``last.pt`` is rewritten.
+    """
+
+    KIND: ClassVar[str] = "finetune"
+
+    data: str = ""
+    out: str = ""
+    model: str = "hymamba"
+    size: str = "base"
+    scan: str = "raster"
+    pretrained: str | None = None
+    allow_partial: bool = False
+    iterations: int = 50_000
+    val_every: int = 500
+    fold: int | None = 0
+    num_folds: int = 5
+    val_cases: str | None = None
+    batch_size: int = 2
+    num_crops: int = 4
+    crop: int = 96
+    roi: int | None = None
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    augment: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = 1.0
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 4
+    checkpoint_steps: int = 0
+    log_every: int = 10
+    stop_after: int | None = None
+    find_unused_parameters: str = "auto"
+    progress: bool = True
+    resume: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid option."""
+        self._check_common()
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0 disables validation), got {self.val_every}")
+        if self.num_folds < 2:
+            raise ValueError(f"num_folds must be >= 2, got {self.num_folds}")
+        if self.fold is not None and not 0 <= self.fold < self.num_folds:
+            raise ValueError(f"fold must be in [0, {self.num_folds}), got {self.fold}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.roi is not None and (self.roi < 16 or self.roi % 16):
+            raise ValueError(f"roi must be a positive multiple of 16, got {self.roi}")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
+
+    @property
+    def roi_size(self) -> int:
+        return self.roi or self.crop
+
+
+def model_size_kwargs(size: str) -> dict[str, Any]:
+    """Keyword arguments that select a network size in ``create_model`` / ``create_pretrainer``:
+    the paper's reference configuration for "base", a named preset otherwise."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    return {} if size == "base" else {"preset": size}
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def read_cache_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The cache's ``dataset.json`` as a dict.
+
+    Raises:
+        FileNotFoundError / ValueError: no dataset.json, or not a mambamim cache.
+    """
+    path = Path(cache_dir) / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset.json in cache folder {cache_dir}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} is not a {CACHE_FORMAT} dataset.json (format={meta.get('format')!r})")
+    return meta
+
+
+def find_cache(data: str | os.PathLike) -> Path | None:
+    """The cache folder ``data`` points at (the folder or its dataset.json), or None if ``data``
+    is raw data that must be prepared first."""
+    path = Path(data)
+    candidate = path.parent if path.is_file() and path.name == "dataset.json" else path
+    meta_path = candidate / "dataset.json"
+    if candidate.is_dir() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT:
+            return candidate
+    return None
+
+
+def resolve_data(
+    data: str | os.PathLike, run_dir: str | os.PathLike, *, workers: int = 4, progress: bool = True, is_main: bool = True
+) -> Path:
+    """A preprocessed cache for ``data``: ``data`` itself when it is a cache (or its dataset.json),
+    else ``RUN/cache`` prepared with default preprocessing (reused when already there, e.g. on
+    resume). Only the main process prepares; callers synchronise afterwards.
+
+    Raises:
+        FileNotFoundError: ``data`` does not exist.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"data not found: {path}")
+    cache = find_cache(path)
+    if cache is not None:
+        return cache
+    out = Path(run_dir) / "cache"
+    if find_cache(out) is not None:
+        logger.info("reusing prepared cache %s", out)
+        return out
+    if is_main:
+        from mambamim.data.prepare import prepare_dataset
+        from mambamim.data.preprocess import PreprocessParams
+
+        logger.info("preparing %s into %s (default preprocessing)", path, out)
+        prepare_dataset(path, out, PreprocessParams(), workers=max(1, workers), strict=False, progress=progress)
+    return out

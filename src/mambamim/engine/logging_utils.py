@@ -1,0 +1,162 @@
+"""Run-folder logging: ``log.txt`` (the package's log records), ``metrics.csv`` and TensorBoard.
+
+Only the main process writes; on other ranks every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunLog", "MetricsWriter"]
+
+_PACKAGE_LOGGER = "mambamim"
+
+
+class RunLog:
+    """Copy the ``mambamim`` loggers' records to ``RUN/log.txt`` (appending) while open.
+
+    Use as a context manager or call :meth:`close`. The package logger's level is lowered to INFO
+    while open if it was higher, and restored on close.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / "log.txt"
+        self._handler: logging.Handler | None = None
+        self._old_level: int | None = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(logging.INFO)
+        pkg = logging.getLogger(_PACKAGE_LOGGER)
+        if pkg.getEffectiveLevel() > logging.INFO:
+            self._old_level = pkg.level
+            pkg.setLevel(logging.INFO)
+        pkg.addHandler(handler)
+        self._handler = handler
+
+    def close(self) -> None:
+        if self._handler is None:
+            return
+        pkg = logging.getLogger(_PACKAGE_LOGGER)
+        pkg.removeHandler(self._handler)
+        self._handler.close()
+        self._handler = None
+        if self._old_level is not None:
+            pkg.setLevel(self._old_level)
+            self._old_level = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+class MetricsWriter:
+    """Append rows of scalars to ``RUN/metrics.csv`` and TensorBoard events in ``RUN/tensorboard``.
+
+    Rows are dicts with a ``step`` key; columns are the union of keys seen (the file is rewritten
+    with a wider header when a new key appears, which happens a handful of times per run). With
+    ``resume_step`` the rows after that step (written by the interrupted session after its last
+    checkpoint) are dropped and TensorBoard purges its events after it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.csv"
+        self._columns: list[str] = []
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                self._columns = list(reader.fieldnames or [])
+                rows = list(reader)
+            if resume_step is not None:
+                kept = [r for r in rows if _step_of(r) <= resume_step]
+                if len(kept) != len(rows):
+                    self._rewrite(kept)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                logger.warning("tensorboard is not installed: no TensorBoard events")
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
+
+    def _rewrite(self, rows: list[Mapping[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self._columns, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in self._columns})
+        os.replace(tmp, self.path)
+
+    def log(self, row: Mapping[str, Any], prefix: str = "") -> None:
+        """Write one row (``row["step"]`` is required); values go to TensorBoard as
+        ``{prefix}{key}``. Non-numeric values only go to the CSV."""
+        if not self.enabled:
+            return
+        if "step" not in row:
+            raise ValueError("a metrics row needs a 'step'")
+        new = [k for k in row if k not in self._columns]
+        if new:
+            old_rows: list[dict[str, Any]] = []
+            if self.path.exists() and self._columns:
+                with self.path.open(newline="") as handle:
+                    old_rows = list(csv.DictReader(handle))
+            self._columns += new
+            if "step" in self._columns:
+                self._columns.remove("step")
+                self._columns.insert(0, "step")
+            self._rewrite(old_rows)
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self._columns, restval="")
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                self._tb.add_scalar(f"{prefix}{key}", float(value), step)
+
+    def add_image(self, tag: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 array to TensorBoard."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _step_of(row: Mapping[str, Any]) -> int:
+    try:
+        return int(float(row.get("step", 0)))
+    except (TypeError, ValueError):
+        return 0

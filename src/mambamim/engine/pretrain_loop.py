@@ -1,0 +1,509 @@
+"""MambaMIM pre-training loop (one process, one GPU, or ``torchrun`` DDP) with exact resume.
+
+Run folder::
+
+    RUN/config.yaml            resolved PretrainConfig
+    RUN/log.txt                log records of this package
+    RUN/metrics.csv            step, epoch, loss, lr, grad_norm, sec_per_step, ...
+    RUN/tensorboard/           TensorBoard events
+    RUN/checkpoints/last.pt    full training state (atomic); epoch_NNNN.pt every save_every epochs
+    RUN/encoder.pt             encoder weights + model name/kwargs + config, for fine-tuning
+    RUN/reconstructions/       masked input / reconstruction / original PNGs of a fixed volume
+    RUN/cache/                 the prepared data, when --data was raw NIfTI / DICOM
+
+The shared training mechanics (optimiser, step, checks, resume state) live here and are used by
+the fine-tuning loop too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambamim.engine import distributed as D
+from mambamim.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
+from mambamim.engine.logging_utils import MetricsWriter, RunLog
+from mambamim.engine.schedule import DataPosition, default_warmup_steps, open_epoch, warmup_cosine_scheduler
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "pretrain",
+    "NonFiniteLossError",
+    "seed_everything",
+    "build_optimizer",
+    "TrainLoop",
+    "resolve_resume",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped before the update."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norm weights, tokens and other 0/1-d parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def resolve_resume(config: Any, config_cls: type) -> Any:
+    """For ``config.resume = RUN``: the run's saved configuration with the options allowed to
+    change on resume (device, workers, stop_after, progress) taken from ``config``.
+
+    Raises:
+        FileNotFoundError: RUN has no config.yaml or no checkpoints/last.pt.
+    """
+    if not config.resume:
+        return config
+    run = Path(config.resume)
+    saved = config_cls.load_yaml(run / "config.yaml")
+    if not (run / "checkpoints" / "last.pt").exists():
+        raise FileNotFoundError(f"cannot resume {run}: no checkpoints/last.pt (the run stopped before its first checkpoint)")
+    for name in config_cls.RESUME_OVERRIDABLE:
+        setattr(saved, name, getattr(config, name))
+    saved.out = str(run)
+    saved.resume = str(run)
+    saved.validate()
+    return saved
+
+
+@dataclass
+class TrainLoop:
+    """The shared mechanics of a training run: one optimiser step with AMP, clipping and checks;
+    resumable state (step, data position, RNG of every rank).
+
+    Attributes:
+        model: the (possibly DDP-wrapped) module being trained.
+        optimizer, scheduler, scaler: as usual; the scheduler steps once per optimiser step.
+        device, amp: where and in which precision the forward pass runs.
+        clip_grad: max gradient norm (None / 0 disables).
+        step: optimiser steps done; position: data position (epoch, batches consumed in it).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    device: torch.device
+    amp: str
+    clip_grad: float | None
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    last_checkpoint: Path | None = None
+    last_checkpoint_step: int | None = None
+    epoch_rng: dict[str, Any] | None = None
+
+    def autocast(self):
+        return D.autocast_context(self.device, self.amp)
+
+    def backward_step(self, loss: torch.Tensor, what: str = "loss") -> tuple[float, float | None]:
+        """Check ``loss`` (mean over ranks) is finite, back-propagate, clip, step optimiser,
+        scaler and scheduler.
+
+        Returns:
+            (loss averaged over ranks, gradient norm before clipping or None).
+
+        Raises:
+            NonFiniteLossError: NaN / inf loss or gradient norm; no parameter was updated.
+        """
+        mean_loss = float(D.all_reduce_mean(loss.detach().float()))
+        if not math.isfinite(mean_loss):
+            self._raise_non_finite(f"{what} is {mean_loss}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        grad_norm: float | None = None
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            grad_norm = float(norm)
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self._raise_non_finite(f"gradient norm is {grad_norm} ({what} {mean_loss:.6g})")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.position.batch += 1
+        return mean_loss, grad_norm
+
+    def _raise_non_finite(self, what: str) -> None:
+        where = f"step {self.step + 1} (epoch {self.position.epoch}, batch {self.position.batch + 1})"
+        if self.last_checkpoint is not None:
+            good = f"the last good checkpoint {self.last_checkpoint} (step {self.last_checkpoint_step}) is intact"
+        else:
+            good = "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"{what} at {where}: training stopped before the update; {good}. "
+            "Try a lower --lr, --clip-grad, or --amp none; check the data for NaN."
+        )
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self, module_key: str) -> dict[str, Any]:
+        """Training state to checkpoint (collective under DDP: every rank must call it)."""
+        rng = D.all_gather_objects({"now": capture_rng_state(), "epoch_start": self.epoch_rng})
+        return {
+            module_key: D.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "step": self.step,
+            "position": self.position.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], module_key: str) -> list[Any] | None:
+        """Restore model, optimiser, scheduler, scaler, step and position; returns the RNG state
+        list (one per rank) to restore with :meth:`restore_rng` at the right moment."""
+        D.unwrap(self.model).load_state_dict(state[module_key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.position = DataPosition.from_state(state.get("position"))
+        return state.get("rng")
+
+    @staticmethod
+    def restore_rng(rng: list[Any] | None, which: str, rank: int, world_size: int) -> bool:
+        """Restore this rank's ``which`` ("now" or "epoch_start") generator state from a
+        checkpoint's per-rank list; False when not possible (logged)."""
+        if not rng:
+            return False
+        if len(rng) != world_size:
+            logger.warning(
+                "checkpoint was written by %d processes, this run has %d: random streams restart from the seed",
+                len(rng),
+                world_size,
+            )
+            return False
+        state = rng[rank].get(which)
+        if state is None:
+            return False
+        restore_rng_state(state)
+        return True
+
+    def batches(self, loader: Any, rng: list[Any] | None, rank: int, world_size: int) -> Iterator[Any]:
+        """Endless batches from ``self.position`` on; ``self.position`` advances as
+        :meth:`backward_step` runs, and rolls over to the next epoch when one is used up.
+
+        With ``rng`` (from a checkpoint), the random streams are put back exactly where the
+        interrupted run had them: at an epoch boundary before the epoch's iterator is created;
+        mid-epoch, the epoch-start state is restored, the epoch's iterator recreated and the
+        consumed batches replayed, then the checkpoint-time state restored. This is exact whatever
+        randomness the sampler and dataset use (with ``num_workers=0``; with workers, as exact as
+        the loader's per-epoch seeding).
+        """
+        first = True
+        n = len(loader)
+        if n == 0:
+            raise ValueError("the training loader yields no batch (too few cases for the batch size?)")
+        while True:
+            if self.position.batch >= n:
+                self.position = DataPosition(self.position.epoch + 1, 0)
+            if first and rng:
+                if self.position.batch == 0:
+                    self.restore_rng(rng, "now", rank, world_size)
+                else:
+                    self.restore_rng(rng, "epoch_start", rank, world_size)
+            if self.position.batch == 0 or not (first and rng):
+                self.epoch_rng = capture_rng_state()
+            elif world_size == len(rng):
+                self.epoch_rng = rng[rank].get("epoch_start")
+            iterator = open_epoch(loader, self.position.epoch, self.position.batch)
+            if first and rng and self.position.batch > 0:
+                self.restore_rng(rng, "now", rank, world_size)
+            first = False
+            for batch in iterator:
+                yield batch
+                if self.position.batch >= n:
+                    break
+
+
+def _wrap_model(model: nn.Module, ctx: D.DistContext, setting: str, probe: Callable[[nn.Module], torch.Tensor]) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    setting = str(setting).lower()
+    if setting == "auto":
+        unused = D.has_unused_parameters(model, probe)
+        if unused:
+            logger.info("%d parameters get no gradient (e.g. %s): DDP with find_unused_parameters", len(unused), unused[0])
+        find = bool(unused)
+    else:
+        find = setting == "true"
+    return D.wrap_ddp(model, ctx, find_unused_parameters=find)
+
+
+# --------------------------------------------------------------------------- factories (patchable)
+
+
+def _make_pretrainer(config: PretrainConfig) -> nn.Module:
+    from mambamim.pretrain import create_pretrainer
+
+    return create_pretrainer(
+        config.model,
+        in_channels=config.in_channels,
+        mask_ratio=config.mask_ratio,
+        token=config.token,
+        skip=config.skip,
+        bottom_up=config.bottom_up,
+        scan=config.scan,
+        **model_size_kwargs(config.size),
+    )
+
+
+def _make_loader(cache: Path, config: Any, ctx: D.DistContext, labeled: bool, augment: bool, case_ids=None):
+    from mambamim.data.loaders import build_train_loader
+
+    crop = config.crop
+    return build_train_loader(
+        cache,
+        case_ids,
+        crop_size=(crop, crop, crop),
+        num_crops=config.num_crops,
+        batch_size=config.batch_size,
+        labeled=labeled,
+        augment=augment,
+        num_workers=config.workers,
+        seed=config.seed,
+        distributed=ctx.distributed,
+    )
+
+
+def _fixed_volume(cache: Path, case_ids: list[str] | None, crop: int) -> torch.Tensor | None:
+    """A centre crop (1, C, crop, crop, crop) of the first case, zero-padded if smaller."""
+    try:
+        from mambamim.data.loaders import build_eval_dataset
+
+        meta = read_cache_meta(cache)
+        ids = case_ids or [str(c.get("id", c.get("case_id"))) if isinstance(c, dict) else str(c) for c in meta.get("cases", [])]
+        if not ids:
+            return None
+        item = build_eval_dataset(cache, ids[:1])[0]
+        image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+    except Exception as exc:  # visualisation must never stop training
+        logger.warning("no reconstruction previews: could not load a fixed volume (%s)", exc)
+        return None
+    out = torch.zeros(image.shape[0], crop, crop, crop)
+    src, dst = [], []
+    for size in image.shape[1:]:
+        take = min(size, crop)
+        s0 = (size - take) // 2
+        d0 = (crop - take) // 2
+        src.append(slice(s0, s0 + take))
+        dst.append(slice(d0, d0 + take))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out[None]
+
+
+def _render_preview(model: nn.Module, volume: torch.Tensor, mask_ratio: float, seed: int, path: Path, loop: TrainLoop) -> Path | None:
+    try:
+        from mambamim.masking.masks import random_bottleneck_mask
+        from mambamim.pretrain.visualize import render_reconstruction
+    except ImportError as exc:
+        logger.debug("reconstruction previews unavailable: %s", exc)
+        return None
+    module = D.unwrap(model)
+    was_training = module.training
+    try:
+        x = volume.to(loop.device)
+        grid = [s // 16 for s in x.shape[2:]]
+        gen = torch.Generator().manual_seed(seed)
+        mask = random_bottleneck_mask(1, grid, mask_ratio, generator=gen, device=loop.device)
+        module.eval()
+        with torch.no_grad(), loop.autocast():
+            out = module(x, mask=mask)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_reconstruction(x.float().cpu(), out["reconstruction"].float().cpu(), out["mask"].cpu(), path)
+        return path
+    except Exception as exc:  # never stop training for a picture
+        logger.warning("could not render the reconstruction preview %s: %s", path, exc)
+        return None
+    finally:
+        module.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Run (or resume, with ``config.resume``) MambaMIM pre-training; returns the run folder.
+
+    Under ``torchrun`` every process calls this; only rank 0 writes files.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN / inf (the last checkpoint stays intact).
+        FileNotFoundError / ValueError: bad data path or options.
+    """
+    config = resolve_resume(config, PretrainConfig)
+    config.validate()
+    ctx = D.init_distributed(config.device)
+    try:
+        return _pretrain(config, ctx)
+    finally:
+        D.cleanup(ctx)
+
+
+def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
+    run = Path(config.out)
+    main = ctx.is_main
+    resuming = bool(config.resume)
+    if main:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config.save_yaml(run / "config.yaml")
+    D.barrier()
+    log = RunLog(run, enabled=main)
+    metrics: MetricsWriter | None = None
+    pbar = None
+    try:
+        seed_everything(config.seed + ctx.rank)
+        cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
+        D.barrier()
+        meta = read_cache_meta(cache)
+        loader = _make_loader(cache, config, ctx, labeled=False, augment=False, case_ids=config.cases)
+        steps_per_epoch = len(loader)
+        total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+        warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
+        warmup = min(warmup, total)
+
+        model = _make_pretrainer(config).to(ctx.device)
+        optimizer = build_optimizer(model, config.lr, config.weight_decay)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, config.min_lr_ratio)
+        amp = D.resolve_amp(ctx.device, config.amp)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
+        loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
+        rng = None
+        last_path = run / "checkpoints" / "last.pt"
+        if resuming:
+            state = load_checkpoint(last_path, map_location=ctx.device)
+            rng = loop.load_state_dict(state, "pretrainer")
+            loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
+            logger.info("resumed %s at step %d (epoch %d, batch %d)", run, loop.step, loop.position.epoch, loop.position.batch)
+
+        crop = config.crop
+        probe_x = torch.zeros(1, config.in_channels, crop, crop, crop, device=ctx.device)
+        loop.model = _wrap_model(model, ctx, config.find_unused_parameters, lambda m: m(probe_x)["loss"])
+
+        model_info = {
+            "name": config.model,
+            "kwargs": {"in_channels": config.in_channels, "scan": config.scan, **model_size_kwargs(config.size)},
+        }
+        if main:
+            n_params = sum(p.numel() for p in model.parameters())
+            logger.info(
+                "pre-training %s (%s, %.2f M parameters) on %s: %d steps (%d per epoch), warm-up %d, %s, %s x%d",
+                config.model, config.size, n_params / 1e6, cache, total, steps_per_epoch, warmup, amp, ctx.device,
+                ctx.world_size,
+            )
+        preview = _fixed_volume(cache, config.cases, crop) if main and config.vis_every else None
+        metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
+
+        def checkpoint(periodic: bool = False) -> None:
+            state = loop.state_dict("pretrainer")  # collective
+            if main:
+                state.update({"format": "mambamim-pretrain", "version": 1, "total_steps": total,
+                              "model": model_info, "config": config.to_dict()})
+                save_checkpoint(last_path, state)
+                if periodic:
+                    save_checkpoint(run / "checkpoints" / f"epoch_{loop.position.epoch:04d}.pt", state)
+                save_checkpoint(run / "encoder.pt", {
+                    "format": "mambamim-encoder", "version": 1,
+                    "encoder": D.unwrap(loop.model).encoder.state_dict(),
+                    "model": model_info, "config": config.to_dict(), "step": loop.step,
+                    "preprocessing": meta.get("preprocessing"),
+                })
+            loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
+            D.barrier()
+
+        end = total if config.stop_after is None else min(total, loop.step + config.stop_after)
+        if main and config.progress:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=total, initial=loop.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        window: list[float] = []
+        t_last = time.perf_counter()
+        loop.model.train()
+        batches = loop.batches(loader, rng, ctx.rank, ctx.world_size) if loop.step < end else iter(())
+        for batch in batches:
+            x = batch["image"].to(ctx.device, non_blocking=True)
+            with loop.autocast():
+                out = loop.model(x)
+            loss_value, grad_norm = loop.backward_step(out["loss"])
+            window.append(loss_value)
+            if pbar is not None:
+                pbar.update(1)
+            epoch_done = loop.position.batch >= steps_per_epoch
+            if loop.step % config.log_every == 0 or loop.step == end or epoch_done:
+                now = time.perf_counter()
+                sec = (now - t_last) / len(window)
+                t_last = now
+                row = {"step": loop.step, "epoch": loop.position.epoch, "loss": sum(window) / len(window),
+                       "lr": loop.lr, "sec_per_step": sec, "volumes_per_s": x.shape[0] * ctx.world_size / max(sec, 1e-9)}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                metrics.log(row, prefix="train/")
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                window = []
+            if epoch_done:
+                epoch = loop.position.epoch
+                loop.position = DataPosition(epoch + 1, 0)
+                periodic = bool(config.save_every) and (epoch + 1) % config.save_every == 0
+                checkpoint(periodic=periodic)
+                if main:
+                    logger.info("epoch %d done at step %d/%d, loss %.4f", epoch, loop.step, total, loss_value)
+                if preview is not None and ((epoch + 1) % config.vis_every == 0 or loop.step >= end):
+                    _render_preview(loop.model, preview, config.mask_ratio, config.seed,
+                                    run / "reconstructions" / f"epoch_{epoch + 1:04d}.png", loop)
+            elif config.checkpoint_steps and loop.step % config.checkpoint_steps == 0 and loop.step < end:
+                checkpoint()
+            if loop.step >= end:
+                break
+        if loop.last_checkpoint_step != loop.step:
+            checkpoint()
+        if preview is not None and not (run / "reconstructions").exists():
+            _render_preview(loop.model, preview, config.mask_ratio, config.seed,
+                            run / "reconstructions" / f"step_{loop.step:07d}.png", loop)
+        if main:
+            done = "finished" if loop.step >= total else f"stopped at step {loop.step}/{total} (resume with --resume {run})"
+            logger.info("pre-training %s; encoder weights in %s", done, run / "encoder.pt")
+        return run
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if metrics is not None:
+            metrics.close()
+        log.close()

@@ -1,0 +1,99 @@
+"""Learning-rate schedule (linear warm-up then cosine, per optimiser step) and the resumable
+data position (epoch + batch within epoch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["WarmupCosine", "warmup_cosine_scheduler", "default_warmup_steps", "DataPosition", "open_epoch"]
+
+
+class WarmupCosine:
+    """Multiplicative LR factor for ``LambdaLR``: linear warm-up, then cosine decay.
+
+    factor(s) = (s + 1) / warmup_steps for s < warmup_steps, then
+    min_ratio + (1 - min_ratio) * 0.5 * (1 + cos(pi * p)) with p = (s - warmup) / (total - warmup)
+    clipped to [0, 1]. A callable object (not a lambda) so ``LambdaLR.state_dict`` saves it.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> LambdaLR:
+    """A ``LambdaLR`` stepping once per optimiser step with :class:`WarmupCosine`."""
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio))
+
+
+def default_warmup_steps(total_steps: int, fraction: float = 0.05, cap: int = 10_000) -> int:
+    """Warm-up length used when none is given: 5 % of the run (at most ``cap``), at least 1 step
+    when the run is longer than one step."""
+    if total_steps <= 1:
+        return 0
+    return max(1, min(cap, int(round(total_steps * fraction))))
+
+
+@dataclass
+class DataPosition:
+    """Where training stands in the data: ``epoch`` (0-based) and batches consumed in it."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> "DataPosition":
+        if not state:
+            return cls()
+        return cls(int(state["epoch"]), int(state["batch"]))
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(batch_sampler, "sampler", None)
+    if inner is not None and hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
+
+
+def open_epoch(loader: Any, epoch: int, skip: int = 0) -> Iterator[Any]:
+    """An iterator over epoch ``epoch`` of ``loader`` (``set_epoch(epoch)`` is called on its
+    sampler(s) and dataset first) with the first ``skip`` batches already consumed.
+
+    Skipped batches are loaded and dropped, so that every random draw the loader makes (crop
+    positions, augmentation) happens exactly as in an uninterrupted run.
+    """
+    _set_epoch(loader, epoch)
+    iterator = iter(loader)
+    for _ in range(skip):
+        try:
+            next(iterator)
+        except StopIteration:
+            break
+    return iterator
