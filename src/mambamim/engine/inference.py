@@ -229,3 +229,179 @@ def segment_image(
     if out_path is not None:
         save_nifti_atomic(restored, affine, out_path)
     return restored, affine
+
+
+# ------------------------------------------------------------------------------ reconstruction (Fig. 9)
+
+
+def load_pretrainer(
+    checkpoint: str | os.PathLike, device: str | torch.device | None = "auto"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a MambaMIM pre-trainer (encoder + light decoder) from a pre-training checkpoint.
+
+    Args:
+        checkpoint: ``RUN/checkpoints/last.pt`` (or ``epoch_NNNN.pt``) of ``mambamim pretrain``, or the run
+            folder itself.
+
+    Returns:
+        ``(pretrainer in eval mode on device, info)``; info has ``config`` (the run's PretrainConfig
+        dict), ``preprocessing`` (dict or None), ``crop`` (training crop side), ``mask_ratio``,
+        ``step`` and ``path``.
+
+    Raises:
+        FileNotFoundError: no such file / no checkpoint in the run folder.
+        mambamim.engine.checkpoint.CheckpointError: unreadable, or not a pre-training checkpoint.
+    """
+    from pathlib import Path
+
+    from mambamim.engine.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(checkpoint)
+    run_dir = None
+    if path.is_dir():
+        run_dir = path
+        path = path / "checkpoints" / "last.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoints/last.pt in pre-training run folder {run_dir}")
+    ckpt = load_checkpoint(path)
+    fmt = ckpt.get("format")
+    if fmt == "mambamim-encoder":
+        raise CheckpointError(
+            f"{path} holds only the pre-trained encoder; the reconstruction needs the decoder too: "
+            "give the run's checkpoints/last.pt"
+        )
+    if fmt != "mambamim-pretrain" or not isinstance(ckpt.get("config"), dict) or "pretrainer" not in ckpt:
+        raise CheckpointError(f"{path} is not a mambamim pre-training checkpoint (format={fmt!r})")
+    cfg = ckpt["config"]
+    from mambamim.engine.config import model_size_kwargs
+    from mambamim.pretrain import create_pretrainer
+
+    pretrainer = create_pretrainer(
+        cfg.get("model", "hymamba"),
+        in_channels=int(cfg.get("in_channels", 1)),
+        mask_ratio=float(cfg.get("mask_ratio", 0.75)),
+        token=cfg.get("token", "toki"),
+        skip=bool(cfg.get("skip", True)),
+        bottom_up=bool(cfg.get("bottom_up", True)),
+        scan=cfg.get("scan", "raster"),
+        **model_size_kwargs(cfg.get("size", "base")),
+    )
+    state = ckpt["pretrainer"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    pretrainer.load_state_dict(state, strict=True)
+    preprocessing = ckpt.get("preprocessing")
+    if preprocessing is None:
+        preprocessing = _preprocessing_near(path, run_dir, cfg)
+    info = {
+        "config": cfg,
+        "preprocessing": preprocessing,
+        "crop": int(cfg.get("crop", 96)),
+        "mask_ratio": float(cfg.get("mask_ratio", 0.75)),
+        "in_channels": int(cfg.get("in_channels", 1)),
+        "step": ckpt.get("step"),
+        "path": str(path),
+    }
+    return pretrainer.to(resolve_device(device)).eval(), info
+
+
+def _preprocessing_near(path, run_dir, cfg: dict) -> dict | None:
+    """The preprocessing of a pre-training run: its encoder.pt, else the cache it trained on."""
+    from pathlib import Path
+
+    from mambamim.engine.checkpoint import load_checkpoint
+
+    run = run_dir or Path(path).resolve().parent.parent
+    enc = Path(run) / "encoder.pt"
+    if enc.is_file():
+        try:
+            pre = load_checkpoint(enc).get("preprocessing")
+            if pre:
+                return pre
+        except Exception as exc:  # fall through to the cache
+            logger.debug("cannot read %s: %s", enc, exc)
+    from mambamim.engine.config import find_cache, read_cache_meta
+
+    for candidate in (cfg.get("data"), str(Path(run) / "cache")):
+        if candidate and os.path.exists(candidate):
+            cache = find_cache(candidate)
+            if cache is not None:
+                return read_cache_meta(cache).get("preprocessing")
+    logger.warning("no preprocessing recorded for %s: using the defaults", path)
+    return None
+
+
+def centre_crop(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Centre crop of a (C, X, Y, Z) volume to ``size``, zero-padded (centred) where it is smaller."""
+    size = tuple(int(s) for s in size)
+    out = image.new_zeros((image.shape[0], *size))
+    src, dst = [], []
+    for n, want in zip(image.shape[1:], size):
+        take = min(n, want)
+        s0, d0 = (n - take) // 2, (want - take) // 2
+        src.append(slice(s0, s0 + take))
+        dst.append(slice(d0, d0 + take))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out
+
+
+def reconstruct_image(
+    pretrainer: nn.Module,
+    info: dict[str, Any],
+    image_paths: Sequence[str] | str,
+    out_png: str | os.PathLike,
+    *,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    crop: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+) -> dict[str, Any]:
+    """Paper Fig. 9 for one image: preprocess, centre-crop to the model's size, mask with a seeded
+    random bottleneck mask, reconstruct and render masked input / reconstruction / original.
+
+    Args:
+        pretrainer, info: from :func:`load_pretrainer`.
+        image_paths: NIfTI file or DICOM series folder (one per channel).
+        out_png: the PNG to write (atomically).
+        mask_ratio: fraction of bottleneck tokens masked; default the run's.
+        seed: seeds the mask, so a figure is reproducible.
+        crop: crop side (multiple of 16); default the run's training crop.
+
+    Returns:
+        ``{"png": path, "loss": float, "visible": int, "tokens": int, "crop": int}``.
+    """
+    from mambamim.data.preprocess import PreprocessParams, preprocess_image
+    from mambamim.masking.masks import random_bottleneck_mask
+    from mambamim.pretrain.visualize import render_reconstruction
+
+    ratio = float(info.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+    side = int(crop or info.get("crop", 96))
+    if side < 16 or side % 16:
+        raise ValueError(f"crop must be a positive multiple of 16, got {side}")
+    paths = [str(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [str(p) for p in image_paths]
+    image, _ = preprocess_image(paths, PreprocessParams.from_dict(info.get("preprocessing")))
+    x = centre_crop(torch.from_numpy(image), (side,) * 3)[None]
+    if device is None:
+        try:
+            dev = next(pretrainer.parameters()).device
+        except StopIteration:
+            dev = torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+    pretrainer = pretrainer.to(dev).eval()
+    x = x.to(dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    mask = random_bottleneck_mask(1, [side // 16] * 3, ratio, generator=gen, device=dev)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        out = pretrainer(x, mask=mask)
+    png = render_reconstruction(
+        x.float().cpu(), out["reconstruction"].float().cpu(), out["mask"].cpu(), out_png,
+        title=f"{os.path.basename(paths[0])}: mask ratio {ratio:.2f}, seed {seed}",
+    )
+    visible = int(out["mask"].sum().item())
+    return {"png": str(png), "loss": float(out["loss"].float().item()), "visible": visible,
+            "tokens": int(out["mask"].numel()), "crop": side}
