@@ -134,10 +134,49 @@ def _resample3d(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int]
                                     order=order, mode="nearest", prefilter=False)
 
 
+def _resample_axis(vol: np.ndarray, axis: int, scale: float, offset: float, n_out: int, order: int) -> np.ndarray:
+    """1-D resampling along ``axis``: output index i samples input coordinate ``i * scale + offset``
+    (edge values beyond the ends; order 0 nearest, 1 linear)."""
+    n_in = vol.shape[axis]
+    c = np.arange(n_out, dtype=np.float64) * scale + offset
+    if order == 0:
+        idx = np.clip(np.floor(c + 0.5), 0, n_in - 1).astype(np.intp)
+        return np.take(vol, idx, axis=axis)
+    c = np.clip(c, 0, n_in - 1)
+    i0 = np.floor(c).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    shape = [1] * vol.ndim
+    shape[axis] = n_out
+    w = (c - i0).astype(np.float32).reshape(shape)
+    a0 = np.take(vol, i0, axis=axis)
+    a1 = np.take(vol, i1, axis=axis)
+    a1 -= a0
+    a1 *= w
+    a0 += a1
+    return a0
+
+
 def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
-    if vol.ndim == 3:
-        return _resample3d(vol, out_to_in, out_shape, order)
-    return np.stack([_resample3d(v, out_to_in, out_shape, order) for v in vol])
+    """Resample the last three axes of ``vol`` ((X, Y, Z) or (C, X, Y, Z)) onto ``out_shape``.
+
+    An axis-aligned ``out_to_in`` (always the case for this pipeline) runs as three separable 1-D passes,
+    which equal trilinear / nearest interpolation exactly and are much faster than a 3-D ``affine_transform``.
+    """
+    m = np.asarray(out_to_in, dtype=np.float64)
+    if order == 1 and not np.issubdtype(vol.dtype, np.floating):
+        vol = vol.astype(np.float32)
+    if not np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-12):
+        if vol.ndim == 3:
+            return _resample3d(vol, m, out_shape, order)
+        return np.stack([_resample3d(v, m, out_shape, order) for v in vol])
+    lead = vol.ndim - 3
+    scales, offsets = np.diag(m[:3, :3]), m[:3, 3]
+    # shrink first so the later passes touch less data
+    for ax in sorted(range(3), key=lambda a: -scales[a]):
+        if scales[ax] == 1.0 and offsets[ax] == 0.0 and vol.shape[lead + ax] == int(out_shape[ax]):
+            continue
+        vol = _resample_axis(vol, lead + ax, float(scales[ax]), float(offsets[ax]), int(out_shape[ax]), order)
+    return np.ascontiguousarray(vol)
 
 
 def _is_identity(m: np.ndarray) -> bool:
