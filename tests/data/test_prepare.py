@@ -115,6 +115,11 @@ def test_rerun_skips_finished_and_redoes_interrupted(tmp_path, dh):
     assert np.array_equal(np.load(out / "cases" / "ct1" / "image.npy"), ref)
     assert [c["id"] for c in load_cache_index(out)["cases"]] == ["ct0", "ct1", "ct2"]
     assert load_cache_index(out)["labels"] is None and load_cache_index(out)["cases"][0]["label"] is None
+    # an edited input is redone
+    img, _ = dh.phantom((20, 16, 12), seed=7)
+    dh.write_nifti(src / "ct2.nii.gz", img, np.eye(4))
+    os.utime(src / "ct2.nii.gz", (1e9, 1e9))
+    assert prepare_dataset(src, out, params=PARAMS, progress=False).prepared == ["ct2"]
     # other parameters: everything is redone
     other = prepare_dataset(src, out, params=PreprocessParams(spacing=4.0, min_size=8), progress=False)
     assert other.prepared == ["ct0", "ct1", "ct2"] and other.skipped == []

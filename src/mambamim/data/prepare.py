@@ -52,6 +52,19 @@ class PrepareReport:
                 "warnings": self.warnings, "labels": self.labels, "seconds": round(self.seconds, 3)}
 
 
+def _source_stat(spec: CaseSpec) -> list[list[float]]:
+    """(size, mtime) of each source file (a DICOM series: its folder), to notice edited inputs on rerun."""
+    out = []
+    for p in list(spec.image_paths) + ([spec.label_path] if spec.label_path else []):
+        p = p.rsplit("#", 1)[0] if not os.path.exists(p) and "#" in p else p
+        try:
+            st = os.stat(p)
+            out.append([int(st.st_size), round(float(st.st_mtime), 3)])
+        except OSError:
+            out.append([-1, -1.0])
+    return out
+
+
 def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict | None:
     """The meta of an already finished case made from the same sources and parameters, else None."""
     meta_path = case_dir(out, spec.case_id) / "meta.json"
@@ -63,7 +76,7 @@ def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict 
         return None
     src = meta.get("source", {})
     if (meta.get("preprocessing") != params.to_dict() or src.get("images") != list(spec.image_paths)
-            or src.get("label") != spec.label_path):
+            or src.get("label") != spec.label_path or meta.get("source_stat") != _source_stat(spec)):
         return None
     if not (case_dir(out, spec.case_id) / "image.npy").is_file():
         return None
@@ -92,6 +105,7 @@ def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParam
         elif (d / "label.npy").exists():
             (d / "label.npy").unlink()
         meta["split"] = spec.split
+        meta["source_stat"] = _source_stat(spec)
         meta["files"] = {"image": "image.npy", "label": "label.npy" if label is not None else None}
         write_json_atomic(meta_path, meta)
         result.update(status="ok", shape=[int(s) for s in image.shape], has_label=label is not None,
