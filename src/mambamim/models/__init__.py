@@ -61,4 +61,5 @@ def create_model(name: str, size: str = "base", **kwargs: Any) -> nn.Module:
         size: preset (``base`` = paper configuration, ``small``, ``tiny``).
         **kwargs: constructor arguments overriding the preset (in_channels, num_classes, scan, widths, ...).
     """
-    return MODEL_REGISTRY[name](**model_config(name, size, **kwargs))
+    config = model_config(name, size, **kwargs)
+    return MODEL_REGISTRY[name](**config)

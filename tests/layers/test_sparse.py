@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from mambamim.layers.sparse import (
+    SparseBatchNorm3d,
+    SparseConv3d,
+    SparseGroupNorm,
+    SparseInstanceNorm3d,
+    SparseLayerNorm3d,
+    SparseMaxPool3d,
+)
+
+
+def block_mask(b=2, grid=(2, 2, 2), up=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(b, 1, *grid, generator=g) > 0.5).float()
+    m[:, :, 0, 0, 0] = 1.0
+    return m.repeat_interleave(up, 2).repeat_interleave(up, 3).repeat_interleave(up, 4)
+
+
+def test_sparse_group_norm_equals_norm_of_gathered_visible_voxels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8, 8)
+    mask = block_mask()
+    norm = SparseGroupNorm(3, 6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    y = norm(x, mask)
+    for b in range(2):
+        vis = mask[b, 0].bool()
+        xv = x[b][:, vis]  # (C, Nvis)
+        ref = torch.nn.functional.group_norm(xv[None, :, :, None, None], 3, norm.weight, norm.bias, 1e-5)[0, :, :, 0, 0]
+        assert torch.allclose(y[b][:, vis], ref, atol=1e-5)
+        assert (y[b][:, ~vis] == 0).all()
+
+
+def test_sparse_instance_norm_equals_gathered():
+    x = torch.randn(2, 4, 8, 8, 8)
+    mask = block_mask(seed=1)
+    y = SparseInstanceNorm3d(4)(x, mask)
+    for b in range(2):
+        vis = mask[b, 0].bool()
+        xv = x[b][:, vis]
+        ref = (xv - xv.mean(1, keepdim=True)) / torch.sqrt(xv.var(1, unbiased=False, keepdim=True) + 1e-5)
+        assert torch.allclose(y[b][:, vis], ref, atol=1e-5)
+
+
+def test_sparse_batch_norm_equals_gathered_and_updates_running_stats():
+    x = torch.randn(2, 4, 8, 8, 8) * 3 + 1
+    mask = block_mask(seed=2)
+    bn = SparseBatchNorm3d(4, momentum=1.0)
+    y = bn(x, mask)
+    vis = mask[:, 0].bool()
+    xv = x.permute(1, 0, 2, 3, 4)[:, vis]  # (C, N over batch)
+    ref = (xv - xv.mean(1, keepdim=True)) / torch.sqrt(xv.var(1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(y.permute(1, 0, 2, 3, 4)[:, vis], ref, atol=1e-5)
+    assert torch.allclose(bn.running_mean, xv.mean(1), atol=1e-5)
+    assert torch.allclose(bn.running_var, xv.var(1, unbiased=True), atol=1e-4)
+
+
+def test_layer_norm_and_conv_remask_and_do_not_leak():
+    torch.manual_seed(0)
+    mask = block_mask(seed=3)
+    x = torch.randn(2, 3, 8, 8, 8) * mask
+    x2 = x + torch.randn_like(x) * (1 - mask)  # change masked voxels only
+    conv = SparseConv3d(3, 5, 3, padding=1)
+    ln = SparseLayerNorm3d(5)
+    pool = SparseMaxPool3d(2)
+    pooled_mask = mask[:, :, ::2, ::2, ::2]
+    for inp in (x, x2):
+        pass
+    out1 = pool(ln(conv(x * mask, mask), mask), pooled_mask)
+    out2 = pool(ln(conv(x2 * mask, mask), mask), pooled_mask)
+    assert torch.equal(out1, out2)
+    assert (out1 * (1 - pooled_mask) == 0).all()
+
+
+@pytest.mark.parametrize("cls", [SparseGroupNorm, SparseBatchNorm3d, SparseLayerNorm3d])
+def test_dense_path_matches_torch(cls):
+    x = torch.randn(2, 4, 4, 4, 4)
+    layer = cls(2, 4) if cls is SparseGroupNorm else cls(4)
+    dense = {
+        SparseGroupNorm: lambda: torch.nn.functional.group_norm(x, 2, layer.weight, layer.bias, layer.eps),
+        SparseBatchNorm3d: lambda: torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True),
+        SparseLayerNorm3d: lambda: torch.nn.functional.layer_norm(
+            x.movedim(1, -1), (4,), layer.weight, layer.bias, layer.eps).movedim(-1, 1),
+    }[cls]()  # fmt: skip
+    assert torch.allclose(layer(x), dense, atol=1e-5)
