@@ -121,6 +121,17 @@ def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParam
     return result
 
 
+def _mp_context():
+    """Workers start from a clean forkserver (not a fork of a parent that may run torch / CUDA threads)."""
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _labels_from_values(values: set[int]) -> dict[str, str] | None:
     if not values:
         return None
@@ -194,7 +205,7 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
                 collect(prepare_case(spec, out_p, params, ds.labels))
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context()) as pool:
                 futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels) for spec in todo]
                 for fut in as_completed(futures):
                     collect(fut.result())
