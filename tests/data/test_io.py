@@ -76,6 +76,10 @@ def test_two_series_in_one_folder(tmp_path, dh):
     assert np.array_equal(read_image(by_uid[uid_b].image_paths[0])[0], b.astype(np.float32))
     with pytest.raises(DataError, match="2 DICOM series"):
         read_image(tmp_path / "s")
+    # one slice file stands for its whole series
+    one_b = sorted(p for p in groups[uid_b])[0]
+    assert np.array_equal(read_image(one_b)[0], b.astype(np.float32))
+    assert discover_cases(one_b)[0].image_paths == [f"{tmp_path / 's'}#{uid_b}"]
 
 
 def test_dicom_missing_slice_is_reported(tmp_path, dh):

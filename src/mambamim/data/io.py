@@ -167,6 +167,14 @@ def _read_dicom_header(path: str):
         return None
 
 
+def _dicom_file_series(path: str) -> str | None:
+    """SeriesInstanceUID of a DICOM image file, None when ``path`` is not one."""
+    ds = _read_dicom_header(path)
+    if ds is None or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+        return None
+    return str(ds.SeriesInstanceUID)
+
+
 def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
     """Files directly inside ``folder`` that are DICOM images, grouped by SeriesInstanceUID."""
     series: dict[str, list[str]] = {}
@@ -289,7 +297,11 @@ def read_image(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.nda
         return read_nifti(path, dtype=dtype)
     if not os.path.exists(path):
         raise DataError(path, "file does not exist")
-    raise DataError(path, "unsupported file type: expected .nii, .nii.gz or a DICOM series folder")
+    uid = _dicom_file_series(path)
+    if uid is not None:  # one slice of a series: read the whole series from its folder
+        data, affine, info = read_dicom_series(os.path.dirname(os.path.abspath(path)), uid)
+        return (data if dtype is None else data.astype(dtype, copy=False)), affine, info
+    raise DataError(path, "unsupported file type: expected .nii, .nii.gz, a DICOM file or a DICOM series folder")
 
 
 def read_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -537,7 +549,11 @@ def discover_dataset(path: str | os.PathLike) -> DatasetSpec:
             return DatasetSpec(str(p.parent), "nifti",
                                [CaseSpec(_safe_id(strip_nifti_ext(p.name)), [str(p)],
                                          str(sidecar) if sidecar.exists() else None, None, str(p))])
-        raise DataError(p, "unsupported input file: expected .nii/.nii.gz, a dataset.json or a folder")
+        uid = _dicom_file_series(str(p))
+        if uid is not None:
+            return DatasetSpec(str(p.parent), "dicom", [CaseSpec(_safe_id(p.parent.name), [f"{p.parent}#{uid}"],
+                                                                 None, None, str(p))])
+        raise DataError(p, "unsupported input file: expected .nii/.nii.gz, a DICOM file, a dataset.json or a folder")
     ds_json = p / "dataset.json"
     if ds_json.is_file():
         meta = _load_json(ds_json)
