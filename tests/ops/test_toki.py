@@ -218,3 +218,13 @@ def test_gather_scatter_visible_roundtrip():
         assert torch.equal(vt[b], tokens[b][visible[b]])  # scan order kept
     back = scatter_visible(vt, visible)
     assert torch.equal(back, tokens * visible.unsqueeze(-1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    visible = torch.rand(4, 64, generator=g) < 0.25
+    tokens, visible, A, edge = _case(4, 64, 16, visible, dtype=torch.float32)
+    out = toki_fill(tokens.cuda(), visible.cuda(), A.cuda(), edge.cuda())
+    torch.testing.assert_close(out.cpu(), toki_fill(tokens, visible, A, edge), rtol=1e-4, atol=1e-4)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -107,13 +108,12 @@ def toki_fill(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) ->
         steps = max(1, math.ceil(math.log2(T)))
         for j in range(steps):
             d = 1 << j
-            if d >= T:
-                break
             if j > 0:
                 power = power @ power  # A^(2^j)
-            same = (seg[:, d:] == seg[:, :-d]).unsqueeze(-1)  # (B, T-d, 1)
-            carry = z[:, :-d] @ power.T
-            z = torch.cat([z[:, :d], z[:, d:] + torch.where(same, carry, torch.zeros_like(carry))], dim=1)
+            # gate[t] = 1 where t and t - d lie in the same segment (z is finite, so a 0/1 product is safe)
+            gate = F.pad(seg[:, d:] == seg[:, :-d], (d, 0)).to(cdt).unsqueeze(-1)  # (B, T, 1)
+            carry = F.pad((z @ power.T)[:, :-d], (0, 0, d, 0))  # carry[t] = A^d z[t - d]
+            z = torch.addcmul(z, gate, carry)
 
         filled = z[:, 1:-1].to(tokens.dtype)
     return torch.where(visible.unsqueeze(-1), tokens, filled)
