@@ -151,11 +151,12 @@ def test_nnunet_multichannel_and_dicom_prepare(tmp_path, dh, make_json):
     dh.write_nifti(root / "imagesTr" / "c1_0000.nii.gz", img, a)
     dh.write_nifti(root / "imagesTr" / "c1_0001.nii.gz", img + 100, a)
     dh.write_nifti(root / "labelsTr" / "c1.nii.gz", lab, a)
-    make_json(root / "dataset.json", {"channel_names": {"0": "CT", "1": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+    make_json(root / "dataset.json", {"channel_names": {"0": "CT", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2},
                                       "file_ending": ".nii.gz"})
     rep = prepare_dataset(root, tmp_path / "c", params=PARAMS, progress=False)
     case = load_case(tmp_path / "c", "c1")
     assert rep.prepared == ["c1"] and case["image"].shape[0] == 2
+    assert "'1': 'T2'" in rep.warnings[0]["problem"] and "not CT" in rep.warnings[0]["problem"]
     assert np.all(case["image"][1] >= case["image"][0])
     dh.write_dicom_series(tmp_path / "dicom" / "patient1", img, a)
     rep = prepare_dataset(tmp_path / "dicom", tmp_path / "cd", params=PARAMS, progress=False)

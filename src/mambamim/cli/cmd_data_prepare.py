@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for bad in report.failed:
         print(f"FAILED {bad['case']}: {bad['file']}: {bad['problem']}", file=sys.stderr)
     for w in report.warnings:
-        print(f"warning {w['case']}: {w['file']}: {w['problem']}", file=sys.stderr)
+        who = f" {w['case']}" if w.get("case") else ""
+        print(f"warning{who}: {w['file']}: {w['problem']}", file=sys.stderr)
     print(report.summary())
     if report.failed:
         print(f"problems listed in {report.out}/report.json", file=sys.stderr)

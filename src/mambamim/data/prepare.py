@@ -165,6 +165,12 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
         except Exception:
             pass
 
+    non_ct = {k: v for k, v in (ds.channel_names or {}).items() if str(v).strip().upper() not in ("CT", "")}
+    if non_ct:
+        msg = (f"channels {non_ct} are declared as not CT; the HU window [{params.hu_min:g}, {params.hu_max:g}] "
+               "is applied to them anyway")
+        logger.warning("%s", msg)
+        report.warnings.append({"case": None, "file": ds.root, "problem": msg})
     shapes: dict[str, list[int]] = {}
     has_label: dict[str, bool] = {}
     label_values: set[int] = set()
