@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["selective_scan_triton", "is_available"]
+__all__ = ["selective_scan_triton", "is_available", "ScanConfig"]
 
 _LOG2E = 1.4426950408889634
 _MAX_STATE = 64
@@ -113,7 +113,8 @@ if _HAS_TRITON:
 
         row = pid_b * dim * L + offs_d.to(tl.int64) * L  # (BLOCK_D,)
         bc_base = pid_b * N * L
-        h = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)
+        # built as a reduction of a 4-D tile so that the loop carries it in the tile's layout
+        h = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
         for c in range(0, n_chunks):
             t = c * BLOCK_T + offs_t
             t_mask = t < L
@@ -139,7 +140,7 @@ if _HAS_TRITON:
             x = (dt * u)[:, None, :, None] * Bt[:, :, None, :]
             x = tl.where(t4 == 0, x + dA * h[None, :, :, :], x)  # fold the carried state in
             _, hs = tl.associative_scan((dA, x), 0, _fwd_combine)
-            y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=3), axis=1)  # (T, BD)
+            y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)  # (T, BD)
             if HAS_D:
                 y = y + u * Dv[None, :]
             if HAS_Z:
@@ -176,8 +177,9 @@ if _HAS_TRITON:
         row = pid_b * dim * L + offs_d.to(tl.int64) * L
         bc_base = pid_b * N * L
         part_base = (pid_d * batch + pid_b) * N * L  # dB/dC partials: (n_dblocks, batch, N, L)
-        q = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)  # exp(delta A) * g at the next chunk's start
-        dA_acc = tl.zeros((NG, BLOCK_D, NL), dtype=tl.float32)
+        # exp(delta A) * g at the next chunk's start; 4-D reductions keep the tile's layout
+        q = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
+        dA_acc = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         ones = tl.full((BLOCK_T, NG, BLOCK_D, NL), 1.0, tl.float32)
@@ -213,7 +215,7 @@ if _HAS_TRITON:
             _, hs = tl.associative_scan((dA, x0), 0, _fwd_combine)
 
             if HAS_Z:
-                y0 = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=3), axis=1)
+                y0 = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)
                 if HAS_D:
                     y0 = y0 + u * Dv[None, :]
                 sz = tl.sigmoid(zz)
@@ -231,8 +233,8 @@ if _HAS_TRITON:
 
             gh = g * (hs - x)  # g_t * exp(delta_t A) * h_{t-1}
             dA_acc += tl.sum(gh * dt[:, None, :, None], axis=0)
-            gB = tl.sum(tl.sum(g * Bt[:, :, None, :], axis=3), axis=1)  # (T, BD)
-            ghA = tl.sum(tl.sum(gh * A[None, :, :, :], axis=3), axis=1)
+            gB = tl.sum(tl.sum(g * Bt[:, :, None, :], axis=1), axis=2)  # (T, BD)
+            ghA = tl.sum(tl.sum(gh * A[None, :, :, :], axis=1), axis=2)
             ddt = u * gB + ghA
             du = dt * gB
             if HAS_D:
@@ -260,19 +262,28 @@ if _HAS_TRITON:
             tl.store(dbias_part_ptr + pid_b * dim + offs_d, dbias_acc, mask=d_mask)
 
 
-def _split_state(d_state: int) -> Tuple[int, int]:
-    """d_state = NG * NL: NG state groups inside a thread, NL on lanes."""
-    ng = min(d_state, 4)
-    return ng, d_state // ng
+class ScanConfig(NamedTuple):
+    """Tile shape of one program: ``BLOCK_T`` steps x ``d_state = ng * (d_state // ng)`` x
+    ``BLOCK_D = bdt * max(1, 32 // nl) * num_warps`` channels (``bdt`` channels per thread)."""
+
+    ng: int
+    block_t: int
+    num_warps: int
+    bdt: int = 1
 
 
-def _default_config(d_state: int, dim: int, backward: bool) -> Tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_T, num_warps): every thread owns one channel of the tile (fewer for tiny dim)."""
-    _, nl = _split_state(d_state)
-    num_warps = 4
-    block_d = min(max(1, 32 // nl) * num_warps, triton.next_power_of_2(dim))
-    block_t = 8
-    return block_d, block_t, num_warps
+# Defaults for d_state 16; ng is clipped for smaller states (see _resolve).
+_FWD_CONFIG = ScanConfig(ng=4, block_t=8, num_warps=4, bdt=1)
+_BWD_CONFIG = ScanConfig(ng=4, block_t=4, num_warps=2, bdt=1)
+
+
+def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, int, int]:
+    """Return (NG, NL, BLOCK_D, BLOCK_T, num_warps) for a config, a state size and a channel count."""
+    ng = max(1, min(cfg.ng, d_state))
+    nl = d_state // ng
+    block_d = cfg.bdt * max(1, 32 // nl) * cfg.num_warps
+    block_d = max(1, min(block_d, triton.next_power_of_2(dim)))
+    return ng, nl, block_d, cfg.block_t, cfg.num_warps
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
@@ -304,21 +315,24 @@ def _launch_forward(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     delta_softplus: bool, store_states: bool,
-    block_d: Optional[int] = None, block_t: Optional[int] = None, num_warps: Optional[int] = None,
+    config: Optional[ScanConfig] = None, poison: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the forward kernel on contiguous inputs.
 
     Returns y (batch, dim, length) in u's dtype, and when ``store_states`` the fp32 states at each
-    chunk start, (batch, n_chunks, dim, state).
+    chunk start, (batch, n_chunks, dim, state). ``config`` defaults to the backward's tile when
+    states are stored (their chunking must match) and to the forward's otherwise; ``poison`` fills
+    the outputs with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    ng, nl = _split_state(n)
-    bd, bt, nw = _default_config(n, dim, backward=store_states)
-    bd, bt, nw = block_d or bd, block_t or bt, num_warps or nw
+    if config is None:
+        config = _BWD_CONFIG if store_states else _FWD_CONFIG
+    ng, nl, bd, bt, nw = _resolve(config, n, dim)
     n_chunks = triton.cdiv(L, bt)
-    y = torch.empty_like(u)
+    y = torch.full_like(u, float("nan")) if poison else torch.empty_like(u)
     states = (
-        torch.empty((batch, n_chunks, dim, n), device=u.device, dtype=torch.float32)
+        torch.full((batch, n_chunks, dim, n), float("nan") if poison else 0.0,
+                   device=u.device, dtype=torch.float32)
         if store_states else y  # dummy pointer, never written
     )
     grid = (batch, triton.cdiv(dim, bd))
@@ -338,30 +352,35 @@ def _launch_backward(
     dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
     delta_bias: Optional[torch.Tensor], delta_softplus: bool, states: torch.Tensor,
-    block_d: Optional[int] = None, block_t: Optional[int] = None, num_warps: Optional[int] = None,
+    config: Optional[ScanConfig] = None, poison: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
     """Run the backward kernel; returns (du, ddelta, dA, dB, dC, dD, dz, dbias), Nones where absent.
 
-    ``states`` must come from ``_launch_forward`` with the same ``block_t``.
+    ``states`` must come from ``_launch_forward`` with the same ``block_t``. ``poison`` fills every
+    output and partial buffer with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    ng, nl = _split_state(n)
-    bd, bt, nw = _default_config(n, dim, backward=True)
-    bd, bt, nw = block_d or bd, block_t or bt, num_warps or nw
+    ng, nl, bd, bt, nw = _resolve(config or _BWD_CONFIG, n, dim)
     n_chunks = triton.cdiv(L, bt)
     if states.shape != (batch, n_chunks, dim, n):
         raise ValueError(f"states shape {tuple(states.shape)} does not match block_t={bt}")
     n_db = triton.cdiv(dim, bd)
     dev = u.device
     f32 = torch.float32
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dA_part = torch.empty((batch, dim, n), device=dev, dtype=f32)
-    dB_part = torch.empty((n_db, batch, n, L), device=dev, dtype=f32)
-    dC_part = torch.empty((n_db, batch, n, L), device=dev, dtype=f32)
-    dD_part = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else None
+
+    def new(shape, dtype):
+        if poison:
+            return torch.full(shape, float("nan"), device=dev, dtype=dtype)
+        return torch.empty(shape, device=dev, dtype=dtype)
+
+    du = new(u.shape, u.dtype)
+    ddelta = new(delta.shape, delta.dtype)
+    dz = new(z.shape, z.dtype) if z is not None else None
+    dA_part = new((batch, dim, n), f32)
+    dB_part = new((n_db, batch, n, L), f32)
+    dC_part = new((n_db, batch, n, L), f32)
+    dD_part = new((batch, dim), f32) if D is not None else None
+    dbias_part = new((batch, dim), f32) if delta_bias is not None else None
     dummy = dA_part
     grid = (batch, n_db)
     _ss_bwd_kernel[grid](
@@ -386,7 +405,6 @@ def _launch_backward(
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        _check_inputs(u, delta, A, B, C, D, z, delta_bias)
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D = D.contiguous() if D is not None else None
         z = z.contiguous() if z is not None else None
@@ -432,6 +450,7 @@ def selective_scan_triton(
     Returns:
         y: (batch, dim, length) in u's dtype. Accumulation and the state are fp32.
     """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not _HAS_TRITON:
         raise RuntimeError("selective_scan_triton needs triton, which is not installed")
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,0 +1,271 @@
+"""Tests of the fused Triton selective scan against a float64 step-by-step loop.
+
+CUDA tests skip without a GPU. One interpreter test (TRITON_INTERPRET=1, CPU tensors) runs in a
+subprocess when triton is installed; it skips cleanly otherwise (CI installs no triton).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambamim.ops import selective_scan_triton as sst
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def ref_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """float64 step-by-step selective scan. u, delta, z: (b, d, L); A: (d, n); B, C: (b, n, L)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, L = u.shape
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(L):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y
+
+
+def make_inputs(b, d, L, n, device, dtype=torch.float32, with_d=True, with_z=True, with_bias=True,
+                softplus=True, seed=0) -> List[Optional[torch.Tensor]]:
+    """Random inputs in Mamba's ranges; A, D, delta_bias stay fp32 (parameters)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift)
+
+    u = rn(b, d, L)
+    delta = rn(b, d, L, scale=0.5, shift=-1.0) if softplus else rn(b, d, L).abs() * 0.3
+    A = -(torch.rand(d, n, generator=g) * 3 + 0.2)
+    B = rn(b, n, L)
+    C = rn(b, n, L)
+    D = rn(d) if with_d else None
+    z = rn(b, d, L) if with_z else None
+    bias = rn(d, scale=0.3) if with_bias else None
+    out = []
+    for name, t in zip(GRAD_NAMES, [u, delta, A, B, C, D, z, bias]):
+        if t is None:
+            out.append(None)
+            continue
+        t = t.to(device)
+        if name in ("u", "delta", "B", "C", "z"):
+            t = t.to(dtype)
+        out.append(t)
+    return out
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check_parity(args, softplus, tol_y, tol_g, seed=1):
+    """Compare value and every gradient with the float64 loop; returns the errors."""
+    args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    y = sst.selective_scan_triton(*args, delta_softplus=softplus)
+    assert y.dtype == args[0].dtype and y.shape == args[0].shape
+    ref_args = [a.detach().cpu().double().requires_grad_() if a is not None else None for a in args]
+    y_ref = ref_loop(*ref_args, delta_softplus=softplus)
+    errs = {"y": rel_err(y.cpu(), y_ref)}
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy.to(y.device, y.dtype))
+    y_ref.backward(dy.double())
+    for name, a, r in zip(GRAD_NAMES, args, ref_args):
+        if a is None:
+            continue
+        assert a.grad is not None, name
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
+        assert torch.isfinite(a.grad).all(), name
+        errs[name] = rel_err(a.grad.cpu(), r.grad)
+    bad = {k: v for k, v in errs.items() if not v <= (tol_y if k == "y" else tol_g)}
+    assert not bad, f"errors over tolerance: {bad} (all: {errs})"
+    return errs
+
+
+# ---------------------------------------------------------------- CPU (no triton needed)
+
+
+def test_bad_shapes_raise_value_error():
+    u = torch.zeros(2, 4, 5)
+    A = torch.zeros(4, 16)
+    Bm = torch.zeros(2, 16, 5)
+    with pytest.raises(ValueError):
+        sst.selective_scan_triton(u, u, torch.zeros(4, 12), Bm, Bm)  # state not a power of two
+    with pytest.raises(ValueError):
+        sst.selective_scan_triton(u, u, A, torch.zeros(2, 16, 4), Bm)
+    with pytest.raises(ValueError):
+        sst.selective_scan_triton(u, u, A, Bm, Bm, D=torch.zeros(3))
+    with pytest.raises(ValueError):
+        sst.selective_scan_triton(u, u, torch.zeros(4, 128), torch.zeros(2, 128, 5), torch.zeros(2, 128, 5))
+
+
+def test_is_available_is_bool():
+    assert isinstance(sst.is_available(), bool)
+    if not HAS_CUDA:
+        assert not sst.is_available()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_interpreter_parity():
+    """Kernels under TRITON_INTERPRET=1 on CPU tensors (a subprocess: the flag is read at import)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, __file__, "--interpreter-check"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "INTERPRETER OK" in proc.stdout
+
+
+def _interpreter_check() -> None:
+    """Small parity + poison checks on CPU tensors; run by test_interpreter_parity."""
+    # odd dim and length: masked channels, a padded last chunk, several chunks
+    for flags in [(True, True, True, True), (False, False, False, False)]:
+        args = make_inputs(2, 3, 9, 4, "cpu", with_d=flags[0], with_z=flags[1], with_bias=flags[2],
+                           softplus=flags[3], seed=3)
+        errs = check_parity(args, flags[3], 1e-5, 1e-5)
+        print("interpreter", flags, errs)
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 3, 7, 2, "cpu", seed=4)
+    y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True, poison=True)
+    assert torch.isfinite(y).all() and torch.isfinite(states).all()
+    grads = sst._launch_backward(torch.randn_like(y), u, delta, A, B, C, D, z, bias, True, states,
+                                 poison=True)
+    assert all(torch.isfinite(g).all() for g in grads)
+    print("INTERPRETER OK")
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+FLAG_SETS = [
+    (True, True, True, True),
+    (False, False, False, False),
+    (True, False, True, False),
+    (False, True, False, True),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("flags", FLAG_SETS)
+@pytest.mark.parametrize("L", [1, 37, 216])
+def test_cuda_fp32_parity(flags, L):
+    args = make_inputs(2, 40, L, 16, "cuda", with_d=flags[0], with_z=flags[1], with_bias=flags[2],
+                       softplus=flags[3], seed=L)
+    check_parity(args, flags[3], 1e-5, 1e-4)
+
+
+@cuda_only
+def test_cuda_long_sequence():
+    args = make_inputs(1, 24, 1500, 16, "cuda", seed=11)
+    check_parity(args, True, 1e-5, 1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64])
+def test_cuda_state_sizes(n):
+    args = make_inputs(2, 33, 29, n, "cuda", seed=n)
+    check_parity(args, True, 1e-5, 1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_inputs(dtype):
+    # reference on the same (rounded) inputs: the error is the kernel's, not the rounding of inputs
+    args = make_inputs(2, 64, 216, 16, "cuda", dtype=dtype, seed=5)
+    check_parity(args, True, 1e-2, 1e-2)
+
+
+@cuda_only
+def test_cuda_autocast_bf16():
+    args = make_inputs(2, 48, 100, 16, "cuda", seed=6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = sst.selective_scan_triton(*args, delta_softplus=True)
+    assert y.dtype == torch.float32
+    y_ref = ref_loop(*[a.cpu() if a is not None else None for a in args], delta_softplus=True)
+    assert rel_err(y.cpu(), y_ref) < 1e-5
+    # bf16 activations with fp32 parameters, as autocast produces them
+    mixed = [a.to(torch.bfloat16) if i in (0, 1, 3, 4, 6) else a for i, a in enumerate(args)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        check_parity(mixed, True, 1e-2, 1e-2)
+
+
+@cuda_only
+def test_cuda_non_contiguous():
+    b, d, L, n = 2, 40, 50, 16
+    u, delta, A, B, C, D, z, bias = make_inputs(b, d, L, n, "cuda", seed=7)
+    # same values, transposed storage
+    nc = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, B, C, z)]
+    A_nc = A.t().contiguous().t()
+    assert not nc[0].is_contiguous() and not A_nc.is_contiguous()
+    check_parity([nc[0], nc[1], A_nc, nc[2], nc[3], D, nc[4], bias], True, 1e-5, 1e-4)
+
+
+@cuda_only
+def test_cuda_poison_every_output_written():
+    u, delta, A, B, C, D, z, bias = make_inputs(3, 70, 45, 16, "cuda", seed=8)
+    for store in (False, True):
+        y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=store, poison=True)
+        assert torch.isfinite(y).all()
+        if store:
+            assert torch.isfinite(states).all()
+    grads = sst._launch_backward(torch.randn_like(y), u, delta, A, B, C, D, z, bias, True, states, poison=True)
+    for name, g in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias"], grads):
+        assert torch.isfinite(g).all(), name
+
+
+@cuda_only
+@pytest.mark.parametrize("cfg", [sst.ScanConfig(4, 8, 4, 1), sst.ScanConfig(2, 16, 4, 1),
+                                 sst.ScanConfig(1, 8, 2, 1), sst.ScanConfig(4, 4, 4, 2)])
+def test_cuda_configs(cfg):
+    """Every tile shape the benchmark sweeps gives the same numbers."""
+    u, delta, A, B, C, D, z, bias = make_inputs(2, 100, 77, 16, "cuda", seed=9)
+    y_ref = ref_loop(u.cpu(), delta.cpu(), A.cpu(), B.cpu(), C.cpu(), D.cpu(), z.cpu(), bias.cpu(), True)
+    y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True, config=cfg,
+                                    poison=True)
+    assert rel_err(y.cpu(), y_ref) < 1e-5
+    y2, _ = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=False, config=cfg)
+    assert rel_err(y2.cpu(), y_ref) < 1e-5
+    dy = torch.randn_like(y)
+    g_cfg = sst._launch_backward(dy, u, delta, A, B, C, D, z, bias, True, states, config=cfg, poison=True)
+    _, states_d = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True)
+    g_def = sst._launch_backward(dy, u, delta, A, B, C, D, z, bias, True, states_d)
+    for a, b in zip(g_cfg, g_def):
+        assert rel_err(a, b) < 1e-5
+
+
+@cuda_only
+def test_cuda_deterministic():
+    args = [a.requires_grad_() if a is not None else None
+            for a in make_inputs(2, 64, 100, 16, "cuda", seed=10)]
+    outs = []
+    for _ in range(2):
+        for a in args:
+            if a is not None:
+                a.grad = None
+        y = sst.selective_scan_triton(*args, delta_softplus=True)
+        y.sum().backward()
+        outs.append([y.detach().clone()] + [a.grad.clone() for a in args if a is not None])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+if __name__ == "__main__" and "--interpreter-check" in sys.argv:
+    _interpreter_check()
