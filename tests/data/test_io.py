@@ -153,8 +153,10 @@ def test_plain_folders_and_pairs(tmp_path, dh):
     dh.write_nifti(tmp_path / "flat" / "ct2.nii", img, a)
     dh.write_nifti(tmp_path / "flat" / "patient7" / "image.nii.gz", img, a)
     dh.write_nifti(tmp_path / "flat" / "patient7" / "label.nii.gz", lab, a)
+    dh.write_nifti(tmp_path / "flat" / "lonely_seg.nii.gz", lab, a)
     cases = {c.case_id: c for c in discover_cases(tmp_path / "flat")}
-    assert set(cases) == {"ct1", "ct2", "patient7"}
+    assert set(cases) == {"ct1", "ct2", "patient7", "lonely_seg"}
+    assert "looks like a label map" in cases["lonely_seg"].error
     assert cases["ct1"].label_path.endswith("ct1_seg.nii.gz") and cases["ct2"].label_path is None
     assert cases["patient7"].label_path.endswith("patient7/label.nii.gz")
     dh.write_nifti(tmp_path / "pairs" / "images" / "x1.nii.gz", img, a)

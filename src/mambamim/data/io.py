@@ -509,6 +509,12 @@ def _generic(root: Path) -> DatasetSpec:
         for s in sorted(stems):
             if partners[s] is not None:
                 continue
+            low = s.lower()
+            if low in _LABEL_STEMS or low.endswith(_LABEL_SUFFIXES):
+                cases.append(CaseSpec(f"{prefix}_{s}" if rel.parts else s, [], niftis[s], None, str(root),
+                                      "looks like a label map (by its name) but no image of the same name is "
+                                      "next to it", niftis[s]))
+                continue
             kinds.add("nifti")
             cid = prefix if (s.lower() in _IMAGE_STEMS) else (f"{prefix}_{s}" if rel.parts else s)
             lbl = niftis[label_of[s]] if s in label_of else None

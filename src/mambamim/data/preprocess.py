@@ -355,13 +355,13 @@ def preprocess_label(label_path: str, meta: dict, declared: dict[str, str] | Non
             raise DataError(label_path, f"label values {extra[:10]} are not declared classes "
                                         f"(declared {min(allowed)}..{max(allowed)})")
     top = int(values.max()) if values.size else 0
-    dtype = np.uint8 if max(top, max((int(k) for k in declared), default=0) if declared else 0) <= 255 \
-        else np.uint16
     if top > np.iinfo(np.uint16).max:
         raise DataError(label_path, f"label value {top} exceeds 65535")
-    small = label.astype(np.uint16 if top > 255 else np.uint8)
+    declared_top = max((int(k) for k in declared), default=0) if declared else 0
+    dtype = np.uint8 if max(top, declared_top) <= 255 else np.uint16
+    small = label.astype(dtype)
     out = _forward_geometry(small, meta, order=0)
-    out = _crop_pad(out, meta).astype(dtype, copy=False)
+    out = _crop_pad(out, meta)
     meta["source"]["label"] = str(label_path)
     meta["label_values"] = [int(v) for v in values]
     return out
