@@ -21,7 +21,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +39,8 @@ __all__ = [
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
+    "numpy_state_to_dict",
+    "numpy_state_from_dict",
     "extract_encoder_state",
     "load_encoder_weights",
     "load_pretrained_encoder",
@@ -135,7 +136,7 @@ def load_checkpoint(
                 "it was not written by mambamim. Load it with trusted=True only if you trust its source."
             ) from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch.load raises many kinds (RuntimeError, EOFError, IndexError...) on bad bytes
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
@@ -145,21 +146,31 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------------------- RNG
 
 
+def numpy_state_to_dict(state: tuple) -> dict[str, Any]:
+    """A ``numpy.random.RandomState.get_state()`` tuple as a ``weights_only``-loadable dict."""
+    return {
+        "kind": str(state[0]),
+        "keys": torch.from_numpy(np.asarray(state[1], dtype=np.int64)),
+        "pos": int(state[2]),
+        "has_gauss": int(state[3]),
+        "cached_gaussian": float(state[4]),
+    }
+
+
+def numpy_state_from_dict(state: Mapping[str, Any]) -> tuple:
+    """Inverse of :func:`numpy_state_to_dict`."""
+    return (state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+            state["cached_gaussian"])
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot the Python, NumPy, torch CPU and (if present) CUDA random generators.
 
     Returns a dict that loads with ``weights_only=True`` (NumPy's key array is kept as a tensor).
     """
-    np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {
-            "kind": str(np_state[0]),
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
+        "numpy": numpy_state_to_dict(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -171,10 +182,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Restore generators captured by :func:`capture_rng_state` (CUDA only when both sides have it)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
-    )
+    np.random.set_state(numpy_state_from_dict(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():

@@ -104,6 +104,11 @@ class _Config:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
+        if self.batch_size % self.num_crops:
+            raise ValueError(
+                f"batch_size counts crops per step and must be a multiple of num_crops "
+                f"(crops per volume): got batch_size={self.batch_size}, num_crops={self.num_crops}"
+            )
         if self.crop < 16 or self.crop % 16:
             raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
         if not self.lr > 0:
@@ -132,6 +137,8 @@ class _Config:
 class PretrainConfig(_Config):
     """Every option of a MambaMIM pre-training run (paper section 4.2 defaults).
 
+    ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
+    volumes, ``num_crops`` random crops each.
     Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.
     ``save_every`` is in epochs (periodic ``checkpoints/epoch_NNNN.pt``); ``last.pt`` and
     ``encoder.pt`` are rewritten at every epoch end, every ``checkpoint_steps`` steps (0 = only at
@@ -195,8 +202,10 @@ class PretrainConfig(_Config):
 class FinetuneConfig(_Config):
     """Every option of a fine-tuning run (Swin UNETR recipe defaults).
 
-    Validation: ``val_cases`` (a text / JSON file of case ids), else the cache's ``validation``
-    list, else fold ``fold`` of ``num_folds`` (``fold=None`` with no list: no validation).
+    ``batch_size`` counts crops per optimiser step (per process), as in pre-training.
+    Validation cases: ``val_cases`` (a text file with one id a line, or a JSON list), else fold
+    ``fold`` of ``num_folds`` when ``fold`` is given, else the cache's ``validation`` list or cases
+    whose split is "val", else fold 0. ``fold=-1`` trains on every case without validation.
     ``checkpoint_steps`` (0 = ``val_every``) sets how often ``last.pt`` is rewritten.
     """
 
@@ -211,10 +220,10 @@ class FinetuneConfig(_Config):
     allow_partial: bool = False
     iterations: int = 50_000
     val_every: int = 500
-    fold: int | None = 0
+    fold: int | None = None
     num_folds: int = 5
     val_cases: str | None = None
-    batch_size: int = 2
+    batch_size: int = 8
     num_crops: int = 4
     crop: int = 96
     roi: int | None = None
@@ -246,8 +255,8 @@ class FinetuneConfig(_Config):
             raise ValueError(f"val_every must be >= 0 (0 disables validation), got {self.val_every}")
         if self.num_folds < 2:
             raise ValueError(f"num_folds must be >= 2, got {self.num_folds}")
-        if self.fold is not None and not 0 <= self.fold < self.num_folds:
-            raise ValueError(f"fold must be in [0, {self.num_folds}), got {self.fold}")
+        if self.fold is not None and not -1 <= self.fold < self.num_folds:
+            raise ValueError(f"fold must be in [0, {self.num_folds}) (or -1: no validation), got {self.fold}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.roi is not None and (self.roi < 16 or self.roi % 16):
@@ -261,11 +270,11 @@ class FinetuneConfig(_Config):
 
 
 def model_size_kwargs(size: str) -> dict[str, Any]:
-    """Keyword arguments that select a network size in ``create_model`` / ``create_pretrainer``:
-    the paper's reference configuration for "base", a named preset otherwise."""
+    """Keyword arguments that select a network size preset in ``create_model`` /
+    ``create_pretrainer`` ("base" is the paper's reference configuration)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    return {} if size == "base" else {"preset": size}
+    return {"size": size}
 
 
 # ------------------------------------------------------------------------------------- data

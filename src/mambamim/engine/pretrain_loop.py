@@ -38,7 +38,14 @@ from mambamim.engine.checkpoint import (
 )
 from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
 from mambamim.engine.logging_utils import MetricsWriter, RunLog
-from mambamim.engine.schedule import DataPosition, default_warmup_steps, open_epoch, warmup_cosine_scheduler
+from mambamim.engine.schedule import (
+    DataPosition,
+    capture_loader_rng,
+    default_warmup_steps,
+    open_epoch,
+    restore_loader_rng,
+    warmup_cosine_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +130,12 @@ class TrainLoop:
     last_checkpoint: Path | None = None
     last_checkpoint_step: int | None = None
     epoch_rng: dict[str, Any] | None = None
+    loader: Any = None
+
+    def capture_rng(self) -> dict[str, Any]:
+        """Global generators plus the loader's own random state."""
+        return {"global": capture_rng_state(),
+                "loader": capture_loader_rng(self.loader) if self.loader is not None else None}
 
     def autocast(self):
         return D.autocast_context(self.device, self.amp)
@@ -174,7 +187,7 @@ class TrainLoop:
 
     def state_dict(self, module_key: str) -> dict[str, Any]:
         """Training state to checkpoint (collective under DDP: every rank must call it)."""
-        rng = D.all_gather_objects({"now": capture_rng_state(), "epoch_start": self.epoch_rng})
+        rng = D.all_gather_objects({"now": self.capture_rng(), "epoch_start": self.epoch_rng})
         return {
             module_key: D.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -197,8 +210,7 @@ class TrainLoop:
         self.position = DataPosition.from_state(state.get("position"))
         return state.get("rng")
 
-    @staticmethod
-    def restore_rng(rng: list[Any] | None, which: str, rank: int, world_size: int) -> bool:
+    def restore_rng(self, rng: list[Any] | None, which: str, rank: int, world_size: int) -> bool:
         """Restore this rank's ``which`` ("now" or "epoch_start") generator state from a
         checkpoint's per-rank list; False when not possible (logged)."""
         if not rng:
@@ -213,7 +225,9 @@ class TrainLoop:
         state = rng[rank].get(which)
         if state is None:
             return False
-        restore_rng_state(state)
+        restore_rng_state(state["global"])
+        if self.loader is not None:
+            restore_loader_rng(self.loader, state.get("loader"))
         return True
 
     def batches(self, loader: Any, rng: list[Any] | None, rank: int, world_size: int) -> Iterator[Any]:
@@ -228,6 +242,7 @@ class TrainLoop:
         the loader's per-epoch seeding).
         """
         first = True
+        self.loader = loader
         n = len(loader)
         if n == 0:
             raise ValueError("the training loader yields no batch (too few cases for the batch size?)")
@@ -240,7 +255,7 @@ class TrainLoop:
                 else:
                     self.restore_rng(rng, "epoch_start", rank, world_size)
             if self.position.batch == 0 or not (first and rng):
-                self.epoch_rng = capture_rng_state()
+                self.epoch_rng = self.capture_rng()
             elif world_size == len(rng):
                 self.epoch_rng = rng[rank].get("epoch_start")
             iterator = open_epoch(loader, self.position.epoch, self.position.batch)
@@ -294,7 +309,7 @@ def _make_loader(cache: Path, config: Any, ctx: D.DistContext, labeled: bool, au
         case_ids,
         crop_size=(crop, crop, crop),
         num_crops=config.num_crops,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size // config.num_crops,
         labeled=labeled,
         augment=augment,
         num_workers=config.workers,
@@ -393,7 +408,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
         D.barrier()
         meta = read_cache_meta(cache)
-        loader = _make_loader(cache, config, ctx, labeled=False, augment=False, case_ids=config.cases)
+        loader = _make_loader(cache, config, ctx, labeled=False, augment=True, case_ids=config.cases)
         steps_per_epoch = len(loader)
         total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
         warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
@@ -435,7 +450,8 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
             state = loop.state_dict("pretrainer")  # collective
             if main:
                 state.update({"format": "mambamim-pretrain", "version": 1, "total_steps": total,
-                              "model": model_info, "config": config.to_dict()})
+                              "model": model_info, "config": config.to_dict(),
+                              "preprocessing": meta.get("preprocessing")})
                 save_checkpoint(last_path, state)
                 if periodic:
                     save_checkpoint(run / "checkpoints" / f"epoch_{loop.position.epoch:04d}.pt", state)

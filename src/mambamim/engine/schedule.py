@@ -3,14 +3,18 @@ data position (epoch + batch within epoch)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupCosine", "warmup_cosine_scheduler", "default_warmup_steps", "DataPosition", "open_epoch"]
+from mambamim.engine.checkpoint import numpy_state_from_dict, numpy_state_to_dict
+
+__all__ = ["WarmupCosine", "warmup_cosine_scheduler", "default_warmup_steps", "DataPosition", "open_epoch", "capture_loader_rng", "restore_loader_rng"]
 
 
 class WarmupCosine:
@@ -97,3 +101,55 @@ def open_epoch(loader: Any, epoch: int, skip: int = 0) -> Iterator[Any]:
         except StopIteration:
             break
     return iterator
+
+
+def _random_states(loader: Any) -> list[np.random.RandomState]:
+    """The NumPy RandomStates of the loader's dataset and transforms (MONAI ``Randomizable.R``),
+    in a fixed traversal order."""
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if obj is None or depth > 8 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+            return
+        r = getattr(obj, "R", None)
+        if isinstance(r, np.random.RandomState) and id(r) not in seen:
+            seen.add(id(r))
+            found.append(r)
+        for attr in ("dataset", "transform", "transforms"):
+            child = getattr(obj, attr, None)
+            if child is not None and not inspect.ismethod(child) and not inspect.isfunction(child):
+                walk(child, depth + 1)
+
+    walk(getattr(loader, "dataset", None), 0)
+    return found
+
+
+def capture_loader_rng(loader: Any) -> dict[str, Any]:
+    """Random state a loader keeps outside the global generators: its ``generator`` (worker seeds,
+    MONAI's seeding) and the RandomStates of its transforms (crop positions and augmentation when
+    ``num_workers=0``)."""
+    gen = getattr(loader, "generator", None)
+    return {
+        "generator": gen.get_state() if isinstance(gen, torch.Generator) else None,
+        "transforms": [numpy_state_to_dict(r.get_state()) for r in _random_states(loader)],
+    }
+
+
+def restore_loader_rng(loader: Any, state: dict[str, Any] | None) -> None:
+    """Inverse of :func:`capture_loader_rng` (skips parts that do not match this loader)."""
+    if not state:
+        return
+    gen = getattr(loader, "generator", None)
+    if state.get("generator") is not None and isinstance(gen, torch.Generator):
+        gen.set_state(state["generator"])
+    randoms = _random_states(loader)
+    saved = state.get("transforms") or []
+    if len(saved) == len(randoms):
+        for r, st in zip(randoms, saved):
+            r.set_state(numpy_state_from_dict(st))

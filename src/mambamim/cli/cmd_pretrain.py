@@ -1,0 +1,102 @@
+"""``mambamim pretrain``: MambaMIM masked-image-modeling pre-training (thin over
+:func:`mambamim.engine.pretrain_loop.pretrain`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_default: int, wd_default: float) -> None:
+    """Options shared by ``pretrain`` and ``finetune``."""
+    parser.add_argument("--data", help="a prepared cache folder (or its dataset.json), a Decathlon dataset.json, "
+                                       "or a folder of NIfTI / DICOM (prepared into RUN/cache)")
+    parser.add_argument("--out", help="run folder (created)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped "
+                                                        "(its saved options are used; --device/--workers/--stop-after may change)")
+    parser.add_argument("--model", default="hymamba", choices=["hymamba", "vim_unetr", "mednext_cnn"],
+                        help="network (default hymamba)")
+    parser.add_argument("--size", default="base", choices=["tiny", "small", "base"],
+                        help="network size: base = the paper's configuration, tiny for tests and CPU demos")
+    parser.add_argument("--scan", default="raster", choices=["raster", "zigzag", "hilbert", "shuffle"],
+                        help="Mamba scan order (default raster)")
+    parser.add_argument("--batch-size", type=int, default=batch_default,
+                        help=f"crops per step and process, a multiple of --num-crops (default {batch_default})")
+    parser.add_argument("--num-crops", type=int, default=4, help="random crops per volume (default 4)")
+    parser.add_argument("--crop", type=int, default=96, help="crop side in voxels, a multiple of 16 (default 96)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=float, default=wd_default, help=f"AdamW weight decay (default {wd_default})")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the run)")
+    parser.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm, 0 disables (default 1.0)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                        help="mixed precision: auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default 4)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics rows (default 10)")
+    parser.add_argument("--checkpoint-steps", type=int, default=0, help="also rewrite last.pt every N steps")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="end this session after N steps with a checkpoint (resume later); the schedule is unchanged")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def common_values(args: argparse.Namespace) -> dict:
+    return dict(
+        data=args.data or "", out=args.out or "", model=args.model, size=args.size, scan=args.scan,
+        batch_size=args.batch_size, num_crops=args.num_crops, crop=args.crop, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
+        amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, log_every=args.log_every,
+        checkpoint_steps=args.checkpoint_steps, stop_after=args.stop_after, progress=not args.no_progress,
+        resume=args.resume,
+    )
+
+
+def check_paths(args: argparse.Namespace, command: str) -> str | None:
+    if args.resume:
+        return None
+    if not args.data or not args.out:
+        return f"mambamim {command}: --data and --out are required (or --resume RUN)"
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_training_arguments(parser, batch_default=8, wd_default=0.05)
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of bottleneck tokens masked (default 0.75)")
+    parser.add_argument("--token", default="toki", choices=["toki", "learnable"],
+                        help="how masked Mamba tokens are filled: TOKI or one learnable token")
+    parser.add_argument("--no-skip", action="store_true", help="decoder without skip connections (ablation)")
+    parser.add_argument("--no-bottom-up", action="store_true", help="mask the Mamba stage only, CNN dense (ablation)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 100)")
+    length.add_argument("--steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
+    parser.add_argument("--save-every", type=int, default=10, help="keep a checkpoint every N epochs (default 10, 0: none)")
+    parser.add_argument("--vis-every", type=int, default=5, help="reconstruction PNG every N epochs (default 5, 0: none)")
+    parser.add_argument("--cases", nargs="+", default=None, help="train on these cache case ids only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mambamim.engine.checkpoint import CheckpointError
+    from mambamim.engine.config import PretrainConfig
+    from mambamim.engine.pretrain_loop import NonFiniteLossError, pretrain
+
+    problem = check_paths(args, "pretrain")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    try:
+        config = PretrainConfig(
+            **common_values(args), mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
+            bottom_up=not args.no_bottom_up, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
+            steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
+        )
+        if not args.resume:
+            config.validate()
+        run_dir = pretrain(config)
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:
+        print(f"mambamim pretrain: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mambamim pretrain: interrupted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"pre-training run: {run_dir}\nencoder for fine-tuning: {run_dir / 'encoder.pt'}")
+    return 0
