@@ -1,0 +1,242 @@
+"""Loaders over the preprocessed cache: crops, centre statistics, sharding, eval volumes, folds."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mambamim.data.loaders import (CacheCropSampled, build_eval_dataset, build_train_dataset, build_train_loader,
+                                   infinite_batches, list_case_ids, shard_indices, split_cases)
+
+
+def write_cache(root, cases):
+    """cases: list of (id, image (C,X,Y,Z) float32, label (X,Y,Z) uint8 or None). Writes the fixed cache layout."""
+    entries = []
+    for cid, image, label in cases:
+        d = os.path.join(root, "cases", cid)
+        os.makedirs(d, exist_ok=True)
+        np.save(os.path.join(d, "image.npy"), image.astype(np.float32))
+        if label is not None:
+            np.save(os.path.join(d, "label.npy"), label.astype(np.uint8))
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump({"id": cid}, f)
+        entries.append({"id": cid, "image": f"cases/{cid}/image.npy",
+                        "label": f"cases/{cid}/label.npy" if label is not None else None,
+                        "meta": f"cases/{cid}/meta.json", "shape": list(image.shape)})
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump({"format": "mambamim-cache", "version": 1, "preprocessing": {}, "labels": {"0": "background"},
+                   "cases": entries}, f)
+    return str(root)
+
+
+def coded_case(shape, seed=0):
+    """Image whose value encodes the voxel position (so crops can be located); label from a cube."""
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    code = (x * shape[1] * shape[2] + y * shape[2] + z).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    c = [s // 2 for s in shape]
+    label[c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 1 + seed % 3
+    return code[None] + 1.0, label
+
+
+@pytest.fixture(scope="module")
+def coded_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coded")
+    cases = []
+    for i, shape in enumerate([(40, 36, 34), (36, 40, 38), (19, 40, 44)]):  # the last is shorter than the crop in x (odd padding)
+        img, lab = coded_case(shape, i)
+        cases.append((f"c{i}", img, lab))
+    return write_cache(root, cases), {cid: (img, lab) for cid, img, lab in cases}
+
+
+def locate(crop, img):
+    """(x0, y0, z0) of a crop inside the coded image, checking the crop is an exact sub-block."""
+    shape = img.shape[1:]
+    vals = crop[0]
+    inside = vals > 0
+    first = vals[inside].min() - 1.0
+    x0, rem = divmod(int(first), shape[1] * shape[2])
+    y0, z0 = divmod(rem, shape[2])
+    return x0, y0, z0
+
+
+def test_crops_shape_count_and_content(coded_cache):
+    root, data = coded_cache
+    loader = build_train_loader(root, crop_size=32, num_crops=3, batch_size=2, augment=False, num_workers=0, seed=1)
+    batches = list(loader)
+    assert [b["image"].shape[0] for b in batches] == [6, 3]  # 3 volumes, 2 per batch, 3 crops each
+    for b in batches:
+        assert b["image"].dtype == torch.float32 and b["label"].dtype == torch.int64
+        assert tuple(b["image"].shape[1:]) == (1, 32, 32, 32) and tuple(b["label"].shape[1:]) == (1, 32, 32, 32)
+        assert type(b["image"]) is torch.Tensor
+    # every crop is an exact block of its source (with symmetric zero padding where the source is short)
+    ds = build_train_dataset(root, crop_size=32, num_crops=3, augment=False)
+    ds.transform.set_random_state(0)
+    for i, cid in enumerate(list_case_ids(root)):
+        img, lab = data[cid]
+        for crop in ds[i]:
+            c = crop["image"].numpy()
+            x0, y0, z0 = locate(c, img)
+            padx = (32 - img.shape[1]) // 2 if img.shape[1] < 32 else 0  # MONAI SpatialPad: floor half before
+            nx = min(32, img.shape[1])
+            src = img[0, x0:x0 + nx, y0:y0 + 32, z0:z0 + 32]
+            np.testing.assert_array_equal(c[0, padx:padx + nx], src)
+            np.testing.assert_array_equal(crop["label"].numpy()[0, padx:padx + nx], lab[x0:x0 + nx, y0:y0 + 32, z0:z0 + 32])
+            if padx:
+                assert np.all(c[0, :padx] == 0) and np.all(c[0, padx + nx:] == 0)
+
+
+def test_pos_neg_centre_ratio_and_image_threshold(tmp_path):
+    shape = (64, 64, 64)
+    label = np.zeros(shape, np.uint8)
+    label[28:38, 26:36, 30:40] = 2
+    image = np.full(shape, 0.4, np.float32)
+    image[40:] = 0.0  # background centres must avoid image <= image_threshold (0)
+    image[label > 0] = 0.8
+    root = write_cache(tmp_path, [("a", image[None], label)])
+    s = CacheCropSampled(crop_size=16, num_crops=400, labeled=True)
+    s.set_random_state(123)
+    crops = s({"id": "a", "image": os.path.join(root, "cases/a/image.npy"),
+               "label": os.path.join(root, "cases/a/label.npy")})
+    assert len(crops) == 400
+    centre_lab = np.array([c["label"][0, 8, 8, 8] for c in crops])
+    centre_img = np.array([c["image"][0, 8, 8, 8] for c in crops])
+    frac = float((centre_lab > 0).mean())
+    assert 0.4 < frac < 0.6, frac  # pos:neg 1:1, binomial sd 0.025
+    assert np.all(centre_img > 0), "a background centre fell where image <= image_threshold"
+    # pos=3, neg=1 shifts the ratio to 3/4
+    s3 = CacheCropSampled(crop_size=16, num_crops=400, labeled=True, pos=3, neg=1)
+    s3.set_random_state(7)
+    crops = s3({"id": "a", "image": os.path.join(root, "cases/a/image.npy"),
+                "label": os.path.join(root, "cases/a/label.npy")})
+    frac3 = float(np.mean([c["label"][0, 8, 8, 8] > 0 for c in crops]))
+    assert 0.65 < frac3 < 0.85, frac3
+
+
+def test_unlabeled_foreground_bias(tmp_path):
+    shape = (48, 48, 48)
+    image = np.zeros(shape, np.float32)
+    image[10:22, 12:24, 20:30] = 0.5  # 1440 of 110592 voxels above the threshold
+    root = write_cache(tmp_path, [("u", image[None], None)])
+    s = CacheCropSampled(crop_size=8, num_crops=400, labeled=False, fg_fraction=0.75)
+    s.set_random_state(5)
+    crops = s({"id": "u", "image": os.path.join(root, "cases/u/image.npy"), "label": None})
+    assert all(set(c) == {"image"} for c in crops)
+    frac = float(np.mean([c["image"][0, 4, 4, 4] > 0.05 for c in crops]))
+    assert 0.65 < frac < 0.86, frac  # 0.75 + 0.25 * 0.013
+
+
+def test_unlabeled_loader_and_label_mode_checks(tmp_path):
+    img, lab = coded_case((24, 24, 24))
+    root = write_cache(tmp_path, [("l", img, lab), ("u", img, None)])
+    with pytest.raises(ValueError, match="labeled=False"):
+        build_train_loader(root, num_workers=0)
+    with pytest.raises(ValueError, match="no label"):
+        build_train_loader(root, labeled=True, num_workers=0)
+    with pytest.raises(ValueError, match="unknown case"):
+        build_train_loader(root, ["nope"], num_workers=0)
+    loader = build_train_loader(root, crop_size=16, num_crops=2, batch_size=2, labeled=False, num_workers=0)
+    b = next(iter(loader))
+    assert set(b) == {"image"} and tuple(b["image"].shape) == (4, 1, 16, 16, 16)
+    assert next(iter(build_train_loader(root, ["l"], crop_size=16, num_workers=0)))["label"].shape[0] == 4
+
+
+def test_swin_augmentations_keep_image_and_label_aligned(tmp_path):
+    rng = np.random.default_rng(0)
+    lab = (rng.random((24, 24, 24)) < 0.3).astype(np.uint8)
+    lab[8:16, 8:16, 8:16] = 1
+    image = (0.5 + 0.4 * (lab > 0)).astype(np.float32)[None]
+    root = write_cache(tmp_path, [("a", image, lab)])
+    ds = build_train_dataset(root, crop_size=(16, 16, 16), num_crops=50, augment=True)
+    ds.transform.set_random_state(3)
+    n_changed = 0
+    ref = None
+    for _ in range(4):
+        for crop in ds[0]:
+            im, lb = crop["image"].numpy()[0], crop["label"].numpy()[0]
+            np.testing.assert_array_equal(im > 0.68, lb > 0)  # scale 0.9-1.1 and shift +-0.1 keep the classes apart
+            vals = np.unique(np.round(im, 4))
+            n_changed += int(not set(vals.tolist()) <= {0.5, 0.9})
+            ref = crop
+    assert n_changed > 0, "intensity augmentation never applied"
+    assert ref["image"].dtype == torch.float32 and ref["label"].dtype == torch.int64
+
+
+def test_reproducible_under_seed(coded_cache):
+    root, _ = coded_cache
+
+    def first(seed, workers=0):
+        loader = build_train_loader(root, crop_size=16, num_crops=2, batch_size=1, num_workers=workers, seed=seed)
+        it = infinite_batches(loader)
+        return [next(it)["image"] for _ in range(4)]  # crosses an epoch boundary (3 volumes)
+
+    a, b, c = first(0), first(0), first(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    w1, w2 = first(0, workers=2), first(0, workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(w1, w2))
+
+
+def test_ddp_shards_disjoint_and_covering(tmp_path):
+    img, lab = coded_case((8, 8, 8))
+    root = write_cache(tmp_path, [(f"c{i}", img, lab) for i in range(7)])
+    for world in (2, 3):
+        shards = [list(build_train_loader(root, crop_size=8, num_crops=1, num_workers=0, seed=4,
+                                          distributed=(r, world)).sampler) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # equal steps on every rank
+        flat = [i for s in shards for i in s]
+        assert set(flat) == set(range(7))
+        assert len(flat) - len(set(flat)) == (-7) % world  # only the padding repeats
+    even = [list(build_train_loader(root, ["c0", "c1", "c2", "c3", "c4", "c5"], crop_size=8, num_workers=0,
+                                    distributed=(r, 3)).sampler) for r in range(3)]
+    flat = [i for s in even for i in s]
+    assert sorted(flat) == list(range(6))
+    # set_epoch reshuffles, deterministically
+    sampler = build_train_loader(root, crop_size=8, num_workers=0, distributed=(0, 1)).sampler
+    e0 = list(sampler)
+    sampler.set_epoch(1)
+    e1 = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == e0 and e1 != e0 and sorted(e1) == list(range(7))
+    parts = [shard_indices(7, (r, 3)) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(7))
+    with pytest.raises(ValueError):
+        shard_indices(7, (3, 3))
+
+
+def test_eval_dataset_whole_volumes(coded_cache, tmp_path):
+    root, data = coded_cache
+    ds = build_eval_dataset(root, ["c2", "c0"])
+    assert len(ds) == 2
+    item = ds[0]
+    assert item["case_id"] == "c2" and item["meta_path"].endswith("cases/c2/meta.json")
+    img, lab = data["c2"]
+    assert item["image"].dtype == torch.float32 and tuple(item["image"].shape) == img.shape
+    np.testing.assert_array_equal(item["image"].numpy(), img)
+    assert item["label"].dtype == torch.int64 and tuple(item["label"].shape) == (1,) + lab.shape
+    np.testing.assert_array_equal(item["label"].numpy()[0], lab)
+    root2 = write_cache(tmp_path, [("u", img, None)])
+    assert "label" not in build_eval_dataset(root2)[0]
+
+
+def test_split_cases_five_fold():
+    ids = [f"case{i:02d}" for i in range(23)]
+    vals = []
+    for fold in range(5):
+        train, val = split_cases(ids, fold)
+        assert set(train).isdisjoint(val) and set(train) | set(val) == set(ids)
+        assert len(val) in (4, 5)
+        assert (train, val) == split_cases(list(reversed(ids)), fold)  # order-invariant, deterministic
+        vals += val
+    assert sorted(vals) == ids  # the folds partition the set
+    assert split_cases(ids, 0, seed=1) != split_cases(ids, 0, seed=0)
+    assert split_cases(ids, None) == (sorted(ids), [])
+    for bad in (dict(fold=5), dict(fold=-1), dict(fold=0, num_folds=1)):
+        with pytest.raises(ValueError):
+            split_cases(ids, **bad)
+    with pytest.raises(ValueError):
+        split_cases(ids[:3], 0)
