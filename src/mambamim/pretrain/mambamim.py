@@ -1,0 +1,235 @@
+"""MambaMIM pre-training model (paper section 3, SPEC section 2).
+
+One class pre-trains any of the three encoders:
+
+- ``hymamba``: sparse MedNeXt CNN stages under bottom-up masks, the Mamba stage on visible tokens
+  only, TOKI refills the masked bottleneck tokens, CNN scales are filled with one learnable token
+  each, and a hierarchical light decoder with skips reconstructs the input.
+- ``vim_unetr``: the Vision-Mamba encoder on visible patches, TOKI on its output sequence, the light
+  decoder from 1/16 (no CNN skips exist).
+- ``mednext_cnn``: HyMamba's CNN stages without Mamba (SparK as a special case): every scale,
+  the bottleneck included, is filled with a learnable token (``token="toki"`` runs TOKI over the
+  serialized bottleneck instead).
+
+``forward(x, mask=None)`` returns ``{"loss", "reconstruction", "mask", "features"}``; ``reconstruction``
+is in per-16^3-patch normalised units (what the loss compares), so it never depends on masked voxels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mambamim.masking import num_visible, random_bottleneck_mask
+from mambamim.models import model_config
+from mambamim.models.hymamba import HyMambaEncoder, stage_masks_from_bottleneck
+from mambamim.models.vim_unetr import VimEncoder
+from mambamim.ops.toki import TOKI, LearnableMaskToken
+from mambamim.layers.scan_order import ScanOrder
+from mambamim.pretrain.loss import masked_patch_mse
+
+__all__ = ["MambaMIM", "LightDecoder", "PRETRAINABLE"]
+
+PRETRAINABLE = ("hymamba", "vim_unetr", "mednext_cnn")
+TOKENS = ("toki", "learnable")
+
+_HYMAMBA_ENCODER_KEYS = (
+    "in_channels", "stem_channels", "widths", "depths", "expansions", "mamba_depth", "mlp_ratio", "scan", "norm",
+    "bidirectional", "d_state",
+)  # fmt: skip
+_VIM_ENCODER_KEYS = ("in_channels", "dim", "depth", "mlp_ratio", "scan", "bidirectional", "d_state")
+
+
+def _conv_norm_relu(cin: int, cout: int, norm: str) -> list[nn.Module]:
+    norm_layer = nn.BatchNorm3d(cout) if norm == "batch" else nn.InstanceNorm3d(cout, affine=True)
+    return [nn.Conv3d(cin, cout, 3, padding=1, bias=False), norm_layer, nn.ReLU(inplace=True)]
+
+
+class LightDecoder(nn.Module):
+    """SparK-style hierarchical light decoder.
+
+    A projection per scale (1x1x1 at the bottleneck, 3x3x3 elsewhere) to the decoder width of that
+    level; from the bottleneck upward, up blocks (2x transposed conv, then two conv-norm-ReLU) and, where
+    a skip is given, fusion blocks (concat the projected skip, two conv-norm-ReLU); a 1x1x1 conv to the
+    output channels at full resolution.
+
+    Args:
+        bottleneck_channels: channels at 1/16.
+        skip_channels: channels of the skips at 1/8, 1/4, 1/2, 1/1 (coarse to fine), or None for no skips.
+        out_channels: reconstruction channels (the input's).
+        width: decoder width at 1/16, halved at every level.
+        num_ups: number of 2x up blocks (4 from 1/16).
+        norm: ``batch`` or ``instance``.
+    """
+
+    def __init__(
+        self, bottleneck_channels: int, skip_channels: Sequence[int] | None, out_channels: int, width: int = 768,
+        num_ups: int = 4, norm: str = "batch",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if norm not in ("batch", "instance"):
+            raise ValueError(f"decoder norm must be 'batch' or 'instance', got {norm!r}")
+        if width < 2**num_ups:
+            raise ValueError(f"decoder width {width} is too small to halve {num_ups} times")
+        if skip_channels is not None and len(skip_channels) != num_ups:
+            raise ValueError(f"need {num_ups} skip widths (coarse to fine), got {tuple(skip_channels)}")
+        widths = [width // 2**i for i in range(num_ups + 1)]
+        self.proj_bottleneck = nn.Conv3d(bottleneck_channels, widths[0], 1)
+        self.ups = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        self.proj_skips = nn.ModuleList()
+        for i in range(num_ups):
+            cin, cout = widths[i], widths[i + 1]
+            self.ups.append(
+                nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), *_conv_norm_relu(cout, cout, norm),
+                              *_conv_norm_relu(cout, cout, norm))
+            )  # fmt: skip
+            if skip_channels is not None:
+                self.proj_skips.append(nn.Conv3d(skip_channels[i], cout, 3, padding=1))
+                self.fuse.append(nn.Sequential(*_conv_norm_relu(2 * cout, cout, norm), *_conv_norm_relu(cout, cout, norm)))
+        self.head = nn.Conv3d(widths[-1], out_channels, 1)
+        self.use_skips = skip_channels is not None
+
+    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """bottleneck (B, Cb, d, h, w); skips coarse to fine, each at twice the previous resolution."""
+        h = self.proj_bottleneck(bottleneck)
+        for i, up in enumerate(self.ups):
+            h = up(h)
+            if self.use_skips:
+                h = self.fuse[i](torch.cat([h, self.proj_skips[i](skips[i])], dim=1))
+        return self.head(h)
+
+
+class MambaMIM(nn.Module):
+    """Masked image modeling pre-trainer.
+
+    Args:
+        name: encoder (``hymamba``, ``vim_unetr``, ``mednext_cnn``).
+        mask_ratio: fraction of bottleneck tokens masked (0.75).
+        token: ``toki`` (state-space token interpolation) or ``learnable`` (one learnable vector).
+        skip: use CNN skips in the decoder (HyMamba / CNN only).
+        bottom_up: sparse CNN under the upsampled masks (True) or dense CNN on the unmasked input with
+            only the Mamba stage dropping tokens (False; HyMamba only).
+        scan: scan order of the Mamba stage / of TOKI.
+        size: encoder preset (``base``, ``small``, ``tiny``) as in :func:`mambamim.models.create_model`.
+        decoder_width: light decoder width at 1/16 (768), halved per level.
+        decoder_norm: ``batch`` or ``instance``.
+        patch_size: loss patch size (16: the bottleneck cell).
+        **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
+
+    Shapes: forward(x (B, C, D, H, W), mask (B, D/16, H/16, W/16) bool or None) -> dict with
+    ``loss`` (scalar), ``reconstruction`` (B, C, D, H, W) in per-patch normalised units, ``mask``
+    (bool, True = visible) and ``features`` (the bottleneck grid after filling).
+    """
+
+    def __init__(
+        self,
+        name: str = "hymamba",
+        mask_ratio: float = 0.75,
+        token: str | None = None,
+        skip: bool = True,
+        bottom_up: bool = True,
+        scan: str = "raster",
+        size: str = "base",
+        decoder_width: int = 768,
+        decoder_norm: str = "batch",
+        patch_size: int = 16,
+        **encoder_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if name not in PRETRAINABLE:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {PRETRAINABLE}")
+        if token is None:
+            token = "learnable" if name == "mednext_cnn" else "toki"
+        if token not in TOKENS:
+            raise ValueError(f"token must be one of {TOKENS}, got {token!r}")
+        num_visible(1000, mask_ratio)  # validates the ratio
+        if name == "mednext_cnn" and not bottom_up:
+            raise ValueError("a pure CNN has no Mamba stage to mask: bottom_up=False needs hymamba")
+        self.name = name
+        self.mask_ratio = float(mask_ratio)
+        self.token = token
+        self.bottom_up = bool(bottom_up)
+        self.patch_size = patch_size
+        cfg = model_config(name, size, scan=scan, **encoder_kwargs)
+        if name == "vim_unetr":
+            self.encoder: nn.Module = VimEncoder(**{k: v for k, v in cfg.items() if k in _VIM_ENCODER_KEYS})
+            self.skip = False
+            skip_channels = None
+            self.mask_tokens = nn.ParameterList()
+        else:
+            enc_cfg = {k: v for k, v in cfg.items() if k in _HYMAMBA_ENCODER_KEYS}
+            if name == "mednext_cnn":
+                enc_cfg["mamba_depth"] = 0
+            self.encoder = HyMambaEncoder(**enc_cfg)
+            self.skip = bool(skip)
+            widths = self.encoder.widths
+            skip_channels = list(widths[::-1]) if self.skip else None
+            # One learnable token per CNN scale (full, 1/2, 1/4, 1/8).
+            self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in widths)
+            for t in self.mask_tokens:
+                nn.init.trunc_normal_(t, std=0.02)
+        self.in_channels = self.encoder.in_channels
+        dim = self.encoder.out_channels
+        self.fill = TOKI(dim) if token == "toki" else LearnableMaskToken(dim)
+        # Only used where the bottleneck is not already a sequence (pure CNN).
+        self.scan = ScanOrder(scan)
+        self.decoder = LightDecoder(dim, skip_channels, self.in_channels, decoder_width, 4, decoder_norm)
+        self.config = dict(
+            name=name, mask_ratio=mask_ratio, token=token, skip=self.skip, bottom_up=bottom_up, scan=scan, size=size,
+            decoder_width=decoder_width, decoder_norm=decoder_norm, patch_size=patch_size, **encoder_kwargs,
+        )  # fmt: skip
+
+    def random_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        grid = tuple(s // self.patch_size for s in x.shape[2:])
+        return random_bottleneck_mask(x.shape[0], grid, self.mask_ratio, generator=generator, device=x.device)
+
+    def _check(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if any(s % self.patch_size for s in x.shape[2:]):
+            raise ValueError(f"spatial sides must be multiples of {self.patch_size}, got {tuple(x.shape[2:])}")
+        grid = (x.shape[0], *(s // self.patch_size for s in x.shape[2:]))
+        if mask.dtype != torch.bool or tuple(mask.shape) != grid:
+            raise ValueError(f"mask must be bool {grid} (True = visible), got {mask.dtype} {tuple(mask.shape)}")
+
+    def _fill_sequence(self, tokens: torch.Tensor, visible_seq: torch.Tensor, perm: torch.Tensor, grid) -> torch.Tensor:
+        filled = self.fill(tokens, visible_seq)
+        return ScanOrder.deserialize(filled, perm, grid)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sparse encoding. Returns (CNN skips fine to coarse, possibly empty; filled bottleneck grid)."""
+        grid = tuple(mask.shape[1:])
+        if isinstance(self.encoder, VimEncoder):
+            out = self.encoder(x, mask)
+            return [], self._fill_sequence(out.tokens, out.visible, out.perm, grid)
+        enc: HyMambaEncoder = self.encoder
+        enc.check_input(x)
+        masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+        if self.bottom_up:
+            feats = enc.forward_cnn(x * masks[0], masks)
+        else:
+            feats = enc.forward_cnn(x, None)
+        skips = [
+            torch.where(m.bool(), f, t.to(f.dtype).view(1, -1, 1, 1, 1))
+            for f, m, t in zip(feats[:4], masks[:4], self.mask_tokens)
+        ]
+        if enc.mamba is not None:
+            out = enc.mamba(feats[4], mask)
+            bottleneck = self._fill_sequence(out.tokens, out.visible, out.perm, grid)
+        else:
+            perm = self.scan.permutation(grid, x.device)
+            seq = ScanOrder.serialize(feats[4], perm)
+            bottleneck = self._fill_sequence(seq, mask.flatten(1)[:, perm], perm, grid)
+        return skips, bottleneck
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if mask is None:
+            mask = self.random_mask(x)
+        self._check(x, mask)
+        skips, bottleneck = self.encode(x, mask)
+        rec = self.decoder(bottleneck, skips[::-1] if self.skip else ())
+        loss = masked_patch_mse(rec, x, mask, self.patch_size)
+        return {"loss": loss, "reconstruction": rec, "mask": mask, "features": bottleneck}
