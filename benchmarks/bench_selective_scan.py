@@ -172,8 +172,10 @@ def sweep(lengths: List[int]) -> List[str]:
         dy = torch.randn_like(u)
         for cfg in BWD_SWEEP:
             try:
-                _, states = sst._launch_forward(u, delta, A, Bm, Cm, D, z, bias, True, True, config=cfg)
-                ts = bench(lambda: sst._launch_forward(u, delta, A, Bm, Cm, D, z, bias, True, True, config=cfg), rep=100)
+                fw = lambda: sst._launch_forward(u, delta, A, Bm, Cm, D, z, bias, True, True,  # noqa: E731
+                                                 save_t=cfg.block_t)
+                _, states = fw()
+                ts = bench(fw, rep=100)
                 t = bench(lambda: sst._launch_backward(dy, u, delta, A, Bm, Cm, D, z, bias, True, states, config=cfg), rep=100)
             except Exception as e:
                 print(f"bwd {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -144,8 +144,10 @@ def _interpreter_check() -> None:
         errs = check_parity(args, flags[3], 1e-5, 1e-5)
         print("interpreter", flags, errs)
     u, delta, A, B, C, D, z, bias = make_inputs(1, 3, 7, 2, "cpu", seed=4)
-    y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True, poison=True)
-    assert torch.isfinite(y).all() and torch.isfinite(states).all()
+    for cfg in (None, sst.ScanConfig(4, 4, 2)):
+        y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True,
+                                        config=cfg, poison=True)
+        assert torch.isfinite(y).all() and torch.isfinite(states).all()
     grads = sst._launch_backward(torch.randn_like(y), u, delta, A, B, C, D, z, bias, True, states,
                                  poison=True)
     assert all(torch.isfinite(g).all() for g in grads)
@@ -221,8 +223,10 @@ def test_cuda_non_contiguous():
 @cuda_only
 def test_cuda_poison_every_output_written():
     u, delta, A, B, C, D, z, bias = make_inputs(3, 70, 45, 16, "cuda", seed=8)
-    for store in (False, True):
-        y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=store, poison=True)
+    for store, cfg in ((False, None), (True, None), (True, sst.ScanConfig(4, 4, 2))):
+        # save_t < block_t (masked stores) and save_t == block_t (stores at chunk starts)
+        y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=store,
+                                        config=cfg, poison=True)
         assert torch.isfinite(y).all()
         if store:
             assert torch.isfinite(states).all()
@@ -239,7 +243,7 @@ def test_cuda_configs(cfg):
     u, delta, A, B, C, D, z, bias = make_inputs(2, 100, 77, 16, "cuda", seed=9)
     y_ref = ref_loop(u.cpu(), delta.cpu(), A.cpu(), B.cpu(), C.cpu(), D.cpu(), z.cpu(), bias.cpu(), True)
     y, states = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=True, config=cfg,
-                                    poison=True)
+                                    poison=True, save_t=cfg.block_t)
     assert rel_err(y.cpu(), y_ref) < 1e-5
     y2, _ = sst._launch_forward(u, delta, A, B, C, D, z, bias, True, store_states=False, config=cfg)
     assert rel_err(y2.cpu(), y_ref) < 1e-5

@@ -88,12 +88,13 @@ if _HAS_TRITON:
     @triton.jit
     def _ss_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
-        dim, L, n_chunks,
+        dim, L, n_chunks, n_states,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+        SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
+        # STORE_STATES: states[b, k] = state before step k * SAVE_T, k < n_states (BLOCK_T % SAVE_T == 0)
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -113,6 +114,9 @@ if _HAS_TRITON:
 
         row = pid_b * dim * L + offs_d.to(tl.int64) * L  # (BLOCK_D,)
         bc_base = pid_b * N * L
+        if STORE_STATES and SAVE_T != BLOCK_T:
+            z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
+            tl.store(states_ptr + z_off, tl.zeros((NG, BLOCK_D, NL), tl.float32), mask=d_mask[None, :, None])
         # built as a reduction of a 4-D tile so that the loop carries it in the tile's layout
         h = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
         for c in range(0, n_chunks):
@@ -132,8 +136,8 @@ if _HAS_TRITON:
             if SOFTPLUS:
                 dt = _softplus(dt)
             dt = tl.where(m2, dt, 0.0)  # padded steps: exp(0) = 1 and no input, the state carries
-            if STORE_STATES:
-                st_off = ((pid_b * n_chunks + c) * dim + offs_d[None, :, None]) * N + n3
+            if STORE_STATES and SAVE_T == BLOCK_T:
+                st_off = ((pid_b * n_states + c) * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + st_off, h, mask=d_mask[None, :, None])
 
             dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])  # (T, NG, BD, NL)
@@ -146,6 +150,13 @@ if _HAS_TRITON:
             if HAS_Z:
                 y = y * (zz * tl.sigmoid(zz))
             tl.store(y_ptr + off2, y.to(y_ptr.dtype.element_ty), mask=m2)
+            if STORE_STATES and SAVE_T != BLOCK_T:
+                # the state after step t starts saved chunk (t + 1) / SAVE_T
+                ts = t4 + (c * BLOCK_T + 1)
+                k = ts // SAVE_T
+                s_mask = ((ts % SAVE_T) == 0) & (k < n_states) & d_mask[None, None, :, None]
+                s_off = ((pid_b * n_states + k) * dim + offs_d[None, None, :, None]) * N + n3[None, :, :, :]
+                tl.store(states_ptr + s_off, hs, mask=s_mask)
             h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
 
     @triton.jit
@@ -315,24 +326,28 @@ def _launch_forward(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     delta_softplus: bool, store_states: bool,
-    config: Optional[ScanConfig] = None, poison: bool = False,
+    config: Optional[ScanConfig] = None, poison: bool = False, save_t: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the forward kernel on contiguous inputs.
 
-    Returns y (batch, dim, length) in u's dtype, and when ``store_states`` the fp32 states at each
-    chunk start, (batch, n_chunks, dim, state). ``config`` defaults to the backward's tile when
-    states are stored (their chunking must match) and to the forward's otherwise; ``poison`` fills
-    the outputs with NaN first (tests).
+    Returns y (batch, dim, length) in u's dtype, and when ``store_states`` the fp32 state before
+    every ``save_t`` steps (the backward's chunk, default its config's block_t),
+    (batch, cdiv(length, save_t), dim, state). ``poison`` fills the outputs with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    if config is None:
-        config = _BWD_CONFIG if store_states else _FWD_CONFIG
-    ng, nl, bd, bt, nw = _resolve(config, n, dim)
+    ng, nl, bd, bt, nw = _resolve(config or _FWD_CONFIG, n, dim)
+    save_t = save_t or _BWD_CONFIG.block_t
+    if store_states and bt % save_t != 0:
+        bt = max(bt, save_t)  # powers of two: the larger is a multiple of the smaller
+        if bt % save_t != 0:
+            raise ValueError(f"block_t {bt} is not a multiple of save_t {save_t}")
     n_chunks = triton.cdiv(L, bt)
+    n_states = triton.cdiv(L, save_t) if store_states else 1
     y = torch.full_like(u, float("nan")) if poison else torch.empty_like(u)
     states = (
-        torch.full((batch, n_chunks, dim, n), float("nan") if poison else 0.0,
-                   device=u.device, dtype=torch.float32)
+        (torch.full if poison else torch.empty)(
+            (batch, n_states, dim, n), *([float("nan")] if poison else []), device=u.device,
+            dtype=torch.float32)
         if store_states else y  # dummy pointer, never written
     )
     grid = (batch, triton.cdiv(dim, bd))
@@ -340,9 +355,9 @@ def _launch_forward(
         u, delta, A, B, C,
         D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, y, states,
-        dim, L, n_chunks,
+        dim, L, n_chunks, n_states,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states,
+        SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states, SAVE_T=save_t if store_states else bt,
         N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, num_warps=nw,
     )
     return y, (states if store_states else None)
