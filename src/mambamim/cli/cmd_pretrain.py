@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how masked Mamba tokens are filled: TOKI or one learnable token")
     parser.add_argument("--no-skip", action="store_true", help="decoder without skip connections (ablation)")
     parser.add_argument("--no-bottom-up", action="store_true", help="mask the Mamba stage only, CNN dense (ablation)")
+    parser.add_argument("--decoder-width", type=int, default=None,
+                        help="light decoder width at the bottleneck, halving per level (default 768)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 100)")
     length.add_argument("--steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = PretrainConfig(
             **common_values(args), mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
-            bottom_up=not args.no_bottom_up, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
+            bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
             steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
         )
         if not args.resume:

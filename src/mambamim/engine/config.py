@@ -137,6 +137,8 @@ class _Config:
 class PretrainConfig(_Config):
     """Every option of a MambaMIM pre-training run (paper section 4.2 defaults).
 
+    ``decoder_width`` (None: the pre-trainer's default, 768) sets the light decoder's width at the
+    bottleneck.
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
     volumes, ``num_crops`` random crops each.
     Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.
@@ -159,6 +161,7 @@ class PretrainConfig(_Config):
     skip: bool = True
     bottom_up: bool = True
     scan: str = "raster"
+    decoder_width: int | None = None
     epochs: int | None = 100
     steps: int | None = None
     batch_size: int = 8
@@ -192,6 +195,8 @@ class PretrainConfig(_Config):
             raise ValueError(f"token must be one of {TOKENS}, got {self.token!r}")
         if self.steps is None and (self.epochs is None or self.epochs < 1):
             raise ValueError("give epochs >= 1 or steps >= 1")
+        if self.decoder_width is not None and self.decoder_width < 8:
+            raise ValueError(f"decoder_width must be >= 8 (or None for the default), got {self.decoder_width}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 0 or self.vis_every < 0:

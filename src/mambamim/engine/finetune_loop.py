@@ -29,6 +29,7 @@ from torch import nn
 
 from mambamim.engine import distributed as D
 from mambamim.engine.checkpoint import (
+    EncoderMismatchError,
     load_checkpoint,
     load_encoder_weights,
     load_pretrained_encoder,
@@ -96,7 +97,7 @@ def select_cases(config: FinetuneConfig, meta: dict[str, Any]) -> tuple[list[str
     elif config.fold is not None and config.fold < 0:
         val, how = [], "no validation (fold -1)"
     elif config.fold is not None:
-        _, val = split_cases(pool, config.fold, config.num_folds, seed=0)
+        val = _fold(split_cases, pool, config.fold, config.num_folds)
         how = f"fold {config.fold} of {config.num_folds}"
     else:
         listed = [str(v) for v in meta.get("validation") or []]
@@ -105,13 +106,22 @@ def select_cases(config: FinetuneConfig, meta: dict[str, Any]) -> tuple[list[str
         if given:
             val, how = given, "the dataset's validation list"
         else:
-            _, val = split_cases(pool, 0, config.num_folds, seed=0)
+            val = _fold(split_cases, pool, 0, config.num_folds)
             how = f"fold 0 of {config.num_folds}"
     val_set = set(val)
     train = [i for i in pool if i not in val_set]
     if not train:
         raise ValueError(f"no training case left ({how}; {len(labeled)} labeled, {len(test)} test)")
     return train, sorted(val), how
+
+
+def _fold(split_cases: Any, pool: list[str], fold: int, num_folds: int) -> list[str]:
+    if len(pool) < num_folds:
+        raise ValueError(
+            f"{len(pool)} labeled cases cannot be split into {num_folds} folds: use --num-folds "
+            f"{max(2, len(pool))} or fewer, --val-cases FILE, or --fold -1 (no validation)"
+        )
+    return split_cases(pool, fold, num_folds, seed=0)[1]
 
 
 def model_spec(config: FinetuneConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
@@ -245,12 +255,19 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         model = _make_model(spec).to(ctx.device)
         if config.pretrained and not resuming:
             weights, source = load_pretrained_encoder(config.pretrained)
-            pre_name = (source.get("model") or {}).get("name")
-            if pre_name and pre_name != config.model:
-                logger.warning("the encoder was pre-trained for %r, fine-tuning %r", pre_name, config.model)
-            report = load_encoder_weights(
-                model, weights, strict=True, allow_partial=config.allow_partial, source=str(source["path"])
-            )
+            pre = source.get("model") or {}
+            pre_name, pre_size = pre.get("name"), (pre.get("kwargs") or {}).get("size")
+            note = ""
+            if (pre_name and pre_name != config.model) or (pre_size and pre_size != config.size):
+                note = (f"the encoder was pre-trained for {pre_name!r} (size {pre_size}), this run fine-tunes "
+                        f"{config.model!r} (size {config.size}); ")
+                logger.warning("%s", note.rstrip("; "))
+            try:
+                report = load_encoder_weights(
+                    model, weights, strict=True, allow_partial=config.allow_partial, source=str(source["path"])
+                )
+            except EncoderMismatchError as exc:
+                raise EncoderMismatchError(note + str(exc)) from None
             if main:
                 (run / "encoder_load_report.json").write_text(json.dumps(report.to_dict(), indent=1))
         optimizer = build_optimizer(model, config.lr, config.weight_decay)

@@ -288,6 +288,7 @@ def _wrap_model(model: nn.Module, ctx: D.DistContext, setting: str, probe: Calla
 def _make_pretrainer(config: PretrainConfig) -> nn.Module:
     from mambamim.pretrain import create_pretrainer
 
+    extra = {} if config.decoder_width is None else {"decoder_width": config.decoder_width}
     return create_pretrainer(
         config.model,
         in_channels=config.in_channels,
@@ -297,6 +298,7 @@ def _make_pretrainer(config: PretrainConfig) -> nn.Module:
         bottom_up=config.bottom_up,
         scan=config.scan,
         **model_size_kwargs(config.size),
+        **extra,
     )
 
 
@@ -487,7 +489,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
                 sec = (now - t_last) / len(window)
                 t_last = now
                 row = {"step": loop.step, "epoch": loop.position.epoch, "loss": sum(window) / len(window),
-                       "lr": loop.lr, "sec_per_step": sec, "volumes_per_s": x.shape[0] * ctx.world_size / max(sec, 1e-9)}
+                       "lr": loop.lr, "sec_per_step": sec, "crops_per_s": x.shape[0] * ctx.world_size / max(sec, 1e-9)}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 metrics.log(row, prefix="train/")

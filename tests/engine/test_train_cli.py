@@ -1,0 +1,103 @@
+"""``mambamim pretrain`` and ``mambamim finetune`` end to end on tiny synthetic data with the real
+tiny networks: run folder contents, CLI resume, encoder transfer, checkpoint self-description."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from mambamim.cli.main import main
+from mambamim.engine.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    from mambamim.data.prepare import prepare_dataset
+    from mambamim.data.preprocess import PreprocessParams
+    from mambamim.data.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    synth_dataset(str(root / "raw"), num=3, seed=0, inplane_voxels=(40, 48), inplane_spacing=(8.0, 9.0),
+                  slice_spacing=(8.0, 9.0))
+    prepare_dataset(root / "raw", root / "cache", PreprocessParams(spacing=(8, 8, 8), min_size=(32, 32, 32)),
+                    workers=1, progress=False)
+    return root / "cache"
+
+
+COMMON = ["--size", "tiny", "--crop", "32", "--batch-size", "1", "--num-crops", "1", "--workers", "0",
+          "--device", "cpu", "--no-progress", "--log-every", "1"]
+
+
+def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
+    run = tmp_path / "pre"
+    args = ["pretrain", "--data", str(tiny_cache), "--out", str(run), *COMMON, "--steps", "2", "--warmup-steps", "1",
+            "--decoder-width", "16", "--vis-every", "1", "--stop-after", "1"]
+    assert main(args) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+    assert main(["pretrain", "--resume", str(run), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    for name in ("config.yaml", "log.txt", "metrics.csv", "encoder.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "reconstructions").glob("*.png"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["kind"] == "pretrain" and cfg["decoder_width"] == 16 and cfg["steps"] == 2 and cfg["size"] == "tiny"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    log = (run / "log.txt").read_text()
+    assert "resumed" in log and "pre-training finished" in log
+    enc = load_checkpoint(run / "encoder.pt")
+    assert enc["format"] == "mambamim-encoder" and enc["model"]["name"] == "hymamba" and enc["step"] == 2
+    assert enc["preprocessing"]["spacing"] == [8.0, 8.0, 8.0]
+
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--data", str(tiny_cache), "--out", str(ft), *COMMON, "--pretrained", str(run),
+                 "--iterations", "2", "--val-every", "2", "--fold", "0", "--num-folds", "3"]) == 0
+    for name in ("config.yaml", "log.txt", "metrics.csv", "split.json", "encoder_load_report.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (ft / name).is_file(), name
+    report = json.loads((ft / "encoder_load_report.json").read_text())
+    assert report["loaded"] > 0 and not report["missing"] and not report["unexpected"] and not report["mismatched"]
+    split = json.loads((ft / "split.json").read_text())
+    assert len(split["validation"]) == 1 and len(split["train"]) == 2
+    assert not set(split["train"]) & set(split["validation"])
+    rows = list(csv.DictReader((ft / "metrics.csv").open()))
+    val = [r for r in rows if r.get("val_mean_dice")]
+    assert len(val) == 1 and 0.0 <= float(val[0]["val_mean_dice"]) <= 1.0 and "val_dice_liver" in rows[0]
+    # the fine-tuned checkpoint describes itself
+    model, info = model_from_checkpoint(ft)
+    assert info["class_names"][0] == "background" and info["num_classes"] == 14
+    assert info["preprocessing"]["spacing"] == [8.0, 8.0, 8.0] and info["roi_size"] == [32, 32, 32]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)
+    # the pre-trained encoder was really loaded (before fine-tuning moved it a little)
+    best = load_checkpoint(ft / "checkpoints" / "best.pt")
+    assert "optimizer" not in best and best["best_step"] == 2
+    capsys.readouterr()
+
+
+def test_finetune_refuses_mismatched_encoder(tiny_cache, tmp_path, capsys):
+    from mambamim.engine.checkpoint import save_checkpoint
+    from mambamim.models import create_model
+
+    enc = create_model("vim_unetr", size="tiny", num_classes=14).encoder.state_dict()
+    save_checkpoint(tmp_path / "encoder.pt", {"format": "mambamim-encoder", "encoder": enc,
+                                              "model": {"name": "vim_unetr", "kwargs": {"size": "tiny"}}})
+    rc = main(["finetune", "--data", str(tiny_cache), "--out", str(tmp_path / "ft"), *COMMON,
+               "--pretrained", str(tmp_path / "encoder.pt"), "--iterations", "1", "--fold", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "pre-trained for 'vim_unetr'" in err and "--allow-partial" in err and "missing in checkpoint" in err
+    assert not (tmp_path / "ft" / "checkpoints" / "last.pt").exists()
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "x")]) == 2
+    assert "--data and --out are required" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--batch-size", "6"]) == 1
+    assert "multiple of num_crops" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 1
+    assert "config.yaml" in capsys.readouterr().err
