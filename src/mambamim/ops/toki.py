@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -103,17 +102,17 @@ def toki_fill(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) ->
         y_right = x.gather(1, nxt.unsqueeze(-1).expand(B, T, C))
         z = ((q2 - n) * y_left + n * y_right) / q2  # w_t: s_n at masked, the token at visible
 
-        seg = vis.to(torch.int32).cumsum(dim=1)  # a segment = one visible token + the run after it
-        power = A.to(device=device, dtype=cdt)
+        # t - d lies in t's segment (its visible token + the run after it) iff n_t >= d; n_t <= t, so
+        # the gate is 0 wherever roll() wraps around. z is finite, so a 0/1 product is safe.
         steps = max(1, math.ceil(math.log2(T)))
+        shifts = torch.pow(2.0, torch.arange(steps, device=device, dtype=cdt))  # no host-to-device copy
+        gates = (n >= shifts).to(cdt)  # (B, T, steps)
+        power = A.to(device=device, dtype=cdt)
         for j in range(steps):
-            d = 1 << j
             if j > 0:
                 power = power @ power  # A^(2^j)
-            # gate[t] = 1 where t and t - d lie in the same segment (z is finite, so a 0/1 product is safe)
-            gate = F.pad(seg[:, d:] == seg[:, :-d], (d, 0)).to(cdt).unsqueeze(-1)  # (B, T, 1)
-            carry = F.pad((z @ power.T)[:, :-d], (0, 0, d, 0))  # carry[t] = A^d z[t - d]
-            z = torch.addcmul(z, gate, carry)
+            carry = torch.roll(z @ power.T, shifts=1 << j, dims=1)  # carry[t] = A^(2^j) z[t - 2^j]
+            z = torch.addcmul(z, gates[..., j : j + 1], carry)
 
         filled = z[:, 1:-1].to(tokens.dtype)
     return torch.where(visible.unsqueeze(-1), tokens, filled)
