@@ -143,14 +143,12 @@ def main_table(lengths: List[int], dtypes, with_ref: bool, bw_card: float) -> Li
     return rows
 
 
-FWD_SWEEP = [sst.ScanConfig(4, 8, 4), sst.ScanConfig(4, 16, 4), sst.ScanConfig(4, 8, 2),
-             sst.ScanConfig(4, 16, 2), sst.ScanConfig(2, 8, 4), sst.ScanConfig(2, 16, 4),
-             sst.ScanConfig(1, 16, 4), sst.ScanConfig(1, 32, 4), sst.ScanConfig(4, 4, 2),
-             sst.ScanConfig(4, 8, 8), sst.ScanConfig(4, 32, 4)]
-BWD_SWEEP = [sst.ScanConfig(4, 4, 2), sst.ScanConfig(4, 8, 4), sst.ScanConfig(4, 4, 4),
-             sst.ScanConfig(4, 4, 4, 2), sst.ScanConfig(2, 4, 4), sst.ScanConfig(2, 8, 4),
-             sst.ScanConfig(1, 8, 4), sst.ScanConfig(1, 4, 4), sst.ScanConfig(4, 2, 4, 2),
-             sst.ScanConfig(4, 4, 1)]
+FWD_SWEEP = [sst.ScanConfig(4, 16, 2), sst.ScanConfig(4, 16, 4), sst.ScanConfig(4, 8, 4),
+             sst.ScanConfig(4, 8, 2), sst.ScanConfig(4, 16, 1), sst.ScanConfig(4, 8, 1),
+             sst.ScanConfig(2, 16, 2), sst.ScanConfig(4, 32, 2)]
+BWD_SWEEP = [sst.ScanConfig(4, 4, 1), sst.ScanConfig(4, 4, 2), sst.ScanConfig(4, 8, 1),
+             sst.ScanConfig(4, 2, 1), sst.ScanConfig(2, 4, 1), sst.ScanConfig(4, 8, 2),
+             sst.ScanConfig(4, 4, 4)]
 
 
 def sweep(lengths: List[int]) -> List[str]:

@@ -86,6 +86,20 @@ if _HAS_TRITON:
         return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
     @triton.jit
+    def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr):
+        # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c, raw dtype; zeros outside
+        t = c * BLOCK_T + offs_t
+        m2 = ((t >= 0) & (t < L))[:, None] & d_mask[None, :]
+        return tl.load(ptr + row[None, :] + t[:, None], mask=m2, other=0.0)
+
+    @triton.jit
+    def _load_bc(ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T: tl.constexpr):
+        # (BLOCK_T, NG, NL) tile of a (batch, N, L) tensor at chunk c, raw dtype; zeros outside
+        t = c * BLOCK_T + offs_t
+        t_mask = (t >= 0) & (t < L)
+        return tl.load(ptr + bc_base + n_tn * L + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
+
+    @triton.jit
     def _ss_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
         dim, L, n_chunks, n_states,
@@ -119,18 +133,30 @@ if _HAS_TRITON:
             tl.store(states_ptr + z_off, tl.zeros((NG, BLOCK_D, NL), tl.float32), mask=d_mask[None, :, None])
         # built as a reduction of a 4-D tile so that the loop carries it in the tile's layout
         h = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
+        # chunk c's tiles are loaded during chunk c - 1 (register prefetch hides the load latency)
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T)
+        if HAS_Z:
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
         for c in range(0, n_chunks):
+            u = u_n.to(tl.float32)
+            dt = dt_n.to(tl.float32)
+            Bt = B_n.to(tl.float32)
+            Ct = C_n.to(tl.float32)
+            if HAS_Z:
+                zz = z_n.to(tl.float32)
+            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
+            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
+            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T)
+            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T)
+            if HAS_Z:
+                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
             t = c * BLOCK_T + offs_t
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
             off2 = row[None, :] + t[:, None]  # (BLOCK_T, BLOCK_D)
-            u = tl.load(u_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-            off_bc = bc_base + n_tn * L + t[:, None, None]  # (BLOCK_T, NG, NL)
-            Bt = tl.load(B_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + off2, mask=m2, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 dt = dt + bias[None, :]
             if SOFTPLUS:
@@ -194,22 +220,41 @@ if _HAS_TRITON:
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         ones = tl.full((BLOCK_T, NG, BLOCK_D, NL), 1.0, tl.float32)
+        st_rows = offs_d[None, :, None] * N + n3
+        # chunk c's tiles are loaded during chunk c + 1 (register prefetch)
+        c_last = n_chunks - 1
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
+        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T)
+        h0_n = tl.load(states_ptr + (pid_b * n_chunks + c_last) * dim * N + st_rows,
+                       mask=d_mask[None, :, None], other=0.0)
+        if HAS_Z:
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
         for ci in range(0, n_chunks):
             c = n_chunks - 1 - ci
+            u = u_n.to(tl.float32)
+            dt_raw = dt_n.to(tl.float32)
+            dy = dy_n.to(tl.float32)
+            Bt = B_n.to(tl.float32)
+            Ct = C_n.to(tl.float32)
+            h0 = h0_n
+            if HAS_Z:
+                zz = z_n.to(tl.float32)
+            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
+            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
+            dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
+            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T)
+            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T)
+            h0_n = tl.load(states_ptr + (pid_b * n_chunks + c - 1) * dim * N + st_rows,
+                           mask=d_mask[None, :, None] & ((st_rows * 0 + c) > 0), other=0.0)
+            if HAS_Z:
+                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
             t = c * BLOCK_T + offs_t
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
             off2 = row[None, :] + t[:, None]
-            u = tl.load(u_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-            dt_raw = tl.load(delta_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-            off_bc = bc_base + n_tn * L + t[:, None, None]
-            Bt = tl.load(B_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + off_bc, mask=t_mask[:, None, None], other=0.0).to(tl.float32)
-            st_off = ((pid_b * n_chunks + c) * dim + offs_d[None, :, None]) * N + n3
-            h0 = tl.load(states_ptr + st_off, mask=d_mask[None, :, None], other=0.0)
-            if HAS_Z:
-                zz = tl.load(z_ptr + off2, mask=m2, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 dt_raw = dt_raw + bias[None, :]
             if SOFTPLUS:
@@ -283,9 +328,10 @@ class ScanConfig(NamedTuple):
     bdt: int = 1
 
 
-# Defaults for d_state 16; ng is clipped for smaller states (see _resolve).
-_FWD_CONFIG = ScanConfig(ng=4, block_t=8, num_warps=4, bdt=1)
-_BWD_CONFIG = ScanConfig(ng=4, block_t=4, num_warps=2, bdt=1)
+# Defaults for d_state 16 from the H100 sweep in benchmarks/NOTES_selective_scan.md; ng is clipped
+# for smaller states (see _resolve).
+_FWD_CONFIG = ScanConfig(ng=4, block_t=16, num_warps=2, bdt=1)
+_BWD_CONFIG = ScanConfig(ng=4, block_t=4, num_warps=1, bdt=1)
 
 
 def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, int, int]:
