@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+import pytest
+
+from mambamim import __version__
+from mambamim.cli.main import COMMANDS, DATA_COMMANDS, build_parser, main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    help_text = build_parser().format_help()
+    for name, _, _ in COMMANDS:
+        assert name in help_text
+    assert "data" in help_text
+
+
+def test_every_subcommand_has_help(capsys):
+    for name, _, _ in COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+    for name, _, _ in DATA_COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            main(["data", name, "--help"])
+        assert exc.value.code == 0
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "mambamim", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_info_builds_and_times_a_network(capsys):
+    assert main(["info", "--model", "hymamba", "--size", "tiny", "--crop", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "second step" in out
+
+
+def test_bad_arguments_exit_non_zero(capsys):
+    assert main(["info", "--crop", "30"]) == 2

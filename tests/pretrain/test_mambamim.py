@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from mambamim.models import create_model
+from mambamim.models.hymamba import stage_masks_from_bottleneck
+from mambamim.pretrain import create_pretrainer
+
+# The smallest useful configuration: a 32x32x32 input gives a 2x2x2 bottleneck grid (8 tokens).
+MICRO = dict(size="tiny", decoder_width=32)
+
+
+def masked_change(x, mask, scale=5.0, seed=1):
+    """x with every voxel inside masked 16^3 blocks replaced by noise."""
+    visible = stage_masks_from_bottleneck(mask, 4, x.dtype)[0].bool()
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(visible, x, torch.randn(x.shape, generator=g) * scale)
+
+
+def mask_with_runs(batch=2):
+    # Same visible count per sample; masked runs at both ends and in the middle (raster order).
+    m = torch.zeros(batch, 2, 2, 2, dtype=torch.bool)
+    m.view(batch, -1)[0, [2, 5]] = True
+    m.view(batch, -1)[1, [0, 6]] = True
+    return m
+
+
+@pytest.mark.parametrize("name", ["hymamba", "vim_unetr", "mednext_cnn"])
+@pytest.mark.parametrize("token", ["toki", "learnable"])
+def test_nothing_depends_on_masked_voxels(name, token):
+    torch.manual_seed(0)
+    model = create_pretrainer(name, token=token, **MICRO)
+    x = torch.rand(2, 1, 32, 32, 32)
+    mask = mask_with_runs()
+    x2 = masked_change(x, mask)
+    assert not torch.equal(x, x2)
+    with torch.no_grad():
+        a, b = model(x, mask), model(x2, mask)
+        assert torch.equal(a["reconstruction"], b["reconstruction"])
+        assert torch.equal(a["features"], b["features"])
+        if name != "vim_unetr":
+            masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+            fa = model.encoder.forward_cnn(x * masks[0], masks)
+            fb = model.encoder.forward_cnn(x2 * masks[0], masks)
+            for f1, f2 in zip(fa, fb):
+                assert torch.equal(f1, f2)
+    # The loss target does see the masked voxels, so the loss must differ.
+    assert not torch.equal(a["loss"], b["loss"])
+
+
+def test_without_bottom_up_the_cnn_sees_masked_voxels():
+    torch.manual_seed(0)
+    model = create_pretrainer("hymamba", bottom_up=False, **MICRO).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    mask = mask_with_runs()
+    x2 = masked_change(x, mask)
+    with torch.no_grad():
+        fa = model.encoder.forward_cnn(x, None)
+        fb = model.encoder.forward_cnn(x2, None)
+        # Features at *visible* positions change: dense convolutions read across block borders.
+        masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+        assert not torch.allclose(fa[1] * masks[1], fb[1] * masks[1])
+        a, b = model(x, mask), model(x2, mask)
+    assert not torch.allclose(a["reconstruction"], b["reconstruction"])
+
+
+def test_mamba_stage_only_sees_visible_tokens():
+    # With bottom_up the Mamba stage's output at visible tokens is the same whether masked tokens
+    # exist in the grid or not: it runs on the shorter sequence.
+    torch.manual_seed(0)
+    model = create_pretrainer("hymamba", **MICRO).eval()
+    enc = model.encoder
+    feats = torch.randn(2, enc.out_channels, 2, 2, 2)
+    mask = mask_with_runs()
+    out = enc.mamba(feats, mask)
+    feats2 = feats + (~mask).unsqueeze(1) * torch.randn_like(feats)
+    out2 = enc.mamba(feats2, mask)
+    assert torch.equal(out.tokens, out2.tokens)
+    assert (out.tokens[~out.visible] == 0).all()
+
+
+def test_visible_count_and_given_mask_round_trip():
+    model = create_pretrainer("hymamba", mask_ratio=0.75, **MICRO)
+    x = torch.rand(3, 1, 32, 32, 64)
+    out = model(x)
+    assert out["mask"].shape == (3, 2, 2, 4) and out["mask"].dtype == torch.bool
+    assert out["mask"].flatten(1).sum(1).tolist() == [4, 4, 4]  # round(16 * 0.25)
+    assert out["reconstruction"].shape == x.shape
+    given = out["mask"].clone()
+    assert torch.equal(model(x, given)["mask"], given)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        model(x, given.float())
+
+
+@pytest.mark.parametrize("name", ["hymamba", "vim_unetr", "mednext_cnn"])
+def test_encoder_loads_into_the_segmentation_model_by_name(name):
+    pre = create_pretrainer(name, **MICRO)
+    seg = create_model(name, size="tiny", num_classes=3)
+    result = seg.encoder.load_state_dict(pre.encoder.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in pre.encoder.state_dict().items():
+        assert torch.equal(seg.encoder.state_dict()[k], v)
+
+
+def test_switches_change_the_model():
+    no_skip = create_pretrainer("hymamba", skip=False, **MICRO)
+    assert not no_skip.decoder.use_skips and len(no_skip.decoder.proj_skips) == 0
+    assert type(create_pretrainer("hymamba", token="learnable", **MICRO).fill).__name__ == "LearnableMaskToken"
+    assert type(create_pretrainer("hymamba", **MICRO).fill).__name__ == "TOKI"
+    assert create_pretrainer("hymamba", scan="hilbert", **MICRO).encoder.mamba.scan.order == "hilbert"
+    with pytest.raises(ValueError, match="token must be"):
+        create_pretrainer("hymamba", token="zeros", **MICRO)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        create_pretrainer("hymamba", mask_ratio=1.0, **MICRO)
+    with pytest.raises(ValueError, match="bottom_up=False"):
+        create_pretrainer("mednext_cnn", bottom_up=False, **MICRO)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = create_pretrainer("hymamba", **MICRO)
+    model(torch.rand(2, 1, 32, 32, 32), mask_with_runs())["loss"].backward()
+    missing = [k for k, p in model.named_parameters() if p.grad is None]
+    assert missing == [], missing
+    assert model.fill.A.grad.abs().sum() > 0 and model.fill.edge_token.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", ["toki", "learnable"])
+def test_training_drives_the_loss_down(token):
+    torch.manual_seed(0)
+    model = create_pretrainer(
+        "hymamba", token=token, size="tiny", decoder_width=32, stem_channels=4, widths=(4, 8, 8, 16)
+    )  # fmt: skip
+    zz, yy, xx = torch.meshgrid(*(torch.linspace(-1, 1, 32),) * 3, indexing="ij")
+    x = ((zz**2 + yy**2 + xx**2) < 0.6).float()[None, None] * 0.8 + 0.1 * torch.sin(6 * xx)[None, None]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(100):
+        out = model(x, model.random_mask(x, generator=g))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
