@@ -104,7 +104,8 @@ def fake_cache(root: Path, n: int = 6) -> Path:
     (root / "dataset.json").write_text(json.dumps({
         "format": "mambamim-cache", "version": 1, "preprocessing": {"spacing": [1.5, 1.5, 1.5]},
         "labels": {"0": "background", "1": "a", "2": "b"},
-        "cases": [{"id": f"c{i}", "split": None} for i in range(n)],
+        "cases": [{"id": f"c{i}", "split": None, "label": f"cases/c{i}/label.npy", "shape": [1, 24, 24, 24]}
+                  for i in range(n)],
     }))
     return root
 
@@ -118,3 +119,13 @@ def patch_pretrain(monkeypatch, nan_at_call=None, distributed=False):
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))
     monkeypatch.setattr(pretrain_loop, "_fixed_volume", lambda *a, **k: None)
+
+
+def patch_finetune(monkeypatch):
+    from mambamim.engine import finetune_loop
+
+    monkeypatch.setattr(finetune_loop, "_make_model", lambda spec: TinySegNet(spec["kwargs"]["in_channels"],
+                                                                                spec["kwargs"]["num_classes"]))
+    monkeypatch.setattr(finetune_loop, "_make_loader",
+                        lambda cache, cfg, ctx, labeled, augment, case_ids=None:
+                        make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))

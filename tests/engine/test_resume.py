@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_standins import fake_cache, patch_pretrain
+from engine_standins import fake_cache, patch_finetune, patch_pretrain
 from mambamim.engine.checkpoint import load_checkpoint
 from mambamim.engine.config import PretrainConfig
 from mambamim.engine.pretrain_loop import NonFiniteLossError, pretrain
@@ -64,3 +64,22 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypa
     ck = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert ck["step"] == 3
     assert all(torch.isfinite(v).all() for v in ck["pretrainer"].values())
+
+
+def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    from mambamim.engine.config import FinetuneConfig
+    from mambamim.engine.finetune_loop import finetune
+
+    fake_cache(tmp_path / "cache")
+    patch_finetune(monkeypatch)
+    kw = dict(data=str(tmp_path / "cache"), crop=16, batch_size=2, num_crops=1, iterations=5, warmup_steps=1,
+              workers=0, device="cpu", progress=False, log_every=1, fold=-1, val_every=0, lr=1e-2)
+    full = finetune(FinetuneConfig(out=str(tmp_path / "full"), **kw))
+    part = finetune(FinetuneConfig(out=str(tmp_path / "part"), stop_after=4, **kw))  # into epoch 1
+    assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 4
+    finetune(FinetuneConfig(resume=str(part), device="cpu", workers=0, progress=False))
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 5 and a["model_config"]["kwargs"]["num_classes"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7)
