@@ -17,14 +17,15 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-BTCV_LABELS: dict[int, str] = {
+BTCV_LABELS: Mapping[int, str] = MappingProxyType({
     0: "background",
     1: "spleen",
     2: "right kidney",
@@ -39,10 +40,10 @@ BTCV_LABELS: dict[int, str] = {
     11: "pancreas",
     12: "right adrenal gland",
     13: "left adrenal gland",
-}
+})
 
 # Typical portal-venous-phase attenuation of each organ (HU, before noise and smoothing).
-ORGAN_HU: dict[int, float] = {
+ORGAN_HU: Mapping[int, float] = MappingProxyType({
     1: 50.0,  # spleen
     2: 150.0,  # right kidney (contrast)
     3: 150.0,  # left kidney
@@ -56,7 +57,7 @@ ORGAN_HU: dict[int, float] = {
     11: 45.0,  # pancreas
     12: 30.0,  # right adrenal
     13: 30.0,  # left adrenal
-}
+})
 
 ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS", "RPI", "LPI", "RAS")
 
@@ -272,7 +273,7 @@ def make_phantom(
     paraspinal2 = ell(50.0, 30.0, 0.0, -88.0) < 1.0
     hu[np.broadcast_to(body2[:, :, None], shape)] = -100.0 + jit(8)
     hu[np.broadcast_to(muscle2[:, :, None], shape)] = 45.0 + jit(5)
-    # visceral fat / bowel mixture: a coarse random field upsampled
+    # visceral fat / bowel mixture: a smooth random field
     mix = np.zeros(shape, np.float32)
     for _ in range(6):  # separable low-frequency waves: cheap on the full grid
         waves = [np.cos(c * rng.uniform(0.02, 0.06) + rng.uniform(0, 2 * np.pi)).astype(np.float32) for c in (X, Y, Z)]
@@ -396,9 +397,9 @@ def make_phantom(
     return Phantom(image=image, label=label, affine=affine, orientation=orientation, info=info)
 
 
-_ORGAN_CENTERS = {1: (-82, -40, 55), 2: (72, -42, -15), 3: (-72, -42, -8), 4: (58, 50, 5), 5: (-10, 0, 112),
+_ORGAN_CENTERS = MappingProxyType({1: (-82, -40, 55), 2: (72, -42, -15), 3: (-72, -42, -8), 4: (58, 50, 5), 5: (-10, 0, 112),
                   6: (70, 0, 55), 7: (-50, 35, 55), 8: (-15, -22, 0), 9: (24, -14, 0), 10: (-10, -4, 23),
-                  11: (-30, 12, 22), 12: (42, -28, 48), 13: (-44, -28, 42)}
+                  11: (-30, 12, 22), 12: (42, -28, 48), 13: (-44, -28, 42)})
 
 
 def _mark_one(label: np.ndarray, hu: np.ndarray, lab: int, allowed: np.ndarray, grid: _Grid, value: float) -> None:
