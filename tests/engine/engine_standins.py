@@ -35,13 +35,15 @@ class TinyPretrainer(nn.Module):
     """forward(x, mask=None) -> {"loss", "reconstruction", "mask"} with a random mask drawn from the
     global torch RNG (as the real pre-trainer does)."""
 
-    def __init__(self, in_channels: int = 1, mask_ratio: float = 0.75, nan_at_call: int | None = None, **_):
+    def __init__(self, in_channels: int = 1, mask_ratio: float = 0.75, nan_at_call: int | None = None,
+                 signal_at_call: int | None = None, **_):
         super().__init__()
         self.encoder = TinyEncoder(in_channels)
         self.decoder = _Up16(8, in_channels)
         self.mask_ratio = mask_ratio
         self.calls = 0
         self.nan_at_call = nan_at_call
+        self.signal_at_call = signal_at_call
 
     def forward(self, x, mask=None):
         b, _, d, h, w = x.shape
@@ -53,6 +55,11 @@ class TinyPretrainer(nn.Module):
         hidden = 1.0 - up
         loss = ((rec.float() - x) ** 2 * hidden).sum() / hidden.sum().clamp_min(1.0)
         self.calls += 1
+        if self.signal_at_call is not None and self.calls == self.signal_at_call:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
         if self.nan_at_call is not None and self.calls >= self.nan_at_call:
             loss = loss * float("nan")
         return {"loss": loss, "reconstruction": rec, "mask": mask}
@@ -110,11 +117,12 @@ def fake_cache(root: Path, n: int = 6) -> Path:
     return root
 
 
-def patch_pretrain(monkeypatch, nan_at_call=None, distributed=False):
+def patch_pretrain(monkeypatch, nan_at_call=None, signal_at_call=None):
     from mambamim.engine import pretrain_loop
 
     monkeypatch.setattr(pretrain_loop, "_make_pretrainer",
-                        lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio, nan_at_call=nan_at_call))
+                        lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio, nan_at_call=nan_at_call,
+                                                   signal_at_call=signal_at_call))
     monkeypatch.setattr(pretrain_loop, "_make_loader",
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))

@@ -8,7 +8,7 @@ import torch
 from engine_standins import fake_cache, patch_finetune, patch_pretrain
 from mambamim.engine.checkpoint import load_checkpoint
 from mambamim.engine.config import PretrainConfig
-from mambamim.engine.pretrain_loop import NonFiniteLossError, pretrain
+from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted, pretrain
 
 
 def _cfg(tmp_path, out, **kw):
@@ -53,6 +53,19 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, stop, full_run):
     rows = (part / "metrics.csv").read_text().strip().splitlines()
     steps = [int(r.split(",")[0]) for r in rows[1:]]
     assert steps == list(range(1, 8))
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, full_run):
+    fake_cache(tmp_path / "cache")
+    patch_pretrain(monkeypatch, signal_at_call=2)
+    with pytest.raises(TrainingInterrupted, match="step 2/7.*--resume"):
+        pretrain(_cfg(tmp_path, "sig"))
+    assert load_checkpoint(tmp_path / "sig" / "checkpoints" / "last.pt")["step"] == 2
+    patch_pretrain(monkeypatch)
+    pretrain(PretrainConfig(resume=str(tmp_path / "sig"), device="cpu", workers=0, progress=False))
+    a, b = _weights(full_run), _weights(tmp_path / "sig")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):

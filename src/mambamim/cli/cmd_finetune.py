@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamim.engine.checkpoint import CheckpointError, EncoderMismatchError
     from mambamim.engine.config import FinetuneConfig
     from mambamim.engine.finetune_loop import finetune
-    from mambamim.engine.pretrain_loop import NonFiniteLossError
+    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted
 
     problem = check_paths(args, "finetune")
     if problem:
@@ -53,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:
         print(f"mambamim finetune: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(f"mambamim finetune: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("mambamim finetune: interrupted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
+        print("mambamim finetune: aborted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
         return 130
     best = run_dir / "checkpoints" / "best.pt"
     print(f"fine-tuning run: {run_dir}\nmodel: {best if best.exists() else run_dir / 'checkpoints' / 'last.pt'}")

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mambamim.engine.checkpoint import CheckpointError
     from mambamim.engine.config import PretrainConfig
-    from mambamim.engine.pretrain_loop import NonFiniteLossError, pretrain
+    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted, pretrain
 
     problem = check_paths(args, "pretrain")
     if problem:
@@ -97,8 +97,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:
         print(f"mambamim pretrain: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(f"mambamim pretrain: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("mambamim pretrain: interrupted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
+        print("mambamim pretrain: aborted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
         return 130
     print(f"pre-training run: {run_dir}\nencoder for fine-tuning: {run_dir / 'encoder.pt'}")
     return 0

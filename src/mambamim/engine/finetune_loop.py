@@ -38,6 +38,8 @@ from mambamim.engine.checkpoint import (
 from mambamim.engine.config import FinetuneConfig, model_size_kwargs, read_cache_meta, resolve_data
 from mambamim.engine.logging_utils import MetricsWriter, RunLog
 from mambamim.engine.pretrain_loop import (
+    StopSignal,
+    TrainingInterrupted,
     TrainLoop,
     _make_loader,
     _wrap_model,
@@ -230,6 +232,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
     log = RunLog(run, enabled=main)
     metrics: MetricsWriter | None = None
     pbar = None
+    stop = StopSignal().__enter__()
     try:
         seed_everything(config.seed + ctx.rank)
         cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
@@ -275,6 +278,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         amp = D.resolve_amp(ctx.device, config.amp)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
         loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
+        loop.stop = stop
         loss_fn = _make_loss()
         last_path = run / "checkpoints" / "last.pt"
         best_path = run / "checkpoints" / "best.pt"
@@ -397,18 +401,22 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
             if val_ds is not None and (loop.step % config.val_every == 0 or loop.step == total):
                 run_validation()
                 validated = True
-            if loop.step % ckpt_every == 0 or validated or loop.step >= end:
+            if loop.step % ckpt_every == 0 or validated or loop.step >= end or loop.stop_requested:
                 checkpoint()
-            if loop.step >= end:
+            if loop.step >= end or loop.stop_requested:
                 break
         if loop.last_checkpoint_step != loop.step:
             checkpoint()
+        if loop.stop_requested:
+            raise TrainingInterrupted(f"stopped by a signal at iteration {loop.step}/{total}; checkpoint {last_path}; "
+                                      f"continue with --resume {run}")
         if main:
             done = "finished" if loop.step >= total else f"stopped at iteration {loop.step}/{total} (resume with --resume {run})"
             best = f"best mean Dice {best_metric:.4f} at iteration {best_step}" if best_step is not None else "no validation"
             logger.info("fine-tuning %s; %s", done, best)
         return run
     finally:
+        stop.__exit__(None, None, None)
         if pbar is not None:
             pbar.close()
         if metrics is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "pretrain",
     "NonFiniteLossError",
+    "TrainingInterrupted",
+    "StopSignal",
     "seed_everything",
     "build_optimizer",
     "TrainLoop",
@@ -61,6 +65,43 @@ __all__ = [
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or gradient norm) became NaN or infinite; training stopped before the update."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training at a step boundary, after a checkpoint was written."""
+
+
+class StopSignal:
+    """While active, SIGINT and SIGTERM ask the training loop to stop at the next step boundary
+    (with a checkpoint) instead of killing it mid-write; a second SIGINT stops at once.
+
+    Only installs handlers in the main thread; elsewhere it is inert.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        logger.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again to abort now)",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # pragma: no cover - exotic platforms
+                    pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +172,8 @@ class TrainLoop:
     last_checkpoint_step: int | None = None
     epoch_rng: dict[str, Any] | None = None
     loader: Any = None
+    stop: StopSignal | None = None
+    stop_requested: bool = False
 
     def capture_rng(self) -> dict[str, Any]:
         """Global generators plus the loader's own random state."""
@@ -150,7 +193,11 @@ class TrainLoop:
         Raises:
             NonFiniteLossError: NaN / inf loss or gradient norm; no parameter was updated.
         """
-        mean_loss = float(D.all_reduce_mean(loss.detach().float()))
+        # One reduction carries the loss and "some rank was asked to stop", so all ranks agree.
+        flag = 1.0 if self.stop is not None and self.stop.requested is not None else 0.0
+        packed = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag, dtype=torch.float32)])
+        packed = D.all_reduce_mean(packed)
+        mean_loss, self.stop_requested = float(packed[0]), float(packed[1]) > 0
         if not math.isfinite(mean_loss):
             self._raise_non_finite(f"{what} is {mean_loss}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -405,6 +452,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
     log = RunLog(run, enabled=main)
     metrics: MetricsWriter | None = None
     pbar = None
+    stop = StopSignal().__enter__()
     try:
         seed_everything(config.seed + ctx.rank)
         cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
@@ -422,6 +470,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         amp = D.resolve_amp(ctx.device, config.amp)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
         loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
+        loop.stop = stop
         rng = None
         last_path = run / "checkpoints" / "last.pt"
         if resuming:
@@ -508,10 +557,13 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
                                     run / "reconstructions" / f"epoch_{epoch + 1:04d}.png", loop)
             elif config.checkpoint_steps and loop.step % config.checkpoint_steps == 0 and loop.step < end:
                 checkpoint()
-            if loop.step >= end:
+            if loop.step >= end or loop.stop_requested:
                 break
         if loop.last_checkpoint_step != loop.step:
             checkpoint()
+        if loop.stop_requested:
+            raise TrainingInterrupted(f"stopped by a signal at step {loop.step}/{total}; checkpoint {last_path}; "
+                                      f"continue with --resume {run}")
         if preview is not None and not (run / "reconstructions").exists():
             _render_preview(loop.model, preview, config.mask_ratio, config.seed,
                             run / "reconstructions" / f"step_{loop.step:07d}.png", loop)
@@ -520,6 +572,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
             logger.info("pre-training %s; encoder weights in %s", done, run / "encoder.pt")
         return run
     finally:
+        stop.__exit__(None, None, None)
         if pbar is not None:
             pbar.close()
         if metrics is not None:
