@@ -148,7 +148,7 @@ FWD_SWEEP = [sst.ScanConfig(4, 16, 2), sst.ScanConfig(4, 16, 4), sst.ScanConfig(
              sst.ScanConfig(2, 16, 2), sst.ScanConfig(4, 32, 2)]
 BWD_SWEEP = [sst.ScanConfig(4, 4, 1), sst.ScanConfig(4, 4, 2), sst.ScanConfig(4, 8, 1),
              sst.ScanConfig(4, 2, 1), sst.ScanConfig(2, 4, 1), sst.ScanConfig(4, 8, 2),
-             sst.ScanConfig(4, 4, 4)]
+             sst.ScanConfig(4, 4, 4), sst.ScanConfig(4, 4, 1, 2), sst.ScanConfig(4, 2, 1, 2)]
 
 
 def sweep(lengths: List[int]) -> List[str]:
