@@ -326,7 +326,7 @@ def make_phantom(
     z0 = k * rib_period  # rib's height at the back (reference frame shifted)
     on_rib = (np.abs(zr - z0) < 5.0) & (np.abs(rib_d - 5.0) < 4.0)[:, :, None]
     reach = np.where(z0 < 30.0, 0.55 * np.pi, 0.85 * np.pi)
-    ribs = on_rib & (phi[:, :, None] < reach) & (z0 > -40.0)
+    ribs = on_rib & (phi[:, :, None] < reach) & (z0 > -40.0) & (np.abs(X2) > 35.0)[:, :, None]  # end at the spine
     hu[ribs] = 550.0 + jit(40)
 
     # ---- organs -----------------------------------------------------------------------------
