@@ -137,3 +137,16 @@ def patch_finetune(monkeypatch):
     monkeypatch.setattr(finetune_loop, "_make_loader",
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))
+
+
+def make_tiny_cache(root: Path, num: int = 3) -> Path:
+    """A real prepared cache of ``num`` small synthetic labeled phantoms (8 mm voxels, >= 32^3)."""
+    from mambamim.data.prepare import prepare_dataset
+    from mambamim.data.preprocess import PreprocessParams
+    from mambamim.data.synth import synth_dataset
+
+    synth_dataset(str(root / "raw"), num=num, seed=0, inplane_voxels=(40, 48), inplane_spacing=(8.0, 9.0),
+                  slice_spacing=(8.0, 9.0))
+    prepare_dataset(root / "raw", root / "cache", PreprocessParams(spacing=(8, 8, 8), min_size=(32, 32, 32)),
+                    workers=1, progress=False)
+    return root / "cache"

@@ -10,22 +10,14 @@ import pytest
 import torch
 import yaml
 
+from engine_standins import make_tiny_cache
 from mambamim.cli.main import main
 from mambamim.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    from mambamim.data.prepare import prepare_dataset
-    from mambamim.data.preprocess import PreprocessParams
-    from mambamim.data.synth import synth_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    synth_dataset(str(root / "raw"), num=3, seed=0, inplane_voxels=(40, 48), inplane_spacing=(8.0, 9.0),
-                  slice_spacing=(8.0, 9.0))
-    prepare_dataset(root / "raw", root / "cache", PreprocessParams(spacing=(8, 8, 8), min_size=(32, 32, 32)),
-                    workers=1, progress=False)
-    return root / "cache"
+    return make_tiny_cache(tmp_path_factory.mktemp("data"))
 
 
 COMMON = ["--size", "tiny", "--crop", "32", "--batch-size", "1", "--num-crops", "1", "--workers", "0",
