@@ -240,3 +240,19 @@ def test_split_cases_five_fold():
             split_cases(ids, **bad)
     with pytest.raises(ValueError):
         split_cases(ids[:3], 0)
+
+
+def test_picks_up_initialised_process_group(tmp_path):
+    import torch.distributed as dist
+
+    img, lab = coded_case((8, 8, 8))
+    root = write_cache(tmp_path / "c", [(f"c{i}", img, lab) for i in range(3)])
+    with pytest.raises(ValueError, match="not initialised"):
+        build_train_loader(root, crop_size=8, num_workers=0, distributed=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        sampler = build_train_loader(root, crop_size=8, num_workers=0).sampler
+        assert sampler.num_replicas == 1 and sampler.rank == 0 and sorted(sampler) == [0, 1, 2]
+        assert shard_indices(3) == [0, 1, 2]
+    finally:
+        dist.destroy_process_group()

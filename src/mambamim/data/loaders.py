@@ -135,9 +135,10 @@ class CacheCropSampled(Randomizable):
     ``{"image": float32 (C, *crop_size)[, "label": uint8 (1, *crop_size)]}`` (numpy).
 
     Labeled (``labeled=True``): centre on a foreground voxel (label > 0) with probability
-    ``pos / (pos + neg)``, else on a background voxel with ``image[0] > image_threshold`` (as MONAI
-    ``RandCropByPosNegLabeld`` with ``image_key``). Unlabeled: with probability ``fg_fraction`` on a
-    voxel with ``image[0] > fg_threshold``, else uniform over the volume. Centres are moved so the
+    ``pos / (pos + neg)``, else on a background voxel; both restricted to voxels where some channel
+    is ``> image_threshold`` (as MONAI ``RandCropByPosNegLabeld`` with ``image_key``). Unlabeled:
+    with probability ``fg_fraction`` on a voxel where some channel is ``> fg_threshold``, else
+    uniform over the volume. Centres are moved so the
     crop lies inside the volume; axes shorter than the crop are zero-padded symmetrically.
 
     Random draws use ``self.R`` (a ``numpy.random.RandomState``), so MONAI's ``set_rnd`` /
@@ -178,25 +179,28 @@ class CacheCropSampled(Randomizable):
 
     def case_indices(self, case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(foreground, background) flat voxel indices of a case (cached, subsampled)."""
-        key = f"{case['id']}|{self.labeled}"
+        key = f"{case['image']}|{self.labeled}"
         hit = self._indices.get(key)
         if hit is not None:
             self._indices.move_to_end(key)
             return hit
-        image0 = np.load(case["image"], mmap_mode="r")[0]
+        image = np.load(case["image"], mmap_mode="r")
         if self.labeled:
             lab = np.load(case["label"], mmap_mode="r")
-            if lab.shape != image0.shape:
-                raise ValueError(f"{case['label']}: label shape {lab.shape} != image shape {image0.shape}")
-            lab = np.asarray(lab)
-            fg = np.flatnonzero(lab > 0)
-            bg = np.flatnonzero((lab == 0) & (np.asarray(image0) > self.image_threshold))
+            if lab.shape != image.shape[1:]:
+                raise ValueError(f"{case['label']}: label shape {lab.shape} != image shape {image.shape[1:]}")
+            lab = np.asarray(lab) > 0
+            valid = np.any(np.asarray(image) > self.image_threshold, axis=0)  # as MONAI map_binary_to_indices
+            fg = np.flatnonzero(lab & valid)
+            bg = np.flatnonzero(~lab & valid)
+            if fg.size == 0:
+                fg = np.flatnonzero(lab)
             if bg.size == 0:
-                bg = np.flatnonzero(lab == 0)
+                bg = np.flatnonzero(~lab)
             if fg.size == 0:
                 logger.warning("case %s has no foreground voxels: all its crops are background-centred", case["id"])
         else:
-            fg = np.flatnonzero(np.asarray(image0) > self.fg_threshold)
+            fg = np.flatnonzero(np.any(np.asarray(image) > self.fg_threshold, axis=0))
             bg = np.empty(0, np.int64)  # unlabeled: "background" draws are uniform, no list needed
         hit = (self._subsample(fg, str(case["id"]), 0), self._subsample(bg, str(case["id"]), 1))
         self._indices[key] = hit

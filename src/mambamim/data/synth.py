@@ -513,5 +513,5 @@ def synth_dataset(
     }
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    logger.info("wrote %d synthetic volumes to %s", num, out)
+    logger.debug("wrote %d synthetic volumes to %s", num, out)
     return meta
