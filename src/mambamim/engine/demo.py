@@ -52,8 +52,8 @@ class DemoSettings:
     model: str = "hymamba"
     size: str = "tiny"
     mask_ratio: float = 0.75
-    pretrain_steps: int = 40
-    finetune_iterations: int = 60
+    pretrain_steps: int = 30
+    finetune_iterations: int = 150
     batch_size: int = 2
     num_crops: int = 2
     lr_pretrain: float = 1e-3
@@ -76,7 +76,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         """The smallest setting that still runs every stage (for tests)."""
-        return cls(num_cases=4, num_test=2, pretrain_steps=3, finetune_iterations=4, batch_size=1, num_crops=1)
+        return cls(num_cases=3, num_test=1, pretrain_steps=2, finetune_iterations=2, batch_size=1, num_crops=1)
 
 
 @dataclass
@@ -247,8 +247,9 @@ def run_demo(
     with stage("figures"):
         pretrainer, pinfo = load_pretrainer(pre_run, dev)
         first_image = sorted((raw / "imagesTr").glob("*.nii.gz"))[0]
+        # a larger crop than the training one shows more tokens (the networks take any multiple of 16)
         rec = reconstruct_image(pretrainer, pinfo, str(first_image), fig_dir / "reconstruction.png",
-                                seed=s.seed, device=dev)
+                                seed=s.seed, crop=max(s.crop, 64), device=dev)
         figs["reconstruction"] = Path(rec["png"])
         figs["pretrain_loss"] = plot_loss_curves({"MambaMIM pre-training": _read_curve(pre_run)},
                                                  fig_dir / "pretrain_loss.png", "pre-training loss (masked patches)")
