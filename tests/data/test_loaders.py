@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mambamim.data.loaders import (CacheCropSampled, build_eval_dataset, build_train_dataset, build_train_loader,
+from mambamim.data.loaders import (CacheCropSampled, build_eval_dataset, collate_crops, build_train_dataset, build_train_loader,
                                    infinite_batches, list_case_ids, shard_indices, split_cases)
 
 
@@ -256,3 +256,13 @@ def test_picks_up_initialised_process_group(tmp_path):
         assert shard_indices(3) == [0, 1, 2]
     finally:
         dist.destroy_process_group()
+
+
+def test_collate_crops_flattens_volumes():
+    vols = [[{"image": torch.full((1, 2, 2, 2), float(v * 10 + c)), "label": torch.full((1, 2, 2, 2), v, dtype=torch.int64),
+              "case_id": f"v{v}"} for c in range(3)] for v in range(2)]
+    b = collate_crops(vols)
+    assert tuple(b["image"].shape) == (6, 1, 2, 2, 2) and b["label"].dtype == torch.int64
+    assert b["image"][:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert b["label"][:, 0, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert b["case_id"] == ["v0"] * 3 + ["v1"] * 3

@@ -261,6 +261,41 @@ class _ToTensors:
         return out
 
 
+def _shared_empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uninitialised CPU tensor in shared memory (as torch's default_collate allocates in workers)."""
+    numel = int(np.prod(shape))
+    try:
+        storage = like._typed_storage()._new_shared(numel, device="cpu")
+        return like.new(storage).resize_(shape)
+    except (AttributeError, RuntimeError, TypeError):  # private API moved: fall back to a copy into shm
+        return torch.empty(shape, dtype=like.dtype).share_memory_()
+
+
+def collate_crops(batch: Sequence[Any]) -> dict[str, Any]:
+    """Collate volumes' crop lists into one batch: tensors stacked along a new dim 0, other values listed.
+
+    ``batch``: list (volumes) of lists (crops) of dicts, or a flat list of dicts. Stacking goes through
+    numpy (several times faster than ``torch.stack`` for large CPU tensors on a busy machine) and,
+    inside a DataLoader worker, straight into shared memory so the batch is not copied again.
+    """
+    items = [c for vol in batch for c in (vol if isinstance(vol, (list, tuple)) else [vol])]
+    if not items:
+        raise ValueError("empty batch")
+    in_worker = torch.utils.data.get_worker_info() is not None
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            arrs = [v.numpy() for v in vals]
+            shape = (len(arrs),) + arrs[0].shape
+            res = _shared_empty(vals[0], shape) if in_worker else torch.empty(shape, dtype=vals[0].dtype)
+            np.stack(arrs, out=res.numpy())
+            out[key] = res
+        else:
+            out[key] = vals
+    return out
+
+
 def train_transforms(crop_size: int | Sequence[int] = 96, num_crops: int = 4, labeled: bool = True,
                      augment: bool = True, **sampler_kwargs: Any):
     """MONAI ``Compose``: cache crop sampling, then augmentations, then tensors.
@@ -351,7 +386,7 @@ def build_train_loader(cache_dir: str | os.PathLike, case_ids: Sequence[str] | N
     Reproducible for a given ``seed``: the shuffle uses ``seed`` + epoch, and the crop / augmentation
     random state of every worker comes from a generator seeded with ``seed`` and the rank.
     """
-    from monai.data import DataLoader, list_data_collate
+    from monai.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     if batch_size < 1:
@@ -365,7 +400,7 @@ def build_train_loader(cache_dir: str | os.PathLike, case_ids: Sequence[str] | N
     generator = torch.Generator()
     generator.manual_seed(int(seed) * 1_000_003 + rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=list_data_collate, generator=generator, drop_last=drop_last,
+                      collate_fn=collate_crops, generator=generator, drop_last=drop_last,
                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
 
