@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from engine_standins import TinyPretrainer, TinySegNet
 from mambamim.engine import checkpoint as C
