@@ -266,3 +266,12 @@ def test_collate_crops_flattens_volumes():
     assert b["image"][:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
     assert b["label"][:, 0, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
     assert b["case_id"] == ["v0"] * 3 + ["v1"] * 3
+
+
+def test_data_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, mambamim.data as d; heavy = [m for m in ('torch', 'monai', 'scipy', 'nibabel') if m in sys.modules];"
+            "assert not heavy, heavy; assert callable(d.split_cases) and 'monai' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
