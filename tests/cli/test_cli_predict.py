@@ -11,7 +11,7 @@ import pytest
 
 from mambamim.cli.main import main
 
-from _cli_toys import phantom_hu, toy_info, write_nifti
+from _cli_toys import phantom_hu, toy_info, write_dicom_series, write_nifti
 
 REAL_CT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ct_abdomen_3mm"
 
@@ -71,6 +71,22 @@ def test_predict_reports_bad_files_and_keeps_going(tmp_path, toy_segmenter, caps
     rc = main(["predict", "--checkpoint", str(ckpt), "--input", str(corrupt), "--output", str(out),
                "--device", "cpu", "--no-progress"])
     assert rc == 1
+
+
+def test_predict_dicom_series(tmp_path, toy_segmenter):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    hu = phantom_hu((22, 18, 12), seed=5)
+    aff = AFFINES["lps"]  # DICOM's native patient orientation
+    write_dicom_series(tmp_path / "patient1" / "series", hu, aff)
+    rc = main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "patient1"), "--output",
+               str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    (seg_path,) = list((tmp_path / "out").glob("*_seg.nii.gz"))
+    img = nib.load(seg_path)
+    assert img.shape == hu.shape
+    np.testing.assert_allclose(img.affine, aff, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj).astype(bool), hu > 37.5)
 
 
 def test_predict_checkpoint_errors(tmp_path, capsys):
