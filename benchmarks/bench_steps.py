@@ -1,0 +1,207 @@
+"""Whole-step benchmarks: pre-training step, fine-tuning step, sliding-window inference, TOKI.
+
+Every figure is timed against a baseline in the same run: our own dense-fp32-eager configuration for
+steps, the plain float32 path for inference. Prints a markdown table (and writes it to
+$OUT/bench_steps.md when OUT is set).
+
+    python benchmarks/bench_steps.py --only pretrain finetune infer toki [--batch 8] [--crop 96]
+
+CPU runs work with tiny settings (``--size tiny --crop 32 --batch 2``) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
+    """Median seconds per call and peak memory (GiB) over ``iters`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def pretrain_variants(args, device):
+    from mambamim.pretrain import create_pretrainer
+
+    rows = []
+    x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
+    variants = [("fp32 eager (baseline)", dict(amp=False, cl=False, compile=False))]
+    if device.type == "cuda":
+        variants += [
+            ("bf16 autocast", dict(amp=True, cl=False, compile=False)),
+            ("bf16 + channels_last", dict(amp=True, cl=True, compile=False)),
+            ("bf16 + torch.compile", dict(amp=True, cl=False, compile=True)),
+        ]
+    for label, v in variants:
+        torch.manual_seed(0)
+        model = create_pretrainer("hymamba", size=args.size).to(device)
+        if v["cl"]:
+            model = model.to(memory_format=torch.channels_last_3d)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fwd = torch.compile(model) if v["compile"] else model
+        ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if v["amp"] else nullcontext
+        xin = x.contiguous(memory_format=torch.channels_last_3d) if v["cl"] else x
+
+        def step():
+            with ctx():
+                out = fwd(xin)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            t, peak = timed(step, device, args.warmup + (3 if v["compile"] else 0), args.iters)
+            rows.append((f"pretrain step, {label}", t, peak))
+        except Exception as exc:  # report and go on with the other variants
+            rows.append((f"pretrain step, {label}: FAILED {type(exc).__name__}: {str(exc)[:80]}", float("nan"), float("nan")))
+        del model, opt, fwd
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def finetune_variants(args, device):
+    from monai.losses import DiceCELoss
+
+    from mambamim.models import create_model
+
+    rows = []
+    x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
+    y = torch.randint(0, 14, (args.batch, 1, args.crop, args.crop, args.crop), device=device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    variants = [("fp32 eager (baseline)", False, False)]
+    if device.type == "cuda":
+        variants += [("bf16 autocast", True, False), ("bf16 + torch.compile", True, True)]
+    for label, amp, comp in variants:
+        torch.manual_seed(0)
+        model = create_model("hymamba", size=args.size, num_classes=14).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fwd = torch.compile(model) if comp else model
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = fwd(x)
+            loss_fn(logits.float(), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            t, peak = timed(step, device, args.warmup + (3 if comp else 0), args.iters)
+            rows.append((f"finetune step ({args.batch} crops), {label}", t, peak))
+        except Exception as exc:
+            rows.append((f"finetune step, {label}: FAILED {type(exc).__name__}: {str(exc)[:80]}", float("nan"), float("nan")))
+        del model, opt, fwd
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def infer_variants(args, device):
+    from monai.inferers import sliding_window_inference
+
+    from mambamim.models import create_model
+
+    rows = []
+    shape = tuple(args.volume)
+    vol = torch.rand(1, 1, *shape, device=device)
+    torch.manual_seed(0)
+    model = create_model("hymamba", size=args.size, num_classes=14).to(device).eval()
+    roi = (args.crop,) * 3
+    variants = [("fp32 (baseline)", False, 4)]
+    if device.type == "cuda":
+        variants += [("bf16", True, 8), ("bf16, sw_batch 16", True, 16)]
+    for label, amp, swb in variants:
+
+        @torch.inference_mode()
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return sliding_window_inference(vol, roi, swb, model, overlap=0.5, mode="gaussian")
+
+        t, peak = timed(run, device, 1, max(2, args.iters // 3))
+        rows.append((f"sliding window {shape}, {label}", t, peak))
+    return rows
+
+
+def toki_rows(args, device):
+    from mambamim.masking import random_bottleneck_mask
+    from mambamim.ops.toki import toki_fill
+
+    b, grid, c = 8, (6, 6, 6), 384
+    tokens = torch.randn(b, 216, c, device=device)
+    vis = random_bottleneck_mask(b, grid, 0.75, device=device).flatten(1)
+    A = torch.randn(c, c, device=device) * 0.01
+    edge = torch.randn(c, device=device)
+    t, _ = timed(lambda: toki_fill(tokens, vis, A, edge), device, 5, 50)
+    rows = [("TOKI fill, batch 8, 6^3 grid, 384 ch (forward)", t, float("nan"))]
+    tokens.requires_grad_(True)
+    A.requires_grad_(True)
+
+    def fb():
+        toki_fill(tokens, vis, A, edge).sum().backward()
+
+    t, _ = timed(fb, device, 5, 50)
+    rows.append(("TOKI fill, forward + backward", t, float("nan")))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", default=["pretrain", "finetune", "infer", "toki"])
+    parser.add_argument("--size", default="base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    table = {"pretrain": pretrain_variants, "finetune": finetune_variants, "infer": infer_variants, "toki": toki_rows}
+    for key in args.only:
+        rows += table[key](args, device)
+        print(f"[{key} done]", flush=True)
+    lines = [
+        f"device: {name}; torch {torch.__version__}; batch {args.batch}; crop {args.crop}; size {args.size}",
+        "",
+        "| what | median time | peak GiB |",
+        "| --- | --- | --- |",
+    ]
+    for what, t, peak in rows:
+        ts = f"{t * 1e3:.2f} ms" if t < 0.1 else f"{t:.3f} s"
+        lines.append(f"| {what} | {ts} | {peak:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_steps.md"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
