@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambamim.ops.toki import TOKI, LearnableMaskToken, gather_visible, scatter_visible, toki_fill
+from mambamim.masking import gather_visible, scatter_visible
+from mambamim.ops.toki import TOKI, LearnableMaskToken, toki_fill
 
 
 def toki_fill_reference(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tensor, edge_token: torch.Tensor):

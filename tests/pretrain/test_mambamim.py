@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mambamim.models import create_model
-from mambamim.models.hymamba import stage_masks_from_bottleneck
+from mambamim.masking import stage_masks
 from mambamim.pretrain import create_pretrainer
 
 # The smallest useful configuration: a 32x32x32 input gives a 2x2x2 bottleneck grid (8 tokens).
@@ -11,7 +11,7 @@ MICRO = dict(size="tiny", decoder_width=32)
 
 def masked_change(x, mask, scale=5.0, seed=1):
     """x with every voxel inside masked 16^3 blocks replaced by noise."""
-    visible = stage_masks_from_bottleneck(mask, 4, x.dtype)[0].bool()
+    visible = stage_masks(mask, x.shape[2:], 5)[0].bool()
     g = torch.Generator().manual_seed(seed)
     return torch.where(visible, x, torch.randn(x.shape, generator=g) * scale)
 
@@ -38,7 +38,7 @@ def test_nothing_depends_on_masked_voxels(name, token):
         assert torch.equal(a["reconstruction"], b["reconstruction"])
         assert torch.equal(a["features"], b["features"])
         if name != "vim_unetr":
-            masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+            masks = stage_masks(mask, x.shape[2:], 5)
             fa = model.encoder.forward_cnn(x * masks[0], masks)
             fb = model.encoder.forward_cnn(x2 * masks[0], masks)
             for f1, f2 in zip(fa, fb):
@@ -57,7 +57,7 @@ def test_without_bottom_up_the_cnn_sees_masked_voxels():
         fa = model.encoder.forward_cnn(x, None)
         fb = model.encoder.forward_cnn(x2, None)
         # Features at *visible* positions change: dense convolutions read across block borders.
-        masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+        masks = stage_masks(mask, x.shape[2:], 5)
         assert not torch.allclose(fa[1] * masks[1], fb[1] * masks[1])
         a, b = model(x, mask), model(x2, mask)
     assert not torch.allclose(a["reconstruction"], b["reconstruction"])

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from mambamim.layers.mamba import MambaMixer
+from mambamim.masking import gather_visible, scatter_visible
 from mambamim.layers.posembed import sincos_pos_embed_3d
 from mambamim.layers.scan_order import ScanOrder
 
-__all__ = ["VimLayer", "MambaStage", "StageOutput", "gather_visible", "scatter_visible"]
+__all__ = ["VimLayer", "MambaStage", "StageOutput"]
 
 
 class VimLayer(nn.Module):
@@ -59,27 +60,6 @@ class StageOutput(NamedTuple):
     hidden: list[torch.Tensor]
 
 
-def gather_visible(seq: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the visible tokens of each sample, in order.
-
-    seq (B, L, C), visible (B, L) bool with the same count K in every sample ->
-    (tokens (B, K, C), index (B, K) of their sequence positions).
-    """
-    counts = visible.sum(dim=1)
-    k = int(counts[0])
-    if bool((counts != k).any()):
-        raise ValueError(f"every sample needs the same number of visible tokens, got counts {counts.tolist()}")
-    # A stable sort on "is masked" lists the visible positions first, in sequence order.
-    index = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[:, :k]
-    return seq.gather(1, index.unsqueeze(-1).expand(-1, -1, seq.shape[-1])), index
-
-
-def scatter_visible(tokens: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of :func:`gather_visible`: (B, K, C) -> (B, L, C) with zeros at the other positions."""
-    out = tokens.new_zeros(tokens.shape[0], length, tokens.shape[-1])
-    return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
-
-
 class MambaStage(nn.Module):
     """A stack of Vision-Mamba layers over a 3D token grid, optionally on the visible tokens only.
 
@@ -123,17 +103,19 @@ class MambaStage(nn.Module):
         perm = self.scan.permutation(grid, x.device)
         pos = sincos_pos_embed_3d(grid, self.dim).to(device=x.device, dtype=x.dtype)
         seq = ScanOrder.serialize(x, perm) + pos[perm]
-        length = seq.shape[1]
-        vis_seq = index = None
+        vis_seq = None
         if visible is not None:
             vis_seq = visible.flatten(1)[:, perm]
-            seq, index = gather_visible(seq, vis_seq)
+            counts = vis_seq.sum(dim=1).tolist()
+            if len(set(counts)) != 1 or counts[0] == 0:
+                raise ValueError(f"every sample needs the same, non-zero number of visible tokens, got {counts}")
+            seq = gather_visible(seq, vis_seq, counts[0])
         hidden = []
         for i, layer in enumerate(self.layers, start=1):
             seq = layer(seq)
             if i in return_layers:
-                hidden.append(seq if index is None else scatter_visible(seq, index, length))
+                hidden.append(seq if vis_seq is None else scatter_visible(seq, vis_seq))
         seq = self.norm(seq)
-        if index is not None:
-            seq = scatter_visible(seq, index, length)
+        if vis_seq is not None:
+            seq = scatter_visible(seq, vis_seq)
         return StageOutput(seq, vis_seq, perm, hidden)

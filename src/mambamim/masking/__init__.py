@@ -6,6 +6,8 @@ from mambamim.masking.masks import (
     stage_masks,
     upsample_mask,
     validate_mask,
+    gather_visible,
+    scatter_visible,
 )
 
-__all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask"]
+__all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask", "gather_visible", "scatter_visible"]

@@ -18,6 +18,8 @@ __all__ = [
     "upsample_mask",
     "stage_masks",
     "validate_mask",
+    "gather_visible",
+    "scatter_visible",
 ]
 
 
@@ -111,7 +113,9 @@ def upsample_mask(
     return out.unsqueeze(1)
 
 
-def stage_masks(mask: Tensor, input_size: int | Sequence[int], num_stages: int) -> list[Tensor]:
+def stage_masks(
+    mask: Tensor, input_size: int | Sequence[int], num_stages: int, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
     """The mask at each encoder stage grid: full, 1/2, 1/4, ... resolution.
 
     Args:
@@ -119,6 +123,7 @@ def stage_masks(mask: Tensor, input_size: int | Sequence[int], num_stages: int) 
         input_size: ``(D, H, W)`` of the input volume (or one int).
         num_stages: number of grids; stage ``i`` has size ``input_size / 2**i``. With
             ``num_stages=5`` and a 1/16 bottleneck the last entry is the bottleneck grid itself.
+        dtype: dtype of the masks.
 
     Returns:
         list of ``num_stages`` float 0/1 tensors ``(B, 1, D/2**i, H/2**i, W/2**i)``, finest first.
@@ -137,7 +142,7 @@ def stage_masks(mask: Tensor, input_size: int | Sequence[int], num_stages: int) 
         stage = tuple(s // scale for s in size)
         if any(s % g for s, g in zip(stage, grid)):
             raise ValueError(f"stage {i} grid {stage} is not an integer multiple of the mask grid {grid}")
-        out.append(upsample_mask(mask, stage))
+        out.append(upsample_mask(mask, stage, dtype))
     return out
 
 
@@ -164,3 +169,45 @@ def validate_mask(mask: Tensor, grid: Sequence[int]) -> int:
     if len(set(counts)) > 1:
         raise ValueError(f"visible counts differ across the batch: {counts}")
     return int(counts[0])
+
+
+def _visible_index(visible: Tensor, num_visible: int) -> Tensor:
+    # Stable sort puts the visible positions first, in scan order; static shapes, no host sync.
+    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)
+    return order[:, :num_visible]
+
+
+def gather_visible(tokens: Tensor, visible: Tensor, num_visible: int) -> Tensor:
+    """Keep the visible tokens in scan order.
+
+    Args:
+        tokens: ``(B, L, C)``; visible: ``(B, L)`` bool with exactly ``num_visible`` True per row
+            (not checked here, to avoid a host sync; see ``mambamim.masking.validate_mask``).
+
+    Returns:
+        ``(B, num_visible, C)``.
+    """
+    if tokens.dim() != 3 or visible.shape != tokens.shape[:2]:
+        raise ValueError(f"expected tokens (B, L, C) and visible (B, L), got {tuple(tokens.shape)} and {tuple(visible.shape)}")
+    index = _visible_index(visible, num_visible)
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def scatter_visible(visible_tokens: Tensor, visible: Tensor) -> Tensor:
+    """Inverse of :func:`gather_visible`: place ``(B, K, C)`` tokens at the visible positions.
+
+    Args:
+        visible_tokens: ``(B, K, C)`` in scan order; visible: ``(B, L)`` bool with K True per row.
+
+    Returns:
+        ``(B, L, C)`` with zeros at masked positions.
+    """
+    if visible_tokens.dim() != 3 or visible.dim() != 2 or visible.shape[0] != visible_tokens.shape[0]:
+        raise ValueError(
+            f"expected visible_tokens (B, K, C) and visible (B, L), got {tuple(visible_tokens.shape)} "
+            f"and {tuple(visible.shape)}"
+        )
+    B, K, C = visible_tokens.shape
+    index = _visible_index(visible, K)
+    out = visible_tokens.new_zeros(B, visible.shape[1], C)
+    return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, C), visible_tokens)

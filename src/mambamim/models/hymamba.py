@@ -23,21 +23,9 @@ from mambamim.blocks.mednext import ConvNormAct, MedNeXtBlock
 from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
 from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d
+from mambamim.masking import stage_masks
 
-__all__ = ["HyMambaEncoder", "HyMamba", "stage_masks_from_bottleneck"]
-
-
-def stage_masks_from_bottleneck(visible: torch.Tensor, num_levels: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Bottleneck mask (B, d, h, w) bool -> float masks (B, 1, ...) at 1/1, 1/2, ..., 1/2^num_levels.
-
-    Index i is the grid at 1/2^i; nearest upsampling of the bottleneck (1/2^num_levels) mask.
-    """
-    m = visible.unsqueeze(1).to(dtype)
-    masks = [m]
-    for _ in range(num_levels):
-        m = m.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
-        masks.append(m)
-    return masks[::-1]
+__all__ = ["HyMambaEncoder", "HyMamba"]
 
 
 class HyMambaEncoder(nn.Module):
@@ -127,7 +115,7 @@ class HyMambaEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
         self.check_input(x)
-        masks = None if visible is None else stage_masks_from_bottleneck(visible, 4, x.dtype)
+        masks = None if visible is None else stage_masks(visible, x.shape[2:], 5, x.dtype)
         if masks is not None:
             x = x * masks[0]
         feats = self.forward_cnn(x, masks)

@@ -36,8 +36,6 @@ __all__ = [
     "toki_fill",
     "TOKI",
     "LearnableMaskToken",
-    "gather_visible",
-    "scatter_visible",
 ]
 
 
@@ -175,44 +173,3 @@ class LearnableMaskToken(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
-
-
-def _visible_index(visible: Tensor, num_visible: int) -> Tensor:
-    # Stable sort puts the visible positions first, in scan order; static shapes, no host sync.
-    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)
-    return order[:, :num_visible]
-
-
-def gather_visible(tokens: Tensor, visible: Tensor, num_visible: int) -> Tensor:
-    """Keep the visible tokens in scan order.
-
-    Args:
-        tokens: ``(B, L, C)``; visible: ``(B, L)`` bool with exactly ``num_visible`` True per row
-            (not checked here, to avoid a host sync; see ``mambamim.masking.validate_mask``).
-
-    Returns:
-        ``(B, num_visible, C)``.
-    """
-    _check_inputs(tokens, visible)
-    index = _visible_index(visible, num_visible)
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def scatter_visible(visible_tokens: Tensor, visible: Tensor) -> Tensor:
-    """Inverse of :func:`gather_visible`: place ``(B, K, C)`` tokens at the visible positions.
-
-    Args:
-        visible_tokens: ``(B, K, C)`` in scan order; visible: ``(B, L)`` bool with K True per row.
-
-    Returns:
-        ``(B, L, C)`` with zeros at masked positions.
-    """
-    if visible_tokens.dim() != 3 or visible.dim() != 2 or visible.shape[0] != visible_tokens.shape[0]:
-        raise ValueError(
-            f"expected visible_tokens (B, K, C) and visible (B, L), got {tuple(visible_tokens.shape)} "
-            f"and {tuple(visible.shape)}"
-        )
-    B, K, C = visible_tokens.shape
-    index = _visible_index(visible, K)
-    out = visible_tokens.new_zeros(B, visible.shape[1], C)
-    return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, C), visible_tokens)

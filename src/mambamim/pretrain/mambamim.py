@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mambamim.masking import num_visible, random_bottleneck_mask
+from mambamim.masking import num_visible, random_bottleneck_mask, stage_masks
 from mambamim.models import model_config
-from mambamim.models.hymamba import HyMambaEncoder, stage_masks_from_bottleneck
+from mambamim.models.hymamba import HyMambaEncoder
 from mambamim.models.vim_unetr import VimEncoder
 from mambamim.ops.toki import TOKI, LearnableMaskToken
 from mambamim.layers.scan_order import ScanOrder
@@ -207,7 +207,7 @@ class MambaMIM(nn.Module):
             return [], self._fill_sequence(out.tokens, out.visible, out.perm, grid)
         enc: HyMambaEncoder = self.encoder
         enc.check_input(x)
-        masks = stage_masks_from_bottleneck(mask, 4, x.dtype)
+        masks = stage_masks(mask, x.shape[2:], 5, x.dtype)
         if self.bottom_up:
             feats = enc.forward_cnn(x * masks[0], masks)
         else:
