@@ -458,6 +458,12 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
         D.barrier()
         meta = read_cache_meta(cache)
+        shapes = [c.get("shape") for c in meta.get("cases", []) if c.get("shape")]
+        if shapes and int(shapes[0][0]) != config.in_channels:
+            logger.info("the cache has %d channel(s): in_channels %d -> %d", shapes[0][0], config.in_channels, shapes[0][0])
+            config.in_channels = int(shapes[0][0])
+            if main:
+                config.save_yaml(run / "config.yaml")
         loader = _make_loader(cache, config, ctx, labeled=False, augment=True, case_ids=config.cases)
         steps_per_epoch = len(loader)
         total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
