@@ -328,10 +328,21 @@ class ScanConfig(NamedTuple):
     bdt: int = 1
 
 
-# Defaults for d_state 16 from the H100 sweep in benchmarks/NOTES_selective_scan.md; ng is clipped
-# for smaller states (see _resolve).
-_FWD_CONFIG = ScanConfig(ng=4, block_t=16, num_warps=2, bdt=1)
-_BWD_CONFIG = ScanConfig(ng=4, block_t=4, num_warps=1, bdt=1)
+# Defaults for d_state 16 from the H100 sweeps in benchmarks/NOTES_selective_scan.md; ng is
+# clipped for smaller states (see _resolve).
+_FWD_CONFIG = ScanConfig(ng=4, block_t=16, num_warps=1, bdt=1)
+
+
+def _bwd_config(L: int) -> ScanConfig:
+    """Backward tile (its block_t is also the forward's state-saving interval) for length L."""
+    if L <= 512:
+        return ScanConfig(ng=4, block_t=4, num_warps=1, bdt=2)
+    return ScanConfig(ng=4, block_t=8, num_warps=1, bdt=1)
+
+
+def _fwd_config_saving(save_t: int) -> ScanConfig:
+    """Forward tile when states are saved: chunk = save interval (cheap stores) unless that is short."""
+    return ScanConfig(ng=4, block_t=save_t, num_warps=1) if save_t >= 8 else _FWD_CONFIG
 
 
 def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, int, int]:
@@ -381,8 +392,10 @@ def _launch_forward(
     (batch, cdiv(length, save_t), dim, state). ``poison`` fills the outputs with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    ng, nl, bd, bt, nw = _resolve(config or _FWD_CONFIG, n, dim)
-    save_t = save_t or _BWD_CONFIG.block_t
+    save_t = save_t or _bwd_config(L).block_t
+    if config is None:
+        config = _fwd_config_saving(save_t) if store_states else _FWD_CONFIG
+    ng, nl, bd, bt, nw = _resolve(config, n, dim)
     if store_states and bt % save_t != 0:
         bt = max(bt, save_t)  # powers of two: the larger is a multiple of the smaller
         if bt % save_t != 0:
@@ -421,7 +434,7 @@ def _launch_backward(
     output and partial buffer with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    ng, nl, bd, bt, nw = _resolve(config or _BWD_CONFIG, n, dim)
+    ng, nl, bd, bt, nw = _resolve(config or _bwd_config(L), n, dim)
     n_chunks = triton.cdiv(L, bt)
     if states.shape != (batch, n_chunks, dim, n):
         raise ValueError(f"states shape {tuple(states.shape)} does not match block_t={bt}")
