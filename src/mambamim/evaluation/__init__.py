@@ -1,6 +1,7 @@
 """Evaluation: per-case, per-class Dice / HD95 / surface Dice and paired statistics between runs."""
 
 from mambamim.evaluation.metrics import METRICS, MetricTable, binary_metrics, case_metrics, evaluate_cases
+from mambamim.evaluation.report import evaluate_on_cache, write_evaluation
 from mambamim.evaluation.stats import PairedResult, compare_tables, comparison_markdown, paired_tests, save_comparison
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "comparison_markdown",
     "paired_tests",
     "save_comparison",
+    "evaluate_on_cache",
+    "write_evaluation",
 ]
