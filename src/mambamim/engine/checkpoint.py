@@ -159,7 +159,7 @@ def numpy_state_to_dict(state: tuple) -> dict[str, Any]:
 
 def numpy_state_from_dict(state: Mapping[str, Any]) -> tuple:
     """Inverse of :func:`numpy_state_to_dict`."""
-    return (state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+    return (state["kind"], state["keys"].cpu().numpy().astype(np.uint32), state["pos"], state["has_gauss"],
             state["cached_gaussian"])
 
 

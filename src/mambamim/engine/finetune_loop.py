@@ -285,7 +285,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         best_metric, best_step = -math.inf, None
         rng = None
         if resuming:
-            state = load_checkpoint(last_path, map_location=ctx.device)
+            state = load_checkpoint(last_path, map_location="cpu")
             rng = loop.load_state_dict(state, "model")
             best_metric = float(state.get("best_metric", -math.inf) if state.get("best_metric") is not None else -math.inf)
             best_step = state.get("best_step")

@@ -480,7 +480,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         rng = None
         last_path = run / "checkpoints" / "last.pt"
         if resuming:
-            state = load_checkpoint(last_path, map_location=ctx.device)
+            state = load_checkpoint(last_path, map_location="cpu")
             rng = loop.load_state_dict(state, "pretrainer")
             loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
             logger.info("resumed %s at step %d (epoch %d, batch %d)", run, loop.step, loop.position.epoch, loop.position.batch)

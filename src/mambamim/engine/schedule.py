@@ -147,7 +147,7 @@ def restore_loader_rng(loader: Any, state: dict[str, Any] | None) -> None:
         return
     gen = getattr(loader, "generator", None)
     if state.get("generator") is not None and isinstance(gen, torch.Generator):
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())
     randoms = _random_states(loader)
     saved = state.get("transforms") or []
     if len(saved) == len(randoms):
