@@ -140,8 +140,10 @@ def test_interpreter_parity():
 def _interpreter_check() -> None:
     """Small parity + poison checks on CPU tensors; run by test_interpreter_parity."""
     # odd dim and length: masked channels, a padded last chunk, several chunks
-    for flags in [(True, True, True, True), (False, False, False, False)]:
-        args = make_inputs(2, 3, 9, 4, "cpu", with_d=flags[0], with_z=flags[1], with_bias=flags[2],
+    # L=9: scalar loads and a padded last chunk; L=16: the vector-load path (L % 8 == 0)
+    for L, flags in [(9, (True, True, True, True)), (9, (False, False, False, False)),
+                     (16, (True, True, True, True))]:
+        args = make_inputs(2, 3, L, 4, "cpu", with_d=flags[0], with_z=flags[1], with_bias=flags[2],
                            softplus=flags[3], seed=3)
         errs = check_parity(args, flags[3], 1e-5, 1e-5)
         print("interpreter", flags, errs)

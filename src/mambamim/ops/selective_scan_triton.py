@@ -86,18 +86,20 @@ if _HAS_TRITON:
         return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
     @triton.jit
-    def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr):
-        # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c, raw dtype; zeros outside
+    def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
+        # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c, raw dtype; zeros outside.
+        # L % VEC == 0: comparing t // VEC keeps the mask constant over VEC steps (vector loads)
         t = c * BLOCK_T + offs_t
-        m2 = ((t >= 0) & (t < L))[:, None] & d_mask[None, :]
+        m2 = ((t >= 0) & ((t // VEC) < (L // VEC)))[:, None] & d_mask[None, :]
         return tl.load(ptr + row[None, :] + t[:, None], mask=m2, other=0.0)
 
     @triton.jit
-    def _load_bc(ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T: tl.constexpr):
+    def _load_bc(ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
         # (BLOCK_T, NG, NL) tile of a (batch, N, L) tensor at chunk c, raw dtype; zeros outside
         t = c * BLOCK_T + offs_t
-        t_mask = (t >= 0) & (t < L)
-        return tl.load(ptr + bc_base + n_tn * L + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
+        t_mask = (t >= 0) & ((t // VEC) < (L // VEC))
+        rows = tl.multiple_of(n_tn * L, [VEC, VEC, VEC])
+        return tl.load(ptr + bc_base + rows + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
 
     @triton.jit
     def _ss_fwd_kernel(
@@ -106,7 +108,7 @@ if _HAS_TRITON:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
         # STORE_STATES: states[b, k] = state before step k * SAVE_T, k < n_states (BLOCK_T % SAVE_T == 0)
         pid_b = tl.program_id(0).to(tl.int64)
@@ -126,7 +128,7 @@ if _HAS_TRITON:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
-        row = pid_b * dim * L + offs_d.to(tl.int64) * L  # (BLOCK_D,)
+        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)  # (BLOCK_D,)
         bc_base = pid_b * N * L
         if STORE_STATES and SAVE_T != BLOCK_T:
             z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
@@ -134,12 +136,12 @@ if _HAS_TRITON:
         # built as a reduction of a 4-D tile so that the loop carries it in the tile's layout
         h = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
         # chunk c's tiles are loaded during chunk c - 1 (register prefetch hides the load latency)
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T)
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T, VEC)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T, VEC)
         if HAS_Z:
-            z_n = _load_rows(z_ptr, row, offs_t, d_mask, 0, L, BLOCK_T)
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
         for c in range(0, n_chunks):
             u = u_n.to(tl.float32)
             dt = dt_n.to(tl.float32)
@@ -147,12 +149,12 @@ if _HAS_TRITON:
             Ct = C_n.to(tl.float32)
             if HAS_Z:
                 zz = z_n.to(tl.float32)
-            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
-            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
-            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T)
-            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T)
+            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
+            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
+            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
+            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
             if HAS_Z:
-                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T)
+                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
@@ -192,7 +194,7 @@ if _HAS_TRITON:
         batch, dim, L, n_chunks,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -211,7 +213,7 @@ if _HAS_TRITON:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
-        row = pid_b * dim * L + offs_d.to(tl.int64) * L
+        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
         bc_base = pid_b * N * L
         part_base = (pid_d * batch + pid_b) * N * L  # dB/dC partials: (n_dblocks, batch, N, L)
         # exp(delta A) * g at the next chunk's start; 4-D reductions keep the tile's layout
@@ -223,15 +225,15 @@ if _HAS_TRITON:
         st_rows = offs_d[None, :, None] * N + n3
         # chunk c's tiles are loaded during chunk c + 1 (register prefetch)
         c_last = n_chunks - 1
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
-        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T)
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
+        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T, VEC)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T, VEC)
         h0_n = tl.load(states_ptr + (pid_b * n_chunks + c_last) * dim * N + st_rows,
                        mask=d_mask[None, :, None], other=0.0)
         if HAS_Z:
-            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T)
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
         for ci in range(0, n_chunks):
             c = n_chunks - 1 - ci
             u = u_n.to(tl.float32)
@@ -242,15 +244,15 @@ if _HAS_TRITON:
             h0 = h0_n
             if HAS_Z:
                 zz = z_n.to(tl.float32)
-            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
-            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
-            dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
-            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T)
-            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T)
+            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
+            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
+            dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
+            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T, VEC)
+            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T, VEC)
             h0_n = tl.load(states_ptr + (pid_b * n_chunks + c - 1) * dim * N + st_rows,
                            mask=d_mask[None, :, None] & ((st_rows * 0 + c) > 0), other=0.0)
             if HAS_Z:
-                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T)
+                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
@@ -354,6 +356,14 @@ def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, in
     return ng, nl, block_d, cfg.block_t, cfg.num_warps
 
 
+def _vec(L: int, block_t: int) -> int:
+    """Largest power of two dividing L, at most 8 and block_t: lets Triton vectorize row loads."""
+    v = 1
+    while v < 8 and v < block_t and L % (2 * v) == 0:
+        v *= 2
+    return v
+
+
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
@@ -417,7 +427,7 @@ def _launch_forward(
         dim, L, n_chunks, n_states,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states, SAVE_T=save_t if store_states else bt,
-        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, num_warps=nw,
+        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw,
     )
     return y, (states if store_states else None)
 
@@ -466,7 +476,7 @@ def _launch_backward(
         batch, dim, L, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
-        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, num_warps=nw,
+        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw,
     )
     dA = dA_part.sum(0).to(A.dtype)
     dB = (dB_part.sum(0) if n_db > 1 else dB_part[0]).to(B.dtype)
