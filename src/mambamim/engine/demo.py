@@ -52,6 +52,7 @@ class DemoSettings:
     model: str = "hymamba"
     size: str = "tiny"
     mask_ratio: float = 0.75
+    decoder_width: int = 128
     pretrain_steps: int = 30
     finetune_iterations: int = 150
     batch_size: int = 2
@@ -201,7 +202,8 @@ def run_demo(
     common = dict(model=s.model, size=s.size, crop=s.crop, batch_size=s.batch_size, num_crops=s.num_crops,
                   device=dev, seed=s.seed, workers=0, progress=progress, log_every=1)
     with stage("pre-training"):
-        pretrain(PretrainConfig(data=str(cache), out=str(pre_run), mask_ratio=s.mask_ratio, steps=s.pretrain_steps,
+        pretrain(PretrainConfig(data=str(cache), out=str(pre_run), mask_ratio=s.mask_ratio,
+                                decoder_width=s.decoder_width, steps=s.pretrain_steps,
                                 epochs=None, lr=s.lr_pretrain, warmup_steps=max(1, s.pretrain_steps // 10),
                                 save_every=0, vis_every=0, **common))
 

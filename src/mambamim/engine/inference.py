@@ -273,19 +273,7 @@ def load_pretrainer(
     if fmt != "mambamim-pretrain" or not isinstance(ckpt.get("config"), dict) or "pretrainer" not in ckpt:
         raise CheckpointError(f"{path} is not a mambamim pre-training checkpoint (format={fmt!r})")
     cfg = ckpt["config"]
-    from mambamim.engine.config import model_size_kwargs
-    from mambamim.pretrain import create_pretrainer
-
-    pretrainer = create_pretrainer(
-        cfg.get("model", "hymamba"),
-        in_channels=int(cfg.get("in_channels", 1)),
-        mask_ratio=float(cfg.get("mask_ratio", 0.75)),
-        token=cfg.get("token", "toki"),
-        skip=bool(cfg.get("skip", True)),
-        bottom_up=bool(cfg.get("bottom_up", True)),
-        scan=cfg.get("scan", "raster"),
-        **model_size_kwargs(cfg.get("size", "base")),
-    )
+    pretrainer = _build_pretrainer(cfg)
     state = ckpt["pretrainer"]
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -303,6 +291,32 @@ def load_pretrainer(
         "path": str(path),
     }
     return pretrainer.to(resolve_device(device)).eval(), info
+
+
+def _build_pretrainer(cfg: dict[str, Any]) -> nn.Module:
+    """The pre-trainer a run's saved configuration describes, built as the training loop builds it."""
+    try:
+        from mambamim.engine.config import PretrainConfig
+        from mambamim.engine.pretrain_loop import _make_pretrainer
+
+        return _make_pretrainer(PretrainConfig.from_dict(dict(cfg)))
+    except (ImportError, TypeError, ValueError) as exc:  # an older / foreign config: build from its keys
+        logger.debug("building the pre-trainer from raw config keys (%s)", exc)
+    from mambamim.engine.config import model_size_kwargs
+    from mambamim.pretrain import create_pretrainer
+
+    extra = {} if cfg.get("decoder_width") is None else {"decoder_width": int(cfg["decoder_width"])}
+    return create_pretrainer(
+        cfg.get("model", "hymamba"),
+        in_channels=int(cfg.get("in_channels", 1)),
+        mask_ratio=float(cfg.get("mask_ratio", 0.75)),
+        token=cfg.get("token", "toki"),
+        skip=bool(cfg.get("skip", True)),
+        bottom_up=bool(cfg.get("bottom_up", True)),
+        scan=cfg.get("scan", "raster"),
+        **model_size_kwargs(cfg.get("size", "base")),
+        **extra,
+    )
 
 
 def _preprocessing_near(path, run_dir, cfg: dict) -> dict | None:
