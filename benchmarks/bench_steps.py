@@ -53,7 +53,10 @@ def pretrain_variants(args, device):
             ("bf16 autocast", dict(amp=True, cl=False, compile=False)),
             ("bf16 + channels_last", dict(amp=True, cl=True, compile=False)),
             ("bf16 + torch.compile", dict(amp=True, cl=False, compile=True)),
+            ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
         ]
+    if args.variants:
+        variants = [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
     for label, v in variants:
         torch.manual_seed(0)
         model = create_pretrainer("hymamba", size=args.size).to(device)
@@ -129,17 +132,18 @@ def infer_variants(args, device):
     torch.manual_seed(0)
     model = create_model("hymamba", size=args.size, num_classes=14).to(device).eval()
     roi = (args.crop,) * 3
-    variants = [("fp32 (baseline)", False, 4)]
+    variants = [("fp32 (baseline)", False, 4, False)]
     if device.type == "cuda":
-        variants += [("bf16", True, 8), ("bf16, sw_batch 16", True, 16)]
-    for label, amp, swb in variants:
+        variants += [("bf16, sw_batch 8", True, 8, False), ("bf16 + torch.compile, sw_batch 8", True, 8, True)]
+    for label, amp, swb, comp in variants:
+        net = torch.compile(model) if comp else model
 
         @torch.inference_mode()
         def run():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return sliding_window_inference(vol, roi, swb, model, overlap=0.5, mode="gaussian")
+                return sliding_window_inference(vol, roi, swb, net, overlap=0.5, mode="gaussian")
 
-        t, peak = timed(run, device, 1, max(2, args.iters // 3))
+        t, peak = timed(run, device, 2 if comp else 1, max(2, args.iters // 3))
         rows.append((f"sliding window {shape}, {label}", t, peak))
     return rows
 
@@ -175,6 +179,8 @@ def main() -> None:
     parser.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--variants", type=int, nargs="*", default=None, help="pre-training variant indices")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
