@@ -408,7 +408,9 @@ def _render_preview(model: nn.Module, volume: torch.Tensor, mask_ratio: float, s
         gen = torch.Generator().manual_seed(seed)
         mask = random_bottleneck_mask(1, grid, mask_ratio, generator=gen, device=loop.device)
         module.eval()
-        with torch.no_grad(), loop.autocast():
+        devices = [loop.device.index or 0] if loop.device.type == "cuda" else []
+        # the picture must not shift the training's random streams (exact resume)
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), loop.autocast():
             out = module(x, mask=mask)
         path.parent.mkdir(parents=True, exist_ok=True)
         render_reconstruction(x.float().cpu(), out["reconstruction"].float().cpu(), out["mask"].cpu(), path)
