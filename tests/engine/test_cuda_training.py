@@ -1,0 +1,32 @@
+"""CUDA path of the training loops (bf16 autocast, CUDA RNG capture, resume); skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_standins import make_tiny_cache
+from mambamim.engine.checkpoint import load_checkpoint
+from mambamim.engine.config import FinetuneConfig, PretrainConfig
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_bf16_pretrain_resume_and_finetune_on_cuda(tmp_path):
+    from mambamim.engine.finetune_loop import finetune
+    from mambamim.engine.pretrain_loop import pretrain
+
+    cache = make_tiny_cache(tmp_path, num=3)
+    common = dict(data=str(cache), size="tiny", crop=32, batch_size=2, num_crops=2, workers=0, device="cuda",
+                  progress=False, log_every=1)
+    run = pretrain(PretrainConfig(out=str(tmp_path / "pre"), steps=4, stop_after=2, decoder_width=32, vis_every=1,
+                                  **common))
+    pretrain(PretrainConfig(resume=str(run), device="cuda", workers=0, progress=False))
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["step"] == 4 and last["config"]["amp"] == "auto"
+    assert "cuda" in last["rng"][0]["now"]["global"]
+    assert all(torch.isfinite(v).all() for v in last["pretrainer"].values() if v.is_floating_point())
+    ft = finetune(FinetuneConfig(out=str(tmp_path / "ft"), pretrained=str(run), iterations=2, val_every=2, fold=0,
+                                 num_folds=3, **common))
+    best = load_checkpoint(ft / "checkpoints" / "best.pt")
+    assert 0.0 <= best["best_metric"] <= 1.0
