@@ -87,3 +87,22 @@ def test_dense_path_matches_torch(cls):
             x.movedim(1, -1), (4,), layer.weight, layer.bias, layer.eps).movedim(-1, 1),
     }[cls]()  # fmt: skip
     assert torch.allclose(layer(x), dense, atol=1e-5)
+
+
+def test_per_channel_group_norm_matches_general_path_and_keeps_channels_last():
+    x = torch.randn(2, 4, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    mask = block_mask(seed=4)
+    per_channel = SparseGroupNorm(4, 4)
+    with torch.no_grad():
+        per_channel.weight.uniform_(0.5, 1.5)
+        per_channel.bias.uniform_(-1, 1)
+    y = per_channel(x, mask)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    # Same statistics as the reshaping path (used for fewer groups than channels), forced here by
+    # computing two-channel groups of a duplicated input.
+    general = SparseGroupNorm(4, 8)
+    with torch.no_grad():
+        general.weight.copy_(per_channel.weight.repeat_interleave(2))
+        general.bias.copy_(per_channel.bias.repeat_interleave(2))
+    y2 = general(x.repeat_interleave(2, dim=1).contiguous(), mask)
+    assert torch.allclose(y, y2[:, ::2], atol=1e-5)

@@ -92,6 +92,15 @@ class SparseGroupNorm(nn.GroupNorm):
             return super().forward(x)
         b, c = x.shape[:2]
         g = self.num_groups
+        if g == c:
+            # One group per channel: reduce over the spatial dims without a reshape, which keeps a
+            # channels_last_3d input channels-last (a reshape would force layout copies around every conv).
+            mean, var, _ = _masked_moments(x, mask, tuple(range(2, x.dim())))
+            y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+            if self.affine:
+                shape = (1, c) + (1,) * (x.dim() - 2)
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+            return apply_mask(y.to(x.dtype), mask)
         xg = x.reshape(b, g, c // g, -1)
         mean, var, _ = _masked_moments(xg, mask.reshape(b, 1, 1, -1), (2, 3))
         y = ((xg.float() - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
