@@ -90,26 +90,41 @@ class MambaStage(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+        # Per-instance cache of the position embedding for the last grid / device / dtype seen.
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def _pos_embed(self, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (grid, device, dtype)
+        if key not in self._pos_cache:
+            self._pos_cache = {key: sincos_pos_embed_3d(grid, self.dim).to(device=device, dtype=dtype)}
+        return self._pos_cache[key]
 
     def forward(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, return_layers: Sequence[int] = ()
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, return_layers: Sequence[int] = (),
+        num_visible: int | None = None,
     ) -> StageOutput:
-        """x (B, C, D, H, W); visible (B, D, H, W) bool or None; return_layers: 1-based layer indices."""
+        """x (B, C, D, H, W); visible (B, D, H, W) bool or None; return_layers: 1-based layer indices.
+
+        ``num_visible``: visible tokens per sample when the caller knows it (saves a device sync and
+        is then not re-checked); otherwise it is counted and checked to be equal across the batch.
+        """
         if x.dim() != 5 or x.shape[1] != self.dim:
             raise ValueError(f"MambaStage expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
         grid = tuple(x.shape[2:])
         if visible is not None and tuple(visible.shape) != (x.shape[0], *grid):
             raise ValueError(f"mask {tuple(visible.shape)} does not match the token grid {(x.shape[0], *grid)}")
         perm = self.scan.permutation(grid, x.device)
-        pos = sincos_pos_embed_3d(grid, self.dim).to(device=x.device, dtype=x.dtype)
+        pos = self._pos_embed(grid, x.device, x.dtype)
         seq = ScanOrder.serialize(x, perm) + pos[perm]
         vis_seq = None
         if visible is not None:
             vis_seq = visible.flatten(1)[:, perm]
-            counts = vis_seq.sum(dim=1).tolist()
-            if len(set(counts)) != 1 or counts[0] == 0:
-                raise ValueError(f"every sample needs the same, non-zero number of visible tokens, got {counts}")
-            seq = gather_visible(seq, vis_seq, counts[0])
+            if num_visible is None:
+                counts = vis_seq.sum(dim=1).tolist()
+                if len(set(counts)) != 1 or counts[0] == 0:
+                    raise ValueError(f"every sample needs the same, non-zero number of visible tokens, got {counts}")
+                num_visible = counts[0]
+            seq = gather_visible(seq, vis_seq, num_visible)
         hidden = []
         for i, layer in enumerate(self.layers, start=1):
             seq = layer(seq)

@@ -39,12 +39,15 @@ class VimEncoder(nn.Module):
         self.patch_embed = nn.Conv3d(in_channels, dim, patch_size, stride=patch_size)
         self.mamba = MambaStage(dim, depth, mlp_ratio, scan, bidirectional, d_state=d_state)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None, return_layers: Sequence[int] = ()):
+    def forward(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, return_layers: Sequence[int] = (),
+        num_visible: int | None = None,
+    ):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         if any(s % 16 for s in x.shape[2:]):
             raise ValueError(f"spatial sides must be multiples of 16, got {tuple(x.shape[2:])}")
-        return self.mamba(self.patch_embed(x), visible, return_layers)
+        return self.mamba(self.patch_embed(x), visible, return_layers, num_visible)
 
 
 class VimUNETR(nn.Module):

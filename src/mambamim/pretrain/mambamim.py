@@ -199,11 +199,13 @@ class MambaMIM(nn.Module):
         filled = self.fill(tokens, visible_seq)
         return ScanOrder.deserialize(filled, perm, grid)
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, mask: torch.Tensor, num_visible: int | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Sparse encoding. Returns (CNN skips fine to coarse, possibly empty; filled bottleneck grid)."""
         grid = tuple(mask.shape[1:])
         if isinstance(self.encoder, VimEncoder):
-            out = self.encoder(x, mask)
+            out = self.encoder(x, mask, num_visible=num_visible)
             return [], self._fill_sequence(out.tokens, out.visible, out.perm, grid)
         enc: HyMambaEncoder = self.encoder
         enc.check_input(x)
@@ -217,7 +219,7 @@ class MambaMIM(nn.Module):
             for f, m, t in zip(feats[:4], masks[:4], self.mask_tokens)
         ]
         if enc.mamba is not None:
-            out = enc.mamba(feats[4], mask)
+            out = enc.mamba(feats[4], mask, num_visible=num_visible)
             bottleneck = self._fill_sequence(out.tokens, out.visible, out.perm, grid)
         else:
             perm = self.scan.permutation(grid, x.device)
@@ -226,10 +228,12 @@ class MambaMIM(nn.Module):
         return skips, bottleneck
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        known = None
         if mask is None:
             mask = self.random_mask(x)
+            known = num_visible(mask[0].numel(), self.mask_ratio)
         self._check(x, mask)
-        skips, bottleneck = self.encode(x, mask)
+        skips, bottleneck = self.encode(x, mask, known)
         rec = self.decoder(bottleneck, skips[::-1] if self.skip else ())
         loss = masked_patch_mse(rec, x, mask, self.patch_size)
         return {"loss": loss, "reconstruction": rec, "mask": mask, "features": bottleneck}
