@@ -252,6 +252,9 @@ class MetricTable:
         m = s["mean"]
         means = ["n/a" if math.isnan(m[k]) else f"{m[k]:.{d}f}" for k, d in (("dice", 4), ("hd95", 2), ("nsd", 4))]
         lines.append(f"| **mean** | {means[0]} | {means[1]} | {means[2]} | |")
+        lines += ["", "A class absent from both reference and prediction is not scored (n counts the scored "
+                  "cases); one missed or hallucinated completely scores Dice 0, surface Dice 0 and HD95 = the "
+                  "image diagonal in mm."]
         return "\n".join(lines) + "\n"
 
     def to_csv(self, path: str | os.PathLike) -> None:
