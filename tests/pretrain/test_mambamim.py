@@ -6,7 +6,7 @@ from mambamim.masking import stage_masks
 from mambamim.pretrain import create_pretrainer
 
 # The smallest useful configuration: a 32x32x32 input gives a 2x2x2 bottleneck grid (8 tokens).
-MICRO = dict(size="tiny", decoder_width=32)
+MICRO = dict(size="tiny")
 
 
 def masked_change(x, mask, scale=5.0, seed=1):
@@ -101,6 +101,12 @@ def test_encoder_loads_into_the_segmentation_model_by_name(name):
         assert torch.equal(seg.encoder.state_dict()[k], v)
 
 
+def test_decoder_width_follows_the_size_preset():
+    assert create_pretrainer("hymamba", size="tiny").decoder.proj_bottleneck.out_channels == 32
+    assert create_pretrainer("hymamba", size="tiny", decoder_width=64).decoder.proj_bottleneck.out_channels == 64
+    assert create_pretrainer("vim_unetr").decoder.proj_bottleneck.out_channels == 768
+
+
 def test_switches_change_the_model():
     no_skip = create_pretrainer("hymamba", skip=False, **MICRO)
     assert not no_skip.decoder.use_skips and len(no_skip.decoder.proj_skips) == 0
@@ -129,7 +135,7 @@ def test_every_trainable_parameter_gets_a_gradient():
 def test_training_drives_the_loss_down(token):
     torch.manual_seed(0)
     model = create_pretrainer(
-        "hymamba", token=token, size="tiny", decoder_width=32, stem_channels=4, widths=(4, 8, 8, 16)
+        "hymamba", token=token, size="tiny", stem_channels=4, widths=(4, 8, 8, 16)
     )  # fmt: skip
     zz, yy, xx = torch.meshgrid(*(torch.linspace(-1, 1, 32),) * 3, indexing="ij")
     x = ((zz**2 + yy**2 + xx**2) < 0.6).float()[None, None] * 0.8 + 0.1 * torch.sin(6 * xx)[None, None]

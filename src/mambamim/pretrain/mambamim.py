@@ -34,6 +34,8 @@ __all__ = ["MambaMIM", "LightDecoder", "PRETRAINABLE"]
 
 PRETRAINABLE = ("hymamba", "vim_unetr", "mednext_cnn")
 TOKENS = ("toki", "learnable")
+# Light-decoder width at 1/16 per size preset (the paper's 768 for "base").
+DECODER_WIDTHS = {"base": 768, "small": 384, "tiny": 32}
 
 _HYMAMBA_ENCODER_KEYS = (
     "in_channels", "stem_channels", "widths", "depths", "expansions", "mamba_depth", "mlp_ratio", "scan", "norm",
@@ -114,7 +116,8 @@ class MambaMIM(nn.Module):
             only the Mamba stage dropping tokens (False; HyMamba only).
         scan: scan order of the Mamba stage / of TOKI.
         size: encoder preset (``base``, ``small``, ``tiny``) as in :func:`mambamim.models.create_model`.
-        decoder_width: light decoder width at 1/16 (768), halved per level.
+        decoder_width: light decoder width at 1/16, halved per level (None: 768 for ``base``, 384 for
+            ``small``, 32 for ``tiny``).
         decoder_norm: ``batch`` or ``instance``.
         patch_size: loss patch size (16: the bottleneck cell).
         **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
@@ -133,7 +136,7 @@ class MambaMIM(nn.Module):
         bottom_up: bool = True,
         scan: str = "raster",
         size: str = "base",
-        decoder_width: int = 768,
+        decoder_width: int | None = None,
         decoder_norm: str = "batch",
         patch_size: int = 16,
         **encoder_kwargs: Any,
@@ -153,6 +156,8 @@ class MambaMIM(nn.Module):
         self.token = token
         self.bottom_up = bool(bottom_up)
         self.patch_size = patch_size
+        if decoder_width is None:
+            decoder_width = DECODER_WIDTHS.get(size, 768)
         cfg = model_config(name, size, scan=scan, **encoder_kwargs)
         if name == "vim_unetr":
             self.encoder: nn.Module = VimEncoder(**{k: v for k, v in cfg.items() if k in _VIM_ENCODER_KEYS})
