@@ -42,6 +42,8 @@ from mambamim.engine.pretrain_loop import (
     TrainingInterrupted,
     TrainLoop,
     _make_loader,
+    _channels_last,
+    _fast_forward,
     _wrap_model,
     build_optimizer,
     resolve_resume,
@@ -294,7 +296,9 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
 
         roi = config.roi_size
         probe_x = torch.zeros(1, in_channels, config.crop, config.crop, config.crop, device=ctx.device)
+        model = _channels_last(model, ctx.device, config.compile)
         loop.model = _wrap_model(model, ctx, config.find_unused_parameters, lambda m: m(probe_x).float().mean())
+        forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
 
         val_ds = None
         if val_ids and config.val_every:
@@ -376,10 +380,10 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         loop.model.train()
         batches = loop.batches(loader, rng, ctx.rank, ctx.world_size) if loop.step < end else iter(())
         for batch in batches:
-            x = batch["image"].to(ctx.device, non_blocking=True)
+            x = prepare(batch["image"].to(ctx.device, non_blocking=True))
             y = batch["label"].to(ctx.device, non_blocking=True)
             with loop.autocast():
-                logits = loop.model(x)
+                logits = forward(x)
             loss = loss_fn(logits.float(), y)
             loss_value, grad_norm = loop.backward_step(loss)
             window.append(loss_value)

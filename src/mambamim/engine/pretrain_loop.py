@@ -315,6 +315,22 @@ class TrainLoop:
                     break
 
 
+def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tuple[Callable, Callable]:
+    """(forward, prepare_input): torch.compile and, on CUDA, channels-last 3D when ``enabled``.
+
+    ``model`` (possibly DDP-wrapped) must already hold channels-last weights on CUDA; see
+    :func:`_channels_last`. Checkpoints keep using the eager module's state.
+    """
+    if not enabled:
+        return model, lambda x: x
+    prepare = (lambda x: x.contiguous(memory_format=torch.channels_last_3d)) if device.type == "cuda" else (lambda x: x)
+    return torch.compile(model), prepare
+
+
+def _channels_last(model: nn.Module, device: torch.device, enabled: bool) -> nn.Module:
+    return model.to(memory_format=torch.channels_last_3d) if enabled and device.type == "cuda" else model
+
+
 def _wrap_model(model: nn.Module, ctx: D.DistContext, setting: str, probe: Callable[[nn.Module], torch.Tensor]) -> nn.Module:
     if not ctx.distributed:
         return model
@@ -489,7 +505,9 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
 
         crop = config.crop
         probe_x = torch.zeros(1, config.in_channels, crop, crop, crop, device=ctx.device)
+        model = _channels_last(model, ctx.device, config.compile)
         loop.model = _wrap_model(model, ctx, config.find_unused_parameters, lambda m: m(probe_x)["loss"])
+        forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
 
         model_info = {
             "name": config.model,
@@ -533,9 +551,9 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         loop.model.train()
         batches = loop.batches(loader, rng, ctx.rank, ctx.world_size) if loop.step < end else iter(())
         for batch in batches:
-            x = batch["image"].to(ctx.device, non_blocking=True)
+            x = prepare(batch["image"].to(ctx.device, non_blocking=True))
             with loop.autocast():
-                out = loop.model(x)
+                out = forward(x)
             loss_value, grad_norm = loop.backward_step(out["loss"])
             window.append(loss_value)
             if pbar is not None:
