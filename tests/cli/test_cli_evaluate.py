@@ -36,8 +36,14 @@ def test_evaluate_raw_and_cache(tmp_path, toy_segmenter, capsys):
         expected[f"case{i}"] = binary_metrics(truth, lab, (2.0, 2.0, 3.0))
     out = tmp_path / "eval"
     rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(raw), "--out", str(out),
-               "--device", "cpu", "--no-progress"])
+               "--device", "cpu", "--no-progress", "--save-predictions"])
     assert rc == 0
+    import nibabel as nib
+
+    saved = nib.load(out / "predictions" / "case0_seg.nii.gz")  # in the input's own grid
+    assert saved.shape == (24, 20, 14)
+    np.testing.assert_allclose(saved.affine, AFF, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj).astype(bool), phantom_hu((24, 20, 14), seed=10) > 37.5)
     printed = capsys.readouterr().out
     assert "| bright |" in printed and "3 case(s)" in printed
     table = MetricTable.from_csv(out / "per_case.csv")

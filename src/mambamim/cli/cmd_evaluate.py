@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (per_case.csv, summary.json, summary.md)")
     parser.add_argument("--split", default=None, help="only cases of this split of the cache (e.g. val, test)")
     parser.add_argument("--cases", nargs="+", default=None, help="only these case ids")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="also write each prediction as OUT/predictions/<case>_seg.nii.gz in its original geometry")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="surface-Dice tolerance in mm (default 1.0)")
     add_window_arguments(parser)
     add_device_arguments(parser)
@@ -50,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
         return error("evaluate", f"no labeled case to evaluate in {cache}"
                      + (f" (split {args.split!r})" if args.split else ""))
     t0 = time.perf_counter()
+    on_case = _prediction_writer(os.path.join(args.out, "predictions")) if args.save_predictions else None
     try:
         table = evaluate_on_cache(model, info, cache, ids, roi=roi, overlap=args.overlap,
                                   sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp,
-                                  nsd_tolerance_mm=args.nsd_tolerance, progress=args.progress)
+                                  nsd_tolerance_mm=args.nsd_tolerance, progress=args.progress, on_case=on_case)
     except (DataError, ValueError) as exc:
         return error("evaluate", str(exc))
     seconds = time.perf_counter() - t0
@@ -65,6 +68,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(table.rows)} case(s) in {seconds:.1f} s; wrote {paths['per_case']}, {paths['summary_json']}, "
           f"{paths['summary_md']}")
     return 0
+
+
+def _prediction_writer(folder: str):
+    """on_case callback writing a prediction in its case's original voxel grid and affine."""
+    import numpy as np
+
+    from mambamim.data.preprocess import restore_to_original, save_nifti_atomic
+
+    def write(case_id: str, pred, case: dict) -> None:
+        dtype = np.uint8 if int(pred.max(initial=0)) <= 255 else np.uint16
+        restored, affine = restore_to_original(pred.astype(dtype), case["meta"], is_label=True)
+        save_nifti_atomic(restored.astype(dtype, copy=False), affine, os.path.join(folder, f"{case_id}_seg.nii.gz"))
+
+    return write
 
 
 def _resolve_cache(args: argparse.Namespace, info: dict) -> str:
