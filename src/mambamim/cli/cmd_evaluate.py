@@ -3,7 +3,8 @@
 ``--data`` is a prepared cache, or labeled raw data (NIfTI / DICOM / nnU-Net / Decathlon) that is
 prepared on the fly into ``OUT/cache`` with the checkpoint's preprocessing. Writes
 ``OUT/per_case.csv`` (one row per case), ``OUT/summary.json`` and ``OUT/summary.md``, and prints
-the summary table.
+the summary table; with ``--save-predictions`` also ``OUT/predictions/<case>_seg.nii.gz`` in each
+case's original geometry. Scores are computed in cache space (see :mod:`mambamim.evaluation.report`).
 """
 
 from __future__ import annotations
