@@ -57,6 +57,8 @@ def pretrain_variants(args, device):
         ]
     if args.variants:
         variants = [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
+    if args.best_only:
+        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
     for label, v in variants:
         torch.manual_seed(0)
         model = create_pretrainer("hymamba", size=args.size).to(device)
@@ -97,6 +99,8 @@ def finetune_variants(args, device):
     variants = [("fp32 eager (baseline)", False, False)]
     if device.type == "cuda":
         variants += [("bf16 autocast", True, False), ("bf16 + torch.compile", True, True)]
+    if args.best_only:
+        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
     for label, amp, comp in variants:
         torch.manual_seed(0)
         model = create_model("hymamba", size=args.size, num_classes=14).to(device)
@@ -135,6 +139,8 @@ def infer_variants(args, device):
     variants = [("fp32 (baseline)", False, 4, False)]
     if device.type == "cuda":
         variants += [("bf16, sw_batch 8", True, 8, False), ("bf16 + torch.compile, sw_batch 8", True, 8, True)]
+    if args.best_only:
+        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
     for label, amp, swb, comp in variants:
         net = torch.compile(model) if comp else model
 
@@ -180,7 +186,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--variants", type=int, nargs="*", default=None, help="pre-training variant indices")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
+    parser.add_argument("--best-only", action="store_true", help="only the baseline and the fastest variant of each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
