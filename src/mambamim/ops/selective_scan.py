@@ -145,6 +145,15 @@ def selective_scan_ref(
     return y.to(out_dtype)
 
 
+@torch.compiler.disable
+def _selective_scan_fused(*args):
+    # The Triton autograd.Function runs as an opaque call inside torch.compile'd models (a graph
+    # break) instead of being traced, which its launcher does not support.
+    from mambamim.ops.selective_scan_triton import selective_scan_triton
+
+    return selective_scan_triton(*args)
+
+
 def _use_fast_path(u: torch.Tensor) -> bool:
     if not u.is_cuda:
         return False
@@ -181,8 +190,6 @@ def selective_scan(
         y: (batch, dim, length) in u's dtype; state and accumulation are float32.
     """
     if _use_fast_path(u):
-        from mambamim.ops.selective_scan_triton import selective_scan_triton
-
         _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
