@@ -96,3 +96,24 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 5 and a["model_config"]["kwargs"]["num_classes"] == 3
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    import torch
+
+    from mambamim.engine import pretrain_loop
+
+    def broken_compile(model):
+        def fail(x):
+            raise RuntimeError("backend exploded")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(3, 2)
+    forward, prepare = pretrain_loop._fast_forward(model, torch.device("cpu"), True)
+    x = torch.randn(4, 3)
+    with caplog.at_level("WARNING"):
+        out = forward(prepare(x))
+    assert torch.equal(out, model(x)) and "backend exploded" in caplog.text
+    assert torch.equal(forward(x), model(x))

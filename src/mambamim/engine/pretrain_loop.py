@@ -324,7 +324,31 @@ def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tupl
     if not enabled:
         return model, lambda x: x
     prepare = (lambda x: x.contiguous(memory_format=torch.channels_last_3d)) if device.type == "cuda" else (lambda x: x)
-    return torch.compile(model), prepare
+    return _CompiledOrEager(model), prepare
+
+
+class _CompiledOrEager:
+    """torch.compile'd forward that falls back to eager (with a warning) if compiling the first call fails."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.compiled = torch.compile(model)
+        self.state: bool | None = None  # None: not tried yet; True: compiled works; False: eager
+
+    def __call__(self, x: torch.Tensor):
+        if self.state is False:
+            return self.model(x)
+        try:
+            out = self.compiled(x)
+        except Exception as exc:
+            if self.state:
+                raise
+            logger.warning("torch.compile failed (%s: %s); training continues without it",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.state = False
+            return self.model(x)
+        self.state = True
+        return out
 
 
 def _channels_last(model: nn.Module, device: torch.device, enabled: bool) -> nn.Module:
