@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mambamim.atomic import atomic_write
+from mambamim.atomic import write_json_atomic as _write_json_atomic
 from mambamim.data.errors import DataError
 
 CACHE_FORMAT = "mambamim-cache"
@@ -39,46 +40,16 @@ def case_paths(case_id: str) -> dict[str, str]:
     return {"image": f"{base}/image.npy", "label": f"{base}/label.npy", "meta": f"{base}/meta.json"}
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: str | os.PathLike, write) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` through a temp file in the same folder and ``os.replace``."""
+    """``np.save`` of ``array`` (any shape) through :func:`mambamim.atomic.atomic_write`."""
     arr = np.ascontiguousarray(array)
-    _atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+    with atomic_write(path) as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    data = (json.dumps(obj, indent=1) + "\n").encode()
-    _atomic(path, lambda f: f.write(data))
+    """Cache JSON files (``indent=1``, final newline), written atomically."""
+    _write_json_atomic(path, obj, indent=1)
 
 
 def read_json(path: str | os.PathLike) -> Any:

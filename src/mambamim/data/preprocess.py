@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from mambamim.atomic import atomic_write
 from mambamim.data.errors import DataError
 from mambamim.data.io import read_image, read_label
 
@@ -408,26 +408,14 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     """Write ``array`` (X, Y, Z) or (X, Y, Z, K) with ``affine`` as NIfTI: temp file in the same folder,
     fsync, ``os.replace``. Returns the path."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        arr = np.asarray(array)
-        if arr.dtype == np.bool_:
-            arr = arr.astype(np.uint8)
-        elif arr.dtype == np.int64:
-            arr = arr.astype(np.int32)
-        img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
-        img.set_qform(img.affine, code=1)
-        img.set_sform(img.affine, code=1)
-        nib.save(img, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.int64:
+        arr = arr.astype(np.int32)
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_write(path) as handle:
+        nib.save(img, handle.name)  # nibabel picks .nii / .nii.gz from the temp name's suffix
     return path

@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from mambamim.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +57,6 @@ class EncoderMismatchError(ValueError):
     """Pre-trained encoder weights do not match the model's encoder (see the message's report)."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not all platforms allow opening a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Write ``state`` with ``torch.save`` atomically.
 
@@ -85,22 +72,8 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as handle:
+        torch.save(dict(state), handle)
     return path
 
 

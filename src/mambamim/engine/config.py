@@ -13,6 +13,8 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from mambamim.atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -58,13 +60,8 @@ class _Config:
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
         """Write the configuration (with a ``kind`` line) to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {"kind": self.KIND, **self.to_dict()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
     def load_yaml(cls: type[C], path: str | os.PathLike) -> C:

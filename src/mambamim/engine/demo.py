@@ -21,7 +21,6 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -32,6 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from mambamim.atomic import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +270,10 @@ def run_demo(
                                 rec, mean_dice)
     result = DemoResult(report=report_path, out=out, pretrain_run=pre_run, finetune_runs=runs,
                         evaluations=evals, mean_dice=mean_dice, seconds=seconds, figures=figs)
-    (out / "demo.json").write_text(json.dumps({
+    write_json_atomic(out / "demo.json", {
         "settings": asdict(s), "device": dev, "seconds": seconds, "mean_dice": mean_dice,
         "train_cases": train_ids, "test_cases": test_ids,
-        "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=2))
+        "torch": torch.__version__, "threads": torch.get_num_threads()})
     return result
 
 
@@ -326,8 +327,4 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids, train_ids, test_
               "- `finetune_scratch/`, `finetune_pretrained/`: fine-tuning runs",
               "- `eval_*/per_case.csv`, `summary.json`, `summary.md`; `compare/comparison.{md,json}`",
               ""]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines))

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from mambamim.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunLog", "MetricsWriter"]
@@ -104,13 +106,11 @@ class MetricsWriter:
                                          purge_step=None if resume_step is None else resume_step + 1)
 
     def _rewrite(self, rows: list[Mapping[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_write(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self._columns, restval="")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: row.get(k, "") for k in self._columns})
-        os.replace(tmp, self.path)
 
     def log(self, row: Mapping[str, Any], prefix: str = "") -> None:
         """Write one row (``row["step"]`` is required); values go to TensorBoard as

@@ -30,7 +30,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
@@ -38,6 +37,8 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+from mambamim.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -259,20 +260,11 @@ class MetricTable:
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write ``rows`` as CSV (atomically: temp file then rename). NaN is written as ``nan``."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".csv.tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                for r in self.rows:
-                    writer.writerow({k: (r[k] if k == "case" else repr(float(r[k]))) for k in self.columns})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: (r[k] if k == "case" else repr(float(r[k]))) for k in self.columns})
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "MetricTable":

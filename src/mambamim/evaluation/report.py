@@ -7,7 +7,6 @@ surface-Dice tolerance are in mm of that grid.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,15 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mambamim.atomic import atomic_write, write_json_atomic, write_text_atomic
 from mambamim.evaluation.metrics import MetricTable, case_metrics
 
 logger = logging.getLogger(__name__)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -148,8 +142,8 @@ def write_evaluation(table: MetricTable, out_dir: str | os.PathLike, title: str 
     summary = table.summary()
     if extra:
         summary = {**extra, **summary}
-    _atomic_text(paths["summary_json"], json.dumps(_json_safe(summary), indent=2))
-    _atomic_text(paths["summary_md"], table.summary_markdown(title))
+    write_json_atomic(paths["summary_json"], _json_safe(summary))
+    write_text_atomic(paths["summary_md"], table.summary_markdown(title))
     return paths
 
 
@@ -168,9 +162,8 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", bbox_inches="tight")
     return path
 
 

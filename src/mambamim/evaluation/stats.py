@@ -9,7 +9,6 @@ has NaN (class not scored) or a non-finite value is dropped for that class and m
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sps
 
+from mambamim.atomic import write_json_atomic, write_text_atomic
 from mambamim.evaluation.metrics import METRICS, MetricTable
 
 logger = logging.getLogger(__name__)
@@ -182,13 +182,6 @@ def save_comparison(
         "shared_cases": list(shared),
         "results": [{k: _json_safe(v) for k, v in asdict(r).items()} for r in results],
     }
-    _atomic_write_text(json_path, json.dumps(payload, indent=2))
-    _atomic_write_text(md_path, f"# {name_b} vs {name_a}\n\n" + comparison_markdown(results, len(shared), name_a, name_b))
+    write_json_atomic(json_path, payload)
+    write_text_atomic(md_path, f"# {name_b} vs {name_a}\n\n" + comparison_markdown(results, len(shared), name_a, name_b))
     return md_path, json_path
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

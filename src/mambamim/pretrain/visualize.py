@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mambamim.atomic import atomic_write
 from mambamim.pretrain.loss import denormalize_patches
 
 __all__ = ["render_reconstruction"]
@@ -151,15 +151,7 @@ def render_reconstruction(
         fig.suptitle(title, fontsize=11, y=1 - 0.1 / (side + header))
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name in the same folder (mkstemp would leave the PNG mode 0600)
-    tmp = str(out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(out) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
     logger.debug("wrote %s", out)
     return out
