@@ -28,28 +28,23 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
+from mambamim.atomic import write_json_atomic
 from mambamim.engine.checkpoint import (
     EncoderMismatchError,
-    load_checkpoint,
     load_encoder_weights,
     load_pretrained_encoder,
     save_checkpoint,
 )
-from mambamim.engine.config import FinetuneConfig, model_size_kwargs, read_cache_meta, resolve_data
-from mambamim.engine.logging_utils import MetricsWriter, RunLog
+from mambamim.engine.config import FinetuneConfig, model_size_kwargs
+from mambamim.engine.logging_utils import MetricsWriter
 from mambamim.engine.pretrain_loop import (
-    StopSignal,
     TrainingInterrupted,
-    TrainLoop,
     _make_loader,
-    _channels_last,
-    _fast_forward,
-    _wrap_model,
-    build_optimizer,
-    resolve_resume,
-    seed_everything,
+    _prepare_for_training,
+    build_train_loop,
+    open_run,
+    run_training,
 )
-from mambamim.engine.schedule import default_warmup_steps, warmup_cosine_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -214,32 +209,12 @@ def finetune(config: FinetuneConfig) -> Path:
         EncoderMismatchError: the pre-trained encoder does not fit the model (and not allow_partial).
         NonFiniteLossError: NaN / inf loss (the last checkpoint stays intact).
     """
-    config = resolve_resume(config, FinetuneConfig)
-    config.validate()
-    ctx = D.init_distributed(config.device)
-    try:
-        return _finetune(config, ctx)
-    finally:
-        D.cleanup(ctx)
+    return run_training(config, FinetuneConfig, _finetune)
 
 
 def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
-    run = Path(config.out)
-    main = ctx.is_main
-    resuming = bool(config.resume)
-    if main:
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save_yaml(run / "config.yaml")
-    D.barrier()
-    log = RunLog(run, enabled=main)
-    metrics: MetricsWriter | None = None
-    pbar = None
-    stop = StopSignal().__enter__()
-    try:
-        seed_everything(config.seed + ctx.rank)
-        cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
-        D.barrier()
-        meta = read_cache_meta(cache)
+    with open_run(config, ctx) as session:
+        run, main, resuming, cache, meta = session.run, session.main, session.resuming, session.cache, session.meta
         labels = meta.get("labels")
         if not labels:
             raise ValueError(f"the cache {cache} declares no labels: fine-tuning needs labeled data")
@@ -249,13 +224,11 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         in_channels = int(shapes[0][0]) if shapes else 1
         train_ids, val_ids, how = select_cases(config, meta)
         if main:
-            (run / "split.json").write_text(json.dumps({"how": how, "train": train_ids, "validation": val_ids}, indent=1))
+            write_json_atomic(run / "split.json", {"how": how, "train": train_ids, "validation": val_ids}, indent=1)
             logger.info("%d training and %d validation cases (%s)", len(train_ids), len(val_ids), how)
 
         loader = _make_loader(cache, config, ctx, labeled=True, augment=config.augment, case_ids=train_ids)
         total = config.iterations
-        warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
-        warmup = min(warmup, total)
         spec = model_spec(config, in_channels, num_classes)
         model = _make_model(spec).to(ctx.device)
         if config.pretrained and not resuming:
@@ -274,31 +247,23 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
             except EncoderMismatchError as exc:
                 raise EncoderMismatchError(note + str(exc)) from None
             if main:
-                (run / "encoder_load_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        optimizer = build_optimizer(model, config.lr, config.weight_decay)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, config.min_lr_ratio)
-        amp = D.resolve_amp(ctx.device, config.amp)
-        scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
-        loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
-        loop.stop = stop
+                write_json_atomic(run / "encoder_load_report.json", report.to_dict(), indent=1)
+        loop, warmup = build_train_loop(model, config, ctx, total, session.stop)
+        amp = loop.amp
         loss_fn = _make_loss()
         last_path = run / "checkpoints" / "last.pt"
         best_path = run / "checkpoints" / "best.pt"
         best_metric, best_step = -math.inf, None
         rng = None
         if resuming:
-            state = load_checkpoint(last_path, map_location="cpu")
-            rng = loop.load_state_dict(state, "model")
+            state, rng = loop.resume_from(last_path, "model")
             best_metric = float(state.get("best_metric", -math.inf) if state.get("best_metric") is not None else -math.inf)
             best_step = state.get("best_step")
-            loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
             logger.info("resumed %s at iteration %d", run, loop.step)
 
         roi = config.roi_size
         probe_x = torch.zeros(1, in_channels, config.crop, config.crop, config.crop, device=ctx.device)
-        model = _channels_last(model, ctx.device, config.compile)
-        loop.model = _wrap_model(model, ctx, config.find_unused_parameters, lambda m: m(probe_x).float().mean())
-        forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
+        model, forward, prepare = _prepare_for_training(loop, model, ctx, config, lambda m: m(probe_x).float().mean())
 
         val_ds = None
         if val_ids and config.val_every:
@@ -312,7 +277,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
                 config.model, config.size, n_params / 1e6, num_classes, cache, total, warmup, amp, ctx.device,
                 ctx.world_size,
             )
-        metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
+        metrics = session.metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
         common = {
             "format": "mambamim-finetune",
             "version": 1,
@@ -371,10 +336,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
 
         end = total if config.stop_after is None else min(total, loop.step + config.stop_after)
         ckpt_every = config.checkpoint_steps or config.val_every or 1000
-        if main and config.progress:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=total, initial=loop.step, desc="finetune", unit="it", dynamic_ncols=True)
+        pbar = session.progress_bar(config.progress, total, loop.step, "finetune", "it")
         window: list[float] = []
         t_last = time.perf_counter()
         loop.model.train()
@@ -419,13 +381,6 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
             best = f"best mean Dice {best_metric:.4f} at iteration {best_step}" if best_step is not None else "no validation"
             logger.info("fine-tuning %s; %s", done, best)
         return run
-    finally:
-        stop.__exit__(None, None, None)
-        if pbar is not None:
-            pbar.close()
-        if metrics is not None:
-            metrics.close()
-        log.close()
 
 
 class _quiet_nan_warnings:

@@ -23,6 +23,7 @@ import random
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -60,6 +61,10 @@ __all__ = [
     "build_optimizer",
     "TrainLoop",
     "resolve_resume",
+    "run_training",
+    "RunSession",
+    "open_run",
+    "build_train_loop",
 ]
 
 
@@ -144,6 +149,85 @@ def resolve_resume(config: Any, config_cls: type) -> Any:
     saved.resume = str(run)
     saved.validate()
     return saved
+
+
+def run_training(config: Any, config_cls: type, body: Callable[[Any, D.DistContext], Path]) -> Path:
+    """The entry shared by :func:`pretrain` and ``finetune``: resolve ``--resume``, validate,
+    start the process group, return ``body(config, ctx)`` and always tear the group down."""
+    config = resolve_resume(config, config_cls)
+    config.validate()
+    ctx = D.init_distributed(config.device)
+    try:
+        return body(config, ctx)
+    finally:
+        D.cleanup(ctx)
+
+
+@dataclass
+class RunSession:
+    """A training run opened by :func:`open_run`. ``metrics`` and ``pbar``, once the loop sets
+    them, are closed with the run; ``meta`` is the cache's ``dataset.json``."""
+
+    run: Path
+    main: bool
+    resuming: bool
+    stop: StopSignal
+    log: RunLog
+    cache: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsWriter | None = None
+    pbar: Any = None
+
+    def progress_bar(self, progress: bool, total: int, initial: int, desc: str, unit: str) -> Any:
+        """A tqdm bar on the main rank when ``progress``, else None (kept in ``pbar``)."""
+        if self.main and progress:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+        return self.pbar
+
+
+@contextmanager
+def open_run(config: Any, ctx: D.DistContext) -> Iterator[RunSession]:
+    """The common start of a run: run folder and ``config.yaml`` (rank 0), log file, signal
+    handling, seeding, and the data resolved to a cache whose index is read. On exit (normal or
+    not) the signal handlers, progress bar, metrics writer and log are released."""
+    run = Path(config.out)
+    main = ctx.is_main
+    if main:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config.save_yaml(run / "config.yaml")
+    D.barrier()
+    session = RunSession(run, main, bool(config.resume), StopSignal().__enter__(), RunLog(run, enabled=main))
+    try:
+        seed_everything(config.seed + ctx.rank)
+        session.cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main,
+                                     is_main=main)
+        D.barrier()
+        session.meta = read_cache_meta(session.cache)
+        yield session
+    finally:
+        session.stop.__exit__(None, None, None)
+        if session.pbar is not None:
+            session.pbar.close()
+        if session.metrics is not None:
+            session.metrics.close()
+        session.log.close()
+
+
+def build_train_loop(model: nn.Module, config: Any, ctx: D.DistContext, total: int,
+                     stop: StopSignal) -> tuple["TrainLoop", int]:
+    """AdamW, warm-up + cosine schedule over ``total`` steps, AMP and grad scaler around ``model``
+    (already on ``ctx.device``). Returns (the loop, the warm-up steps)."""
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
+    warmup = min(warmup, total)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    scheduler = warmup_cosine_scheduler(optimizer, warmup, total, config.min_lr_ratio)
+    amp = D.resolve_amp(ctx.device, config.amp)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
+    loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
+    loop.stop = stop
+    return loop, warmup
 
 
 @dataclass
@@ -256,6 +340,14 @@ class TrainLoop:
         self.step = int(state["step"])
         self.position = DataPosition.from_state(state.get("position"))
         return state.get("rng")
+
+    def resume_from(self, path: Path, module_key: str) -> tuple[dict[str, Any], list[Any] | None]:
+        """Load the checkpoint ``path`` into this loop (see :meth:`load_state_dict`) and count it
+        as the last checkpoint; returns (the checkpoint dict, its per-rank RNG list)."""
+        state = load_checkpoint(path, map_location="cpu")
+        rng = self.load_state_dict(state, module_key)
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        return state, rng
 
     def restore_rng(self, rng: list[Any] | None, which: str, rank: int, world_size: int) -> bool:
         """Restore this rank's ``which`` ("now" or "epoch_start") generator state from a
@@ -372,6 +464,16 @@ def _wrap_model(model: nn.Module, ctx: D.DistContext, setting: str, probe: Calla
 # --------------------------------------------------------------------------- factories (patchable)
 
 
+def _prepare_for_training(loop: TrainLoop, model: nn.Module, ctx: D.DistContext, config: Any,
+                          probe: Callable[[nn.Module], torch.Tensor]) -> tuple[nn.Module, Callable, Callable]:
+    """channels-last, DDP wrap (``loop.model``) and the (compiled) forward. ``probe`` runs the
+    model once on a dummy batch to find unused parameters. Returns (model, forward, prepare)."""
+    model = _channels_last(model, ctx.device, config.compile)
+    loop.model = _wrap_model(model, ctx, config.find_unused_parameters, probe)
+    forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
+    return model, forward, prepare
+
+
 def _make_pretrainer(config: PretrainConfig) -> nn.Module:
     from mambamim.pretrain import create_pretrainer
 
@@ -474,32 +576,12 @@ def pretrain(config: PretrainConfig) -> Path:
         NonFiniteLossError: the loss became NaN / inf (the last checkpoint stays intact).
         FileNotFoundError / ValueError: bad data path or options.
     """
-    config = resolve_resume(config, PretrainConfig)
-    config.validate()
-    ctx = D.init_distributed(config.device)
-    try:
-        return _pretrain(config, ctx)
-    finally:
-        D.cleanup(ctx)
+    return run_training(config, PretrainConfig, _pretrain)
 
 
 def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
-    run = Path(config.out)
-    main = ctx.is_main
-    resuming = bool(config.resume)
-    if main:
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save_yaml(run / "config.yaml")
-    D.barrier()
-    log = RunLog(run, enabled=main)
-    metrics: MetricsWriter | None = None
-    pbar = None
-    stop = StopSignal().__enter__()
-    try:
-        seed_everything(config.seed + ctx.rank)
-        cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main, is_main=main)
-        D.barrier()
-        meta = read_cache_meta(cache)
+    with open_run(config, ctx) as session:
+        run, main, resuming, cache, meta = session.run, session.main, session.resuming, session.cache, session.meta
         shapes = [c.get("shape") for c in meta.get("cases", []) if c.get("shape")]
         if shapes and int(shapes[0][0]) != config.in_channels:
             logger.info("the cache has %d channel(s): in_channels %d -> %d", shapes[0][0], config.in_channels, shapes[0][0])
@@ -509,29 +591,19 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         loader = _make_loader(cache, config, ctx, labeled=False, augment=True, case_ids=config.cases)
         steps_per_epoch = len(loader)
         total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
-        warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
-        warmup = min(warmup, total)
 
         model = _make_pretrainer(config).to(ctx.device)
-        optimizer = build_optimizer(model, config.lr, config.weight_decay)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, config.min_lr_ratio)
-        amp = D.resolve_amp(ctx.device, config.amp)
-        scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
-        loop = TrainLoop(model, optimizer, scheduler, scaler, ctx.device, amp, config.clip_grad or None)
-        loop.stop = stop
+        loop, warmup = build_train_loop(model, config, ctx, total, session.stop)
+        amp = loop.amp
         rng = None
         last_path = run / "checkpoints" / "last.pt"
         if resuming:
-            state = load_checkpoint(last_path, map_location="cpu")
-            rng = loop.load_state_dict(state, "pretrainer")
-            loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
+            _, rng = loop.resume_from(last_path, "pretrainer")
             logger.info("resumed %s at step %d (epoch %d, batch %d)", run, loop.step, loop.position.epoch, loop.position.batch)
 
         crop = config.crop
         probe_x = torch.zeros(1, config.in_channels, crop, crop, crop, device=ctx.device)
-        model = _channels_last(model, ctx.device, config.compile)
-        loop.model = _wrap_model(model, ctx, config.find_unused_parameters, lambda m: m(probe_x)["loss"])
-        forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
+        model, forward, prepare = _prepare_for_training(loop, model, ctx, config, lambda m: m(probe_x)["loss"])
 
         model_info = {
             "name": config.model,
@@ -545,7 +617,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
                 ctx.world_size,
             )
         preview = _fixed_volume(cache, config.cases, crop) if main and config.vis_every else None
-        metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
+        metrics = session.metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
 
         def checkpoint(periodic: bool = False) -> None:
             state = loop.state_dict("pretrainer")  # collective
@@ -566,10 +638,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
             D.barrier()
 
         end = total if config.stop_after is None else min(total, loop.step + config.stop_after)
-        if main and config.progress:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=total, initial=loop.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        pbar = session.progress_bar(config.progress, total, loop.step, "pretrain", "step")
         window: list[float] = []
         t_last = time.perf_counter()
         loop.model.train()
@@ -621,10 +690,3 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
             done = "finished" if loop.step >= total else f"stopped at step {loop.step}/{total} (resume with --resume {run})"
             logger.info("pre-training %s; encoder weights in %s", done, run / "encoder.pt")
         return run
-    finally:
-        stop.__exit__(None, None, None)
-        if pbar is not None:
-            pbar.close()
-        if metrics is not None:
-            metrics.close()
-        log.close()
