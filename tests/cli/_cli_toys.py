@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from _dicom_toys import write_dicom_series  # noqa: F401  (re-exported for the CLI tests)
+
 HU_MIN, HU_MAX = -175.0, 250.0
 THRESH = 0.5  # in [0, 1] units: HU > 37.5
 
@@ -56,49 +58,3 @@ def write_nifti(path, data, affine):
     img.set_sform(affine, code=1)
     nib.save(img, str(path))
     return str(path)
-
-
-def write_dicom_series(folder, vol_hu, affine_ras):
-    """Write ``vol_hu`` (X, Y, Z) as single-frame CT slices (X along DICOM columns, Y along rows,
-    Z across slices) whose geometry is ``affine_ras``; slice files in shuffled order."""
-    import os
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    os.makedirs(folder, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine_ras, dtype=np.float64)
-    c0, c1, c2, origin = lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3]
-    ps_col, ps_row = np.linalg.norm(c0), np.linalg.norm(c1)
-    series_uid, study_uid = generate_uid(), generate_uid()
-    intercept = -2048.0
-    for n, k in enumerate(np.random.default_rng(1).permutation(vol_hu.shape[2])):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.PatientID = "P1"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = int(k) + 1
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * c2]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.concatenate([c0 / ps_col, c1 / ps_row])]
-        ds.PixelSpacing = [f"{ps_row:.6f}", f"{ps_col:.6f}"]
-        ds.SliceThickness = f"{np.linalg.norm(c2):.6f}"
-        ds.RescaleSlope = "1"
-        ds.RescaleIntercept = f"{intercept:g}"
-        ds.Rows, ds.Columns = vol_hu.shape[1], vol_hu.shape[0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.round(vol_hu[:, :, k].T.astype(np.float64) - intercept).astype("<u2").tobytes()
-        ds.save_as(os.path.join(folder, f"IM{n:04d}"), enforce_file_format=True)
-    return series_uid

@@ -4,9 +4,8 @@ over :func:`mambamim.engine.finetune_loop.finetune`)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mambamim.cli.cmd_pretrain import add_common_training_arguments, check_paths, common_values
+from mambamim.cli.cmd_pretrain import add_common_training_arguments, common_values, run_training_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,37 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambamim.engine.checkpoint import CheckpointError, EncoderMismatchError
     from mambamim.engine.config import FinetuneConfig
     from mambamim.engine.finetune_loop import finetune
-    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted
 
-    problem = check_paths(args, "finetune")
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    try:
-        config = FinetuneConfig(
-            **common_values(args), pretrained=args.pretrained, allow_partial=args.allow_partial,
-            iterations=args.iterations, val_every=args.val_every, fold=args.fold, num_folds=args.num_folds,
-            val_cases=args.val_cases, roi=args.roi, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-            augment=not args.no_augment,
-        )
-        if not args.resume:
-            config.validate()
-        run_dir = finetune(config)
-    except EncoderMismatchError as exc:
-        print(f"mambamim finetune: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"mambamim finetune: {exc}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:
-        print(f"mambamim finetune: {exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("mambamim finetune: aborted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
-        return 130
+    run_dir = run_training_command(args, "finetune", lambda: FinetuneConfig(
+        **common_values(args), pretrained=args.pretrained, allow_partial=args.allow_partial,
+        iterations=args.iterations, val_every=args.val_every, fold=args.fold, num_folds=args.num_folds,
+        val_cases=args.val_cases, roi=args.roi, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        augment=not args.no_augment,
+    ), finetune)
+    if isinstance(run_dir, int):
+        return run_dir
     best = run_dir / "checkpoints" / "best.pt"
     print(f"fine-tuning run: {run_dir}\nmodel: {best if best.exists() else run_dir / 'checkpoints' / 'last.pt'}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any, Callable
 
 
 def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_default: int, wd_default: float) -> None:
@@ -61,6 +63,38 @@ def check_paths(args: argparse.Namespace, command: str) -> str | None:
     return None
 
 
+def run_training_command(args: argparse.Namespace, command: str, make_config: Callable[[], Any],
+                         train: Callable[[Any], Path]) -> Path | int:
+    """What ``pretrain`` and ``finetune`` share: check --data/--out, build the configuration
+    (validated unless resuming), train, and turn known errors into a message and an exit code.
+
+    Returns:
+        The run folder, or the exit code to return: 2 missing paths, 1 bad options / data /
+        checkpoint or a non-finite loss, 130 interrupted (resumable).
+    """
+    from mambamim.engine.checkpoint import CheckpointError
+    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted
+
+    problem = check_paths(args, command)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    try:
+        config = make_config()
+        if not args.resume:
+            config.validate()
+        return train(config)
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:  # EncoderMismatchError too
+        print(f"mambamim {command}: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(f"mambamim {command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"mambamim {command}: aborted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
+        return 130
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_training_arguments(parser, batch_default=8, wd_default=0.05)
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of bottleneck tokens masked (default 0.75)")
@@ -79,31 +113,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambamim.engine.checkpoint import CheckpointError
     from mambamim.engine.config import PretrainConfig
-    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted, pretrain
+    from mambamim.engine.pretrain_loop import pretrain
 
-    problem = check_paths(args, "pretrain")
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    try:
-        config = PretrainConfig(
-            **common_values(args), mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
-            bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
-            steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
-        )
-        if not args.resume:
-            config.validate()
-        run_dir = pretrain(config)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"mambamim pretrain: {exc}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:
-        print(f"mambamim pretrain: {exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("mambamim pretrain: aborted; continue with --resume RUN from the last checkpoint", file=sys.stderr)
-        return 130
+    run_dir = run_training_command(args, "pretrain", lambda: PretrainConfig(
+        **common_values(args), mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
+        bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
+        steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
+    ), pretrain)
+    if isinstance(run_dir, int):
+        return run_dir
     print(f"pre-training run: {run_dir}\nencoder for fine-tuning: {run_dir / 'encoder.pt'}")
     return 0
