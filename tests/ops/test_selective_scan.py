@@ -1,29 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
+from _scan_reference import loop_reference
 from mambamim.ops.selective_scan import linear_scan, selective_scan, selective_scan_ref
-
-
-def loop_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Step-by-step float64 recurrence, straight from the definition."""
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, length = u.shape
-    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64)
-    ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, -1)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.double())
-    return y
 
 
 def make_inputs(b, d, n, length, dtype=torch.float32, seed=0):

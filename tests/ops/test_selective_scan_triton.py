@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from _scan_reference import loop_reference as ref_loop
 from mambamim.ops import selective_scan_triton as sst
 
 HAS_CUDA = torch.cuda.is_available()
@@ -23,27 +23,6 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-
-
-def ref_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """float64 step-by-step selective scan. u, delta, z: (b, d, L); A: (d, n); B, C: (b, n, L)."""
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, L = u.shape
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for t in range(L):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, -1)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.double())
-    return y
 
 
 def make_inputs(b, d, L, n, device, dtype=torch.float32, with_d=True, with_z=True, with_bias=True,
