@@ -365,25 +365,16 @@ def _vec(L: int, block_t: int) -> int:
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
+    """The shape checks of the PyTorch scan plus the kernel's limits; returns (batch, dim, L, n)."""
+    from mambamim.ops.selective_scan import _check_shapes
+
+    if A.dim() == 2:  # the kernel's limit first: B and C are then checked against this state size
+        n = A.shape[1]
+        if n < 1 or n > _MAX_STATE or (n & (n - 1)) != 0:
+            raise ValueError(f"d_state must be a power of two <= {_MAX_STATE}, got {n}")
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, L = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"delta shape {tuple(delta.shape)} != u shape {tuple(u.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (dim, state) with dim={dim}, got {tuple(A.shape)}")
     n = A.shape[1]
-    if n < 1 or n > _MAX_STATE or (n & (n - 1)) != 0:
-        raise ValueError(f"d_state must be a power of two <= {_MAX_STATE}, got {n}")
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, n, L):
-            raise ValueError(f"{name} must be (batch, state, length) = {(batch, n, L)}, got {tuple(t.shape)}")
-    if D is not None and D.shape != (dim,):
-        raise ValueError(f"D must be ({dim},), got {tuple(D.shape)}")
-    if delta_bias is not None and delta_bias.shape != (dim,):
-        raise ValueError(f"delta_bias must be ({dim},), got {tuple(delta_bias.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z shape {tuple(z.shape)} != u shape {tuple(u.shape)}")
     if L < 1:
         raise ValueError("length must be >= 1")
     return batch, dim, L, n
