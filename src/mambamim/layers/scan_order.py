@@ -16,7 +16,6 @@ what TOKI treats as "adjacent" tokens.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
 import torch
@@ -135,7 +134,6 @@ def _hilbert(grid: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     return [(z, y, x) for x, y, z in pts]
 
 
-@functools.lru_cache(maxsize=64)
 def _static_permutation(order: str, grid: tuple[int, int, int]) -> torch.Tensor:
     if order == "raster":
         return torch.arange(grid[0] * grid[1] * grid[2])
@@ -165,7 +163,7 @@ def scan_permutation(
         raise ValueError(f"grid must be three positive sizes, got {grid}")
     if order == "shuffle" and random:
         return torch.randperm(grid[0] * grid[1] * grid[2], generator=generator)
-    return _static_permutation(order, grid).clone()
+    return _static_permutation(order, grid)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -187,10 +185,18 @@ class ScanOrder(nn.Module):
         if order not in SCAN_ORDERS:
             raise ValueError(f"unknown scan order {order!r}; choose one of {SCAN_ORDERS}")
         self.order = order
+        # Per-instance cache of the fixed permutation for the last grid / device seen.
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def permutation(self, grid: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
-        perm = scan_permutation(self.order, grid, random=self.training)
-        return perm.to(device) if device is not None else perm
+        if self.order == "shuffle" and self.training:
+            perm = scan_permutation(self.order, grid, random=True)
+            return perm.to(device) if device is not None else perm
+        key = (tuple(int(g) for g in grid), device)
+        if key not in self._cache:
+            perm = scan_permutation(self.order, grid)
+            self._cache = {key: perm.to(device) if device is not None else perm}
+        return self._cache[key]
 
     @staticmethod
     def serialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
