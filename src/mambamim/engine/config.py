@@ -43,6 +43,32 @@ class _Config:
     # Options that may differ when a run is resumed (they do not change the maths).
     RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume")
 
+    # Options shared by pre-training and fine-tuning (subclasses add their own and may change defaults).
+    data: str = ""
+    out: str = ""
+    model: str = "hymamba"
+    size: str = "base"
+    scan: str = "raster"
+    batch_size: int = 8
+    num_crops: int = 4
+    crop: int = 96
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = 1.0
+    amp: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 4
+    checkpoint_steps: int = 0
+    log_every: int = 10
+    stop_after: int | None = None
+    find_unused_parameters: str = "auto"
+    progress: bool = True
+    resume: str | None = None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML / JSON serialisable)."""
         return dataclasses.asdict(self)
@@ -87,9 +113,9 @@ class _Config:
 
     # shared checks
     def _check_common(self) -> None:
-        if not self.data and not getattr(self, "resume", None):
+        if not self.data and not self.resume:
             raise ValueError("data is required (a cache folder, a dataset.json or a folder of NIfTI / DICOM)")
-        if not self.out and not getattr(self, "resume", None):
+        if not self.out and not self.resume:
             raise ValueError("out (the run folder) is required")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
@@ -149,41 +175,17 @@ class PretrainConfig(_Config):
 
     KIND: ClassVar[str] = "pretrain"
 
-    data: str = ""
-    out: str = ""
-    model: str = "hymamba"
-    size: str = "base"
     in_channels: int = 1
     mask_ratio: float = 0.75
     token: str = "toki"
     skip: bool = True
     bottom_up: bool = True
-    scan: str = "raster"
     decoder_width: int | None = None
     epochs: int | None = 100
     steps: int | None = None
-    batch_size: int = 8
-    num_crops: int = 4
-    crop: int = 96
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    clip_grad: float | None = 1.0
-    amp: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 4
     save_every: int = 10
-    checkpoint_steps: int = 0
     vis_every: int = 5
-    log_every: int = 10
     cases: list[str] | None = None
-    stop_after: int | None = None
-    find_unused_parameters: str = "auto"
-    progress: bool = True
-    resume: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError on an invalid option."""
@@ -215,11 +217,7 @@ class FinetuneConfig(_Config):
 
     KIND: ClassVar[str] = "finetune"
 
-    data: str = ""
-    out: str = ""
-    model: str = "hymamba"
-    size: str = "base"
-    scan: str = "raster"
+    weight_decay: float = 1e-5
     pretrained: str | None = None
     allow_partial: bool = False
     iterations: int = 50_000
@@ -227,29 +225,10 @@ class FinetuneConfig(_Config):
     fold: int | None = None
     num_folds: int = 5
     val_cases: str | None = None
-    batch_size: int = 8
-    num_crops: int = 4
-    crop: int = 96
     roi: int | None = None
     overlap: float = 0.5
     sw_batch_size: int = 4
     augment: bool = True
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    clip_grad: float | None = 1.0
-    amp: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 4
-    checkpoint_steps: int = 0
-    log_every: int = 10
-    stop_after: int | None = None
-    find_unused_parameters: str = "auto"
-    progress: bool = True
-    resume: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError on an invalid option."""
