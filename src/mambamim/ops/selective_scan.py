@@ -18,7 +18,6 @@ state), so autograd does not keep the log2(chunk) intermediate levels.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F

@@ -37,7 +37,6 @@ batch with torch (deterministic, no atomics).
 from __future__ import annotations
 
 import logging
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
