@@ -18,7 +18,6 @@ transforms.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -30,28 +29,22 @@ import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset as TorchDataset
 
+from mambamim.data.cache import INDEX_NAME, load_cache_index
+from mambamim.data.errors import DataError
+
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "mambamim-cache"
-CACHE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
 # cache index
 # ---------------------------------------------------------------------------------------------
 def read_cache_index(cache_dir: str | os.PathLike) -> dict:
-    """Read and check ``CACHE/dataset.json``; raises ValueError when it is not a mambamim cache."""
-    path = os.path.join(os.fspath(cache_dir), "dataset.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{cache_dir}: no dataset.json (is this a cache made by `mambamim data prepare`?)")
-    with open(path) as f:
-        index = json.load(f)
-    if index.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path}: format is {index.get('format')!r}, expected {CACHE_FORMAT!r}")
-    if int(index.get("version", -1)) != CACHE_VERSION:
-        raise ValueError(f"{path}: cache version {index.get('version')!r}, this code reads version {CACHE_VERSION}")
-    if not isinstance(index.get("cases"), list) or not index["cases"]:
-        raise ValueError(f"{path}: no cases")
+    """Read and check ``CACHE/dataset.json``; raises ValueError (a DataError) when it is not a
+    mambamim cache or holds no case."""
+    index = load_cache_index(cache_dir)
+    if not index["cases"]:
+        raise DataError(os.path.join(os.fspath(cache_dir), INDEX_NAME), "the cache holds no case")
     return index
 
 

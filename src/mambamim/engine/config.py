@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from mambamim.atomic import write_text_atomic
+from mambamim.data.cache import CACHE_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ SIZES = ("tiny", "small", "base")
 TOKENS = ("toki", "learnable")
 SCANS = ("raster", "zigzag", "hilbert", "shuffle")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-CACHE_FORMAT = "mambamim-cache"
 
 C = TypeVar("C", bound="_Config")
 
@@ -268,15 +268,11 @@ def read_cache_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
     """The cache's ``dataset.json`` as a dict.
 
     Raises:
-        FileNotFoundError / ValueError: no dataset.json, or not a mambamim cache.
+        DataError (a ValueError): no dataset.json, or not a mambamim cache.
     """
-    path = Path(cache_dir) / "dataset.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no dataset.json in cache folder {cache_dir}")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a {CACHE_FORMAT} dataset.json (format={meta.get('format')!r})")
-    return meta
+    from mambamim.data.cache import load_cache_index
+
+    return load_cache_index(cache_dir)
 
 
 def find_cache(data: str | os.PathLike) -> Path | None:
