@@ -42,6 +42,15 @@ def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def _select(variants: list, args) -> list:
+    """The baseline (index 0) always runs; then ``--variants`` indices or, with ``--best-only``, the last."""
+    if args.variants:
+        return [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
+    if args.best_only and len(variants) > 1:
+        return variants[:1] + variants[-1:]
+    return variants
+
+
 def pretrain_variants(args, device):
     from mambamim.pretrain import create_pretrainer
 
@@ -55,10 +64,7 @@ def pretrain_variants(args, device):
             ("bf16 + torch.compile", dict(amp=True, cl=False, compile=True)),
             ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
         ]
-    if args.variants:
-        variants = [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
-    if args.best_only:
-        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
+    variants = _select(variants, args)
     for label, v in variants:
         torch.manual_seed(0)
         model = create_pretrainer("hymamba", size=args.size).to(device)
@@ -96,20 +102,26 @@ def finetune_variants(args, device):
     x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
     y = torch.randint(0, 14, (args.batch, 1, args.crop, args.crop, args.crop), device=device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    variants = [("fp32 eager (baseline)", False, False)]
+    variants = [("fp32 eager (baseline)", False, False, False)]
     if device.type == "cuda":
-        variants += [("bf16 autocast", True, False), ("bf16 + torch.compile", True, True)]
-    if args.best_only:
-        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
-    for label, amp, comp in variants:
+        variants += [
+            ("bf16 autocast", True, False, False),
+            ("bf16 + torch.compile", True, True, False),
+            ("bf16 + channels_last + torch.compile", True, True, True),
+        ]
+    variants = _select(variants, args)
+    for label, amp, comp, cl in variants:
         torch.manual_seed(0)
         model = create_model("hymamba", size=args.size, num_classes=14).to(device)
+        if cl:
+            model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         fwd = torch.compile(model) if comp else model
+        xin = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = fwd(x)
+                logits = fwd(xin)
             loss_fn(logits.float(), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -136,13 +148,21 @@ def infer_variants(args, device):
     torch.manual_seed(0)
     model = create_model("hymamba", size=args.size, num_classes=14).to(device).eval()
     roi = (args.crop,) * 3
-    variants = [("fp32 (baseline)", False, 4, False)]
+    # (label, bf16, sw_batch, compile mode or None, channels-last)
+    variants = [("fp32 (baseline)", False, 4, None, False)]
     if device.type == "cuda":
-        variants += [("bf16, sw_batch 8", True, 8, False), ("bf16 + torch.compile, sw_batch 8", True, 8, True)]
-    if args.best_only:
-        variants = variants[:1] + variants[-1:] if len(variants) > 1 else variants
-    for label, amp, swb, comp in variants:
-        net = torch.compile(model) if comp else model
+        variants += [
+            ("bf16, sw_batch 8", True, 8, None, False),
+            ("bf16 + torch.compile, sw_batch 8", True, 8, "default", False),
+            ("bf16 + channels_last + torch.compile, sw_batch 8", True, 8, "default", True),
+            ("bf16 + channels_last + compile (CUDA graphs), sw_batch 8", True, 8, "reduce-overhead", True),
+        ]
+    variants = _select(variants, args)
+    for label, amp, swb, mode, cl in variants:
+        torch._dynamo.reset()
+        net = model.to(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+        net = torch.compile(net, mode=mode) if mode else net
+        comp = mode is not None
 
         @torch.inference_mode()
         def run():
@@ -185,7 +205,7 @@ def main() -> None:
     parser.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--variants", type=int, nargs="*", default=None, help="pre-training variant indices")
+    parser.add_argument("--variants", type=int, nargs="*", default=None, help="variant indices of each benchmark (0, the baseline, always runs)")
     parser.add_argument("--best-only", action="store_true", help="only the baseline and the fastest variant of each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
