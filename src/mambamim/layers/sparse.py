@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambamim.ops.conv3d import depthwise_conv3d, im2col_conv3d
+
 __all__ = [
     "apply_mask",
     "SparseConv3d",
@@ -36,10 +38,34 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class SparseConv3d(nn.Conv3d):
-    """``nn.Conv3d`` whose output is re-zeroed at masked positions."""
+    """``nn.Conv3d`` whose output is re-zeroed at masked positions.
+
+    On CUDA, two stride-1 "same" convolutions take faster exact paths (:mod:`mambamim.ops.conv3d`):
+    depthwise ones run fused Triton kernels, and ones with at most 32 = C_in * k^3 inputs per output
+    (the 1-channel stem) run as one GEMM over shifted copies.
+    """
+
+    def _is_same_stride1(self) -> bool:
+        k = self.kernel_size[0]
+        return (
+            self.padding_mode == "zeros"
+            and k % 2 == 1
+            and self.kernel_size == (k, k, k)
+            and self.stride == (1, 1, 1)
+            and self.dilation == (1, 1, 1)
+            and self.padding == (k // 2,) * 3
+        )
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self._is_same_stride1():
+            if self.groups == self.in_channels == self.out_channels:
+                return depthwise_conv3d(x, self.weight, self.bias)
+            if self.groups == 1 and self.in_channels * self.kernel_size[0] ** 3 <= 32:
+                return im2col_conv3d(x, self.weight, self.bias)
+        return super().forward(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        return apply_mask(super().forward(x), mask)
+        return apply_mask(self.conv(x), mask)
 
 
 class SparseMaxPool3d(nn.MaxPool3d):

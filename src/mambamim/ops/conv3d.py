@@ -1,0 +1,99 @@
+"""Fast paths for two 3D convolutions that cuDNN / ATen run slowly on GPUs.
+
+- :func:`depthwise_conv3d`: MedNeXt's depthwise k^3 convolution. On CUDA (with Triton) it runs the
+  fused kernels of :mod:`mambamim.ops.depthwise_conv3d_triton`; elsewhere, and as the parity
+  reference, ``F.conv3d(..., groups=C)``.
+- :func:`im2col_conv3d`: a stride-1 convolution with very few input channels (the 1-channel stem).
+  cuDNN reaches about 3 TFLOP/s there; gathering the k^3 shifted copies (k^3 * C_in channels) and
+  multiplying by the weight matrix is a plain GEMM instead.
+
+Both are exact re-formulations (same weights, same result up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise"]
+
+
+def depthwise_conv3d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch depthwise convolution (stride 1, padding k // 2)."""
+    return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where the Triton kernels apply: CUDA tensors, Triton present, k in (1, 3, 5)."""
+    if not x.is_cuda:
+        return False
+    try:
+        from mambamim.ops import depthwise_conv3d_triton as dwt
+    except ImportError:
+        return False
+    return dwt.is_available() and weight.shape[-1] in dwt.SUPPORTED_KERNELS
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for x's device type (CUDA only; CPU runs the reference)."""
+    if x.device.type != "cuda":
+        return None
+    try:  # torch >= 2.4
+        on, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except TypeError:  # pragma: no cover - older torch
+        on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if on else None
+
+
+def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise 3D convolution, stride 1, "same" padding.
+
+    Args:
+        x: (B, C, D, H, W).
+        weight: (C, 1, k, k, k), k odd.
+        bias: optional (C,).
+    Returns:
+        (B, C, D, H, W). On CUDA the Triton path accumulates in fp32 and returns x's dtype (the autocast
+        dtype under autocast, as ``F.conv3d`` would), channels-last 3D; weights stay fp32.
+    """
+    if x.dim() != 5 or weight.dim() != 5 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"depthwise_conv3d: need x (B, C, D, H, W) and weight (C, 1, k, k, k), "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+    if weight.shape[-1] % 2 != 1 or len(set(weight.shape[2:])) != 1:
+        raise ValueError(f"depthwise_conv3d: kernel must be cubic with an odd side, got {tuple(weight.shape[2:])}")
+    if use_fast_depthwise(x, weight):
+        from mambamim.ops.depthwise_conv3d_triton import depthwise_conv3d_triton
+
+        dtype = _autocast_dtype(x)
+        if dtype is not None and x.dtype == torch.float32:
+            x = x.to(dtype)
+        return depthwise_conv3d_triton(x, weight, bias)
+    return depthwise_conv3d_ref(x, weight, bias)
+
+
+def im2col_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stride-1, "same"-padded dense convolution as one GEMM over the k^3 shifted copies of x.
+
+    Worth it only for few input channels (memory grows with k^3 * C_in). (B, Cin, D, H, W) ->
+    (B, Cout, D, H, W), channels-last 3D; weight (Cout, Cin, k, k, k), k odd.
+    """
+    cout, cin, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    if x.dim() != 5 or x.shape[1] != cin or weight.shape[2:] != (k, k, k) or k % 2 != 1:
+        raise ValueError(f"im2col_conv3d: need x (B, {cin}, D, H, W) and a cubic odd kernel, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    B, _, D, H, W = x.shape
+    p = k // 2
+    xp = F.pad(x, (p, p) * 3)
+    # (B, D, H, W, Cin * k^3), in the (cin, kd, kh, kw) order of weight.reshape(cout, -1)
+    cols = torch.stack(
+        [xp[:, :, kd : kd + D, kh : kh + H, kw : kw + W] for kd in range(k) for kh in range(k) for kw in range(k)],
+        dim=-1,
+    ).permute(0, 2, 3, 4, 1, 5).reshape(B, D, H, W, cin * k**3)  # fmt: skip
+    y = F.linear(cols, weight.reshape(cout, -1), bias)  # (B, D, H, W, Cout)
+    return y.permute(0, 4, 1, 2, 3)  # a channels-last 3D view
