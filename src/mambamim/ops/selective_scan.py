@@ -144,10 +144,18 @@ def selective_scan_ref(
     return y.to(out_dtype)
 
 
-@torch.compiler.disable
 def _selective_scan_fused(*args):
-    # The Triton autograd.Function runs as an opaque call inside torch.compile'd models (a graph
-    # break) instead of being traced, which its launcher does not support.
+    # A registered custom op (torch >= 2.4): torch.compile keeps it as one opaque call, no graph break.
+    from mambamim.ops.selective_scan_triton import _USE_CUSTOM_OP, selective_scan_triton
+
+    if _USE_CUSTOM_OP:
+        return selective_scan_triton(*args)
+    return _selective_scan_compiler_disabled(*args)
+
+
+@torch.compiler.disable
+def _selective_scan_compiler_disabled(*args):
+    # Older torch: the Triton autograd.Function runs as an opaque call (a graph break).
     from mambamim.ops.selective_scan_triton import selective_scan_triton
 
     return selective_scan_triton(*args)

@@ -37,7 +37,7 @@ batch with torch (deterministic, no atomics).
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -476,13 +476,15 @@ def _launch_backward(
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
+def _contiguous(*tensors):
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
+    """Eager autograd wrapper (kept for torch < 2.4, which has no ``torch.library.custom_op``)."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-        D = D.contiguous() if D is not None else None
-        z = z.contiguous() if z is not None else None
-        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         need_grad = any(ctx.needs_input_grad[:8])
         y, states = _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                     store_states=need_grad)
@@ -497,6 +499,52 @@ class _SelectiveScanTriton(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias = _launch_backward(
             dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states)
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+_USE_CUSTOM_OP = _HAS_TRITON and hasattr(torch.library, "custom_op")
+
+if _USE_CUSTOM_OP:
+    # A registered op with its own autograd formula: torch.compile keeps it as one opaque call in
+    # the graph (no graph break, unlike a compiler-disabled autograd.Function).
+
+    @torch.library.custom_op("mambamim::selective_scan", mutates_args=())
+    def _ss_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+               delta_softplus: bool, store_states: bool) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        y, states = _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_states)
+        return y, (states if states is not None else u.new_empty(0, dtype=torch.float32))
+
+    @_ss_op.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_states):
+        batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+        shape = (batch, triton.cdiv(L, _bwd_config(L).block_t), dim, n) if store_states else (0,)
+        return torch.empty_like(u), u.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.custom_op("mambamim::selective_scan_backward", mutates_args=())
+    def _ss_bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                   delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                   states: torch.Tensor) -> List[torch.Tensor]:  # fmt: skip
+        grads = _launch_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states)
+        return [g if g is not None else u.new_empty(0) for g in grads]
+
+    @_ss_bwd_op.register_fake
+    def _(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states):
+        return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+    def _ss_setup(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, _ = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.present = [t is not None for t in (D, z, delta_bias)]
+
+    def _ss_backward(ctx, dy, _dstates):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        grads = _ss_bwd_op(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states)
+        grads = list(grads[:5]) + [g if p else None for g, p in zip(grads[5:], ctx.present)]
+        return (*grads, None, None)
+
+    torch.library.register_autograd("mambamim::selective_scan", _ss_backward, setup_context=_ss_setup)
 
 
 def selective_scan_triton(
@@ -527,4 +575,9 @@ def selective_scan_triton(
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not _HAS_TRITON:
         raise RuntimeError("selective_scan_triton needs triton, which is not installed")
+    u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
+    if _USE_CUSTOM_OP:
+        need_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+        return _ss_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), need_grad)[0]
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
