@@ -150,3 +150,24 @@ def test_training_drives_the_loss_down(token):
         losses.append(out["loss"].item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_leak_on_cuda_fast_paths():
+    """The CUDA paths (Triton depthwise conv, im2col stem, Triton scan, bf16 autocast, channels-last)
+    keep the encoder blind to masked voxels, and its output close to the CPU float32 one."""
+    torch.manual_seed(0)
+    model = create_pretrainer("hymamba", size="tiny")
+    x = torch.rand(2, 1, 32, 32, 32)
+    mask = mask_with_runs()
+    x2 = masked_change(x, mask)
+    with torch.no_grad():
+        cpu = model(x, mask)["reconstruction"]
+        gpu = model.cuda().to(memory_format=torch.channels_last_3d)
+        xs = [t.cuda().contiguous(memory_format=torch.channels_last_3d) for t in (x, x2)]
+        a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
+        assert torch.equal(a["reconstruction"], b["reconstruction"])
+        torch.testing.assert_close(a["reconstruction"].cpu(), cpu, rtol=1e-3, atol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
+        assert torch.equal(a["reconstruction"], b["reconstruction"])
