@@ -12,12 +12,13 @@ Both are exact re-formulations (same weights, same result up to float rounding).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise"]
+__all__ = ["depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise", "triton_disabled"]
 
 
 def depthwise_conv3d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -25,9 +26,16 @@ def depthwise_conv3d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 
+def triton_disabled(name: str) -> bool:
+    """True when the environment variable ``MAMBAMIM_DISABLE_TRITON`` lists ``name`` (comma-separated:
+    ``dwconv``, ``scan``) or says ``all``: an escape hatch back to the PyTorch paths."""
+    names = {n.strip() for n in os.environ.get("MAMBAMIM_DISABLE_TRITON", "").split(",")}
+    return name in names or "all" in names
+
+
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where the Triton kernels apply: CUDA tensors, Triton present, k in (1, 3, 5)."""
-    if not x.is_cuda:
+    """True where the Triton kernels apply: CUDA tensors, Triton present, k in (1, 3)."""
+    if not x.is_cuda or triton_disabled("dwconv"):
         return False
     try:
         from mambamim.ops import depthwise_conv3d_triton as dwt

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the depthwise 3D convolution (stride 1, "same" padding, odd k <= 5).
+"""Fused Triton kernels for the depthwise 3D convolution (stride 1, "same" padding, k = 1 or 3).
 
 PyTorch runs 3D depthwise convolutions on CUDA through a generic direct kernel that reaches about
 1 TFLOP/s (13 ms for the forward and backward of MedNeXt's 64-channel 48^3 layer at batch 8 on an
@@ -7,9 +7,9 @@ H100, where moving the data once takes about 1 ms). These kernels work on channe
 - forward: a program owns a (TH x TW) tile of one depth slice for a block of channels and
   accumulates the k^3 shifted loads in fp32 (neighbouring loads hit L1);
 - input gradient: the forward kernel with the spatially flipped kernel;
-- weight and bias gradient: a program walks a chunk of depth slices of its tile, reduces
-  x_shifted * dy over positions for every tap into a (taps, channels) fp32 accumulator and writes
-  one partial per program; the partials are summed by ``torch.sum`` (no atomics, deterministic).
+- weight and bias gradient: a program reduces x_shifted * dy over its tile for every tap and writes
+  one (taps + 1, channels) fp32 partial; the partials are summed by ``torch.sum`` (no atomics,
+  deterministic).
 
 The op is registered as ``torch.ops.mambamim.depthwise_conv3d`` (a custom op with its own autograd
 formula), so torch.compile treats it as one opaque call without a graph break.
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["depthwise_conv3d_triton", "is_available", "SUPPORTED_KERNELS"]
 
-SUPPORTED_KERNELS = (1, 3, 5)
+SUPPORTED_KERNELS = (1, 3)  # k = 5 would unroll 125 taps per kernel
 _CL = torch.channels_last_3d
 
 
@@ -86,17 +86,18 @@ if _HAS_TRITON:
         tl.store(y_ptr + row[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & cm[None, :])
 
     @triton.jit
-    def _dw_bwd_w_kernel(x_ptr, gy_ptr, part_ptr, D, H, W, C, nTH, nTW, nDC, DCH,
-                         K: tl.constexpr, KKP: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                         BC: tl.constexpr):  # fmt: skip
+    def _dw_bwd_w_kernel(x_ptr, gy_ptr, part_ptr, D, H, W, C, nTH, nTW,
+                         K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+        # Same tiling as the forward; every program writes its own (taps + 1, BC) partial sums
+        # (row k^3: the bias gradient), reduced afterwards by torch.sum.
         pid_s = tl.program_id(0)
         pid_c = tl.program_id(1)
         tw_i = pid_s % nTW
         t = pid_s // nTW
         th_i = t % nTH
         t = t // nTH
-        dc = t % nDC
-        b = t // nDC
+        d = t % D
+        b = t // D
         offs = tl.arange(0, TH * TW)
         h = th_i * TH + offs // TW
         w = tw_i * TW + offs % TW
@@ -105,32 +106,25 @@ if _HAS_TRITON:
         in_tile = (h < H) & (w < W)
         P: tl.constexpr = K // 2
         KK: tl.constexpr = K * K * K
-        taps = tl.arange(0, KKP)
-        acc = tl.zeros([KKP, BC], dtype=tl.float32)
-        d0 = dc * DCH
-        d1 = tl.minimum(d0 + DCH, D)
+        row = (((b * D + d) * H + h) * W + w).to(tl.int64)
+        gy = tl.load(gy_ptr + row[:, None] * C + c[None, :], mask=in_tile[:, None] & cm[None, :], other=0.0)
+        gy = gy.to(tl.float32)
+        out = part_ptr + pid_s.to(tl.int64) * (KK + 1) * C + c
+        tl.store(out + KK * C, tl.sum(gy, axis=0), mask=cm)
         zero = tl.zeros([TH * TW], dtype=tl.int32)
-        for d in range(d0, d1):
-            row = (((b * D + d) * H + h) * W + w).to(tl.int64)
-            gy = tl.load(gy_ptr + row[:, None] * C + c[None, :], mask=in_tile[:, None] & cm[None, :], other=0.0)
-            gy = gy.to(tl.float32)
-            # The bias gradient sits in row KK of the accumulator.
-            acc += tl.where(taps[:, None] == KK, tl.sum(gy, axis=0)[None, :], 0.0)
-            for kd in tl.static_range(K):
-                dd = zero + d + kd - P
-                d_ok = (dd >= 0) & (dd < D)
-                for kh in tl.static_range(K):
-                    hh = h + kh - P
-                    h_ok = (hh >= 0) & (hh < H) & d_ok & in_tile
-                    for kw in tl.static_range(K):
-                        ww = w + kw - P
-                        ok = h_ok & (ww >= 0) & (ww < W)
-                        xrow = (((b * D + dd) * H + hh) * W + ww).to(tl.int64)
-                        xv = tl.load(x_ptr + xrow[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
-                        part = tl.sum(xv.to(tl.float32) * gy, axis=0)
-                        acc += tl.where(taps[:, None] == ((kd * K + kh) * K + kw), part[None, :], 0.0)
-        out = part_ptr + (pid_s.to(tl.int64) * KKP + taps[:, None]) * C + c[None, :]
-        tl.store(out, acc, mask=(taps[:, None] <= KK) & cm[None, :])
+        for kd in tl.static_range(K):
+            dd = zero + d + kd - P
+            d_ok = (dd >= 0) & (dd < D) & in_tile
+            for kh in tl.static_range(K):
+                hh = h + kh - P
+                h_ok = (hh >= 0) & (hh < H) & d_ok
+                for kw in tl.static_range(K):
+                    ww = w + kw - P
+                    ok = h_ok & (ww >= 0) & (ww < W)
+                    xrow = (((b * D + dd) * H + hh) * W + ww).to(tl.int64)
+                    xv = tl.load(x_ptr + xrow[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+                    part = tl.sum(xv.to(tl.float32) * gy, axis=0)
+                    tl.store(out + ((kd * K + kh) * K + kw) * C, part, mask=cm)
 
 
 def _pow2(n: int) -> int:
@@ -188,14 +182,11 @@ def _launch_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, k:
     gx = _launch_forward(gy, _taps_by_channel(weight, flip=True), None, k).to(x.dtype) if need_input_grad else None
     th, tw, bc = _tiles(H, W, C)
     n_th, n_tw = triton.cdiv(H, th), triton.cdiv(W, tw)
-    dch = 8
-    n_dc = triton.cdiv(D, dch)
     kk = k**3
-    kkp = _pow2(kk + 1)
-    n_s = B * n_dc * n_th * n_tw
-    part = torch.empty(n_s, kkp, C, device=x.device, dtype=torch.float32)
-    _dw_bwd_w_kernel[(n_s, triton.cdiv(C, bc))](x, gy, part, D, H, W, C, n_th, n_tw, n_dc, dch, K=k, KKP=kkp,
-                                                TH=th, TW=tw, BC=bc, num_warps=4)  # fmt: skip
+    n_s = B * D * n_th * n_tw
+    part = torch.empty(n_s, kk + 1, C, device=x.device, dtype=torch.float32)
+    _dw_bwd_w_kernel[(n_s, triton.cdiv(C, bc))](x, gy, part, D, H, W, C, n_th, n_tw, K=k, TH=th, TW=tw, BC=bc,
+                                                num_warps=4)  # fmt: skip
     total = part.sum(0)
     gw = total[:kk].t().reshape(C, 1, k, k, k).to(weight.dtype)
     gb = total[kk].contiguous()
@@ -260,7 +251,7 @@ def depthwise_conv3d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
     Args:
         x: (B, C, D, H, W), any float dtype (computed in fp32, returned in x's dtype, channels-last 3D).
-        weight: (C, 1, k, k, k) with k in (1, 3, 5).
+        weight: (C, 1, k, k, k) with k in (1, 3).
         bias: optional (C,).
     """
     _check(x, weight, bias)

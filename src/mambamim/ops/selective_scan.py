@@ -162,7 +162,9 @@ def _selective_scan_compiler_disabled(*args):
 
 
 def _use_fast_path(u: torch.Tensor) -> bool:
-    if not u.is_cuda:
+    from mambamim.ops.conv3d import triton_disabled
+
+    if not u.is_cuda or triton_disabled("scan"):
         return False
     try:
         from mambamim.ops import selective_scan_triton
