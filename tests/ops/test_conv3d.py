@@ -153,6 +153,24 @@ def _interpreter_check() -> None:
         errs = [_rel(a, r) for a, r in ((y, ry), (gx, rgx), (gw, rgw), (gb, rgb))]
         print("interpreter", c, shape, k, errs)
         assert max(errs) < 1e-5, errs
+    # The registered op with its autograd formula (custom-op rules: no aliased outputs, fake kernels
+    # that match), eager and under torch.compile(fullgraph=True).
+    x, w, bias, gy = _depthwise_case(2, 6, (3, 4, 5), 3, "cpu", torch.float32, seed=2)
+    ry, rgx, rgw, rgb = _reference64(x, w, bias, gy)
+    for fn in (dwt.depthwise_conv3d_triton, torch.compile(dwt.depthwise_conv3d_triton, fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+        y = fn(*leaves)
+        y.backward(gy)
+        errs = [_rel(a, r) for a, r in ((y.detach(), ry), (leaves[0].grad, rgx), (leaves[1].grad, rgw),
+                                        (leaves[2].grad, rgb))]  # fmt: skip
+        print("interpreter op", errs)
+        assert max(errs) < 1e-5, errs
+    # Schema, fake kernels (strides included), autograd registration; channels-last x and weight
+    # as a channels-last model has them.
+    cl = torch.channels_last_3d
+    for args in ((x, w, bias), (x.contiguous(memory_format=cl), w.contiguous(memory_format=cl), None)):
+        args = tuple(t.clone().requires_grad_(True) if t is not None else None for t in args)
+        torch.library.opcheck(torch.ops.mambamim.depthwise_conv3d.default, args)
     print("INTERPRETER OK")
 
 

@@ -149,6 +149,8 @@ def _interpreter_check() -> None:
     selective_scan_ref(*ref, True).square().sum().backward()
     for eager_g, comp_g, r in zip(grads[0], grads[1], ref):
         assert rel_err(eager_g, r.grad) < 1e-5 and rel_err(comp_g, r.grad) < 1e-5
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    torch.library.opcheck(torch.ops.mambamim.selective_scan.default, (*leaves, True, True))
     print("INTERPRETER OK")
 
 

@@ -188,8 +188,10 @@ def _launch_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, k:
     _dw_bwd_w_kernel[(n_s, triton.cdiv(C, bc))](x, gy, part, D, H, W, C, n_th, n_tw, K=k, TH=th, TW=tw, BC=bc,
                                                 num_warps=4)  # fmt: skip
     total = part.sum(0)
-    # Fresh tensors: a custom op's outputs may not alias each other (views of `total` would).
-    gw = total[:kk].t().reshape(C, 1, k, k, k).to(weight.dtype).clone()
+    # Fresh tensors laid out like the weight (what the fake kernel promises, and what DDP's gradient
+    # buckets expect): a custom op's outputs may not alias each other, and views of `total` would.
+    gw = torch.empty_like(weight)
+    gw.copy_(total[:kk].t().reshape(C, 1, k, k, k))
     gb = total[kk].clone()
     return gx, gw, gb
 
