@@ -42,6 +42,15 @@ def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+class _Rows(list):
+    """Rows that are also printed as they come, so a run cut off by a time limit still reports them."""
+
+    def append(self, row) -> None:
+        what, t, peak = row
+        print(f"[row] {what}: {t:.4f} s, peak {peak:.2f} GiB", flush=True)
+        super().append(row)
+
+
 def _select(variants: list, args) -> list:
     """The baseline (index 0) always runs; then ``--variants`` indices or, with ``--best-only``, the last."""
     if args.variants:
@@ -54,7 +63,7 @@ def _select(variants: list, args) -> list:
 def pretrain_variants(args, device):
     from mambamim.pretrain import create_pretrainer
 
-    rows = []
+    rows = _Rows()
     x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
     variants = [("fp32 eager (baseline)", dict(amp=False, cl=False, compile=False))]
     if device.type == "cuda":
@@ -98,7 +107,7 @@ def finetune_variants(args, device):
 
     from mambamim.models import create_model
 
-    rows = []
+    rows = _Rows()
     x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
     y = torch.randint(0, 14, (args.batch, 1, args.crop, args.crop, args.crop), device=device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -142,7 +151,7 @@ def infer_variants(args, device):
 
     from mambamim.models import create_model
 
-    rows = []
+    rows = _Rows()
     shape = tuple(args.volume)
     vol = torch.rand(1, 1, *shape, device=device)
     torch.manual_seed(0)
@@ -214,7 +223,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = []
+    rows = _Rows()
     table = {"pretrain": pretrain_variants, "finetune": finetune_variants, "infer": infer_variants, "toki": toki_rows}
     for key in args.only:
         rows += table[key](args, device)

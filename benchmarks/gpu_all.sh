@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the device machine: CUDA tests, a CLI smoke run of
-# pretrain/finetune with --compile on CUDA, and the whole-step benchmarks (baseline + fastest).
+# Everything that needs a GPU, in parts that fit one 10-minute device call each (a cold machine spends
+# minutes building Triton kernels and compiling). Logs go under $OUT.
+#
+#   bash benchmarks/gpu_all.sh tests pretrain     # CUDA tests, then the pre-training step (baseline + best)
+#   bash benchmarks/gpu_all.sh finetune           # fine-tuning step and sliding window (baseline + best)
+#   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
+#   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
+#
 # Expects the wheels of monai, nibabel, pydicom, tqdm and pytest in .whl/ (see the device README).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import yaml, scipy, matplotlib; print('deps ok')"
-echo "== CUDA tests"
-timeout 170 python3 -m pytest -q -p no:cacheprovider tests/ops/test_selective_scan_triton.py tests/ops/test_toki.py \
-  tests/engine/test_cuda_training.py 2>&1 | tail -8
-echo "== CLI on CUDA with --compile (tiny)"
-W=/tmp/w; rm -rf $W; mkdir -p $W
-( cd $W && timeout 150 python3 -m mambamim data synth --out raw --num 3 --seed 0 >/dev/null \
-  && timeout 150 python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 64 >/dev/null \
-  && timeout 150 python3 -m mambamim pretrain --data cache --out pt --size tiny --crop 64 --batch-size 4 --num-crops 2 \
-       --steps 6 --workers 2 --no-progress --compile --device cuda 2>&1 | tail -2 \
-  && timeout 150 python3 -m mambamim finetune --data cache --out ft --size tiny --crop 64 --batch-size 4 --num-crops 2 \
-       --iterations 6 --val-every 6 --workers 2 --no-progress --compile --pretrained pt --device cuda 2>&1 | tail -2 )
-echo "== step benchmarks"
-timeout 330 python3 benchmarks/bench_steps.py --only toki pretrain finetune infer --best-only --variants 4 --iters 6 \
-  2>&1 | grep -v -i warn | tail -16
+nvidia-smi -L
+quiet() { grep -v -i -E "userwarning|warnings.warn|^ *$"; }
+for part in "$@"; do
+  echo "== $part"
+  case $part in
+    tests)
+      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv3d.py \
+        tests/ops/test_selective_scan_triton.py tests/ops/test_toki.py \
+        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/engine/test_cuda_training.py \
+        -W ignore > $OUT/tests.log 2>&1
+      echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
+    pretrain)
+      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 --iters 8 \
+        > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
+    finetune)
+      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants 3 \
+        --iters 6 > $OUT/bench_finetune.log 2>&1; grep "^\[row\]\|TOKI" $OUT/bench_finetune.log ;;
+    profile)
+      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/profile_modules.py > $OUT/profile.log 2>&1
+      quiet < $OUT/profile.log | tail -75 ;;
+    cli)
+      W=/tmp/w; rm -rf $W; mkdir -p $W
+      ( cd $W && python3 -m mambamim data synth --out raw --num 3 --seed 0 >/dev/null \
+        && python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 64 >/dev/null \
+        && CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m mambamim pretrain --data cache --out pt --size tiny --crop 64 \
+             --batch-size 4 --num-crops 2 --steps 6 --workers 2 --no-progress --compile --device cuda > $OUT/cli.log 2>&1
+        echo "pretrain rc=$?"; quiet < $OUT/cli.log | tail -4 ) ;;
+    ddp)
+      for n in 1 2; do
+        timeout 120 torchrun --standalone --nproc_per_node $n benchmarks/bench_ddp.py --steps 12 --warmup 4 \
+          --append $OUT/ddp.txt > $OUT/ddp$n.log 2>&1; grep "^world" $OUT/ddp$n.log
+      done ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
