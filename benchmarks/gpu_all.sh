@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in parts that fit one 10-minute device call each (a cold machine spends
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
-#   bash benchmarks/gpu_all.sh tests pretrain     # CUDA tests, then the pre-training step (baseline + best)
-#   bash benchmarks/gpu_all.sh finetune           # fine-tuning step and sliding window (baseline + best)
+#   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine)
+#   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs
+#   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
@@ -24,7 +25,7 @@ for part in "$@"; do
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     pretrain)
-      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 --iters 8 \
+      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 5 --iters 8 \
         > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
     finetune)
       CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants 3 \
