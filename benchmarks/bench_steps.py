@@ -74,11 +74,13 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
             # forward + backward replayed as CUDA graphs (no launch overhead); AdamW stays outside
             ("bf16 + channels_last + compile (CUDA graphs)", dict(amp=True, cl=True, compile="reduce-overhead")),
+            # the full-resolution widening layer on visible cells + halo only (same result)
+            ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
         ]
     variants = _select(variants, args)
     for label, v in variants:
         torch.manual_seed(0)
-        model = create_pretrainer("hymamba", size=args.size).to(device)
+        model = create_pretrainer("hymamba", size=args.size, sparse_full_res=v.get("sparse", False)).to(device)
         if v["cl"]:
             model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

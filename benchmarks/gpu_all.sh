@@ -3,7 +3,7 @@
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine)
-#   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs
+#   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
@@ -25,7 +25,7 @@ for part in "$@"; do
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     pretrain)
-      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 5 --iters 8 \
+      CUDA_VISIBLE_DEVICES=0 timeout 560 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 5 6 --iters 8 \
         > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
     finetune)
       CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants 3 \

@@ -171,3 +171,38 @@ def test_no_leak_on_cuda_fast_paths():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
         assert torch.equal(a["reconstruction"], b["reconstruction"])
+
+
+@pytest.mark.parametrize("name,norm", [("hymamba", "group"), ("mednext_cnn", "batch"), ("hymamba", "layer")])
+def test_sparse_full_res_is_the_same_computation(name, norm):
+    """Computing the full-resolution widening layer on visible cells + halo only changes nothing:
+    loss, reconstruction and every gradient equal the whole-volume path (float64)."""
+    torch.manual_seed(0)
+    dense = create_pretrainer(name, norm=norm, **MICRO).double()
+    sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, **MICRO).double()
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
+    mask = mask_with_runs()
+    outs = []
+    for model in (dense, sparse):
+        out = model(x, mask)
+        out["loss"].backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[1]["reconstruction"], outs[0]["reconstruction"], rtol=1e-9, atol=1e-10)
+    for (n, pd), (_, ps) in zip(dense.named_parameters(), sparse.named_parameters()):
+        if pd.grad is not None:
+            torch.testing.assert_close(ps.grad, pd.grad, rtol=1e-8, atol=1e-10, msg=n)
+    for (n, bd), (_, bs) in zip(dense.named_buffers(), sparse.named_buffers()):  # BatchNorm running stats
+        torch.testing.assert_close(bs, bd, rtol=1e-10, atol=1e-12, msg=n)
+    # random masks (the training path: the visible count is known without a host sync)
+    torch.manual_seed(3)
+    a = dense(x)
+    torch.manual_seed(3)
+    b = sparse(x)
+    assert torch.equal(a["mask"], b["mask"])
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-10, atol=1e-12)
+    # and the encoder stays blind to masked voxels
+    with torch.no_grad():
+        r1, r2 = sparse(x, mask)["reconstruction"], sparse(masked_change(x, mask), mask)["reconstruction"]
+    assert torch.equal(r1, r2)

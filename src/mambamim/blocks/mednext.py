@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mambamim.layers.sparse import SparseConv3d, apply_mask, make_norm
@@ -52,3 +53,19 @@ class ConvNormAct(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return apply_mask(self.act(self.norm(self.conv(x, mask), mask)), mask)
+
+    def forward_blocks(self, blocks: torch.Tensor, batch: int) -> torch.Tensor:
+        """The layer computed on visible blocks only.
+
+        ``blocks`` (B*K, Cin, s + 2p, ...) are a sample's K visible cells with a halo of p = k // 2
+        voxels of context (:func:`mambamim.masking.gather_blocks`); returns (B*K, Cout, s, s, s). The
+        norm takes its statistics per sample over its K blocks, i.e. over exactly the visible voxels,
+        so this equals ``forward(x, mask)`` at the visible voxels with a fraction of the work.
+        """
+        z = F.conv3d(blocks, self.conv.weight, self.conv.bias)  # no padding: the halo is the context
+        n, c, s = z.shape[0], z.shape[1], z.shape[2]
+        k = n // batch
+        # A sample's K blocks stacked along depth: a dense (B, C, K*s, s, s) volume (a view when channels-last).
+        stacked = z.reshape(batch, k, c, s, s, s).transpose(1, 2).reshape(batch, c, k * s, s, s)
+        y = self.act(self.norm(stacked, None).to(z.dtype))
+        return y.reshape(batch, c, k, s, s, s).transpose(1, 2).reshape(n, c, s, s, s)

@@ -79,10 +79,15 @@ class SparseMaxPool3d(nn.MaxPool3d):
         return apply_mask(super().forward(x), mask)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 for statistics; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """Mean and biased variance of x over ``dims`` counting only mask == 1 positions (float32)."""
-    xf = x.float()
-    m = mask.float().expand_as(xf)
+    """Mean and biased variance of x over ``dims`` counting only mask == 1 positions (at least float32)."""
+    xf = _upcast(x)
+    m = mask.to(xf.dtype).expand_as(xf)
     count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
     mean = (xf * m).sum(dim=dims, keepdim=True) / count
     var = (((xf - mean) * m) ** 2).sum(dim=dims, keepdim=True) / count
@@ -104,7 +109,7 @@ class SparseBatchNorm3d(nn.BatchNorm3d):
                 unbiased = var.flatten() * n / (n - 1).clamp_min(1.0)
                 self.running_mean.mul_(1 - momentum).add_(mean.flatten(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-        y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        y = (_upcast(x) - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
         return apply_mask(y.to(x.dtype), mask)
@@ -122,14 +127,14 @@ class SparseGroupNorm(nn.GroupNorm):
             # One group per channel: reduce over the spatial dims without a reshape, which keeps a
             # channels_last_3d input channels-last (a reshape would force layout copies around every conv).
             mean, var, _ = _masked_moments(x, mask, tuple(range(2, x.dim())))
-            y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+            y = (_upcast(x) - mean) * torch.rsqrt(var + self.eps)
             if self.affine:
                 shape = (1, c) + (1,) * (x.dim() - 2)
                 y = y * self.weight.view(shape) + self.bias.view(shape)
             return apply_mask(y.to(x.dtype), mask)
         xg = x.reshape(b, g, c // g, -1)
         mean, var, _ = _masked_moments(xg, mask.reshape(b, 1, 1, -1), (2, 3))
-        y = ((xg.float() - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
+        y = ((_upcast(xg) - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
         if self.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)
             y = y * self.weight.view(shape) + self.bias.view(shape)

@@ -8,6 +8,9 @@ from mambamim.masking.masks import (
     validate_mask,
     gather_visible,
     scatter_visible,
+    gather_blocks,
+    scatter_blocks,
 )
 
-__all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask", "gather_visible", "scatter_visible"]
+__all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask", "gather_visible", "scatter_visible",
+           "gather_blocks", "scatter_blocks"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "validate_mask",
     "gather_visible",
     "scatter_visible",
+    "gather_blocks",
+    "scatter_blocks",
 ]
 
 
@@ -211,3 +214,53 @@ def scatter_visible(visible_tokens: Tensor, visible: Tensor) -> Tensor:
     index = _visible_index(visible, K)
     out = visible_tokens.new_zeros(B, visible.shape[1], C)
     return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, C), visible_tokens)
+
+
+def _cell_coords(mask: Tensor, num_visible: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(b, i, j, k) index vectors of the visible cells of a ``(B, gd, gh, gw)`` mask, B * num_visible long."""
+    B, _, gh, gw = mask.shape
+    cells = _visible_index(mask.flatten(1), num_visible)  # (B, K)
+    b = torch.arange(B, device=mask.device).repeat_interleave(num_visible)
+    cells = cells.reshape(-1)
+    return b, cells // (gh * gw), (cells // gw) % gh, cells % gw
+
+
+def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> Tensor:
+    """The visible cells of a volume as a batch of blocks, each with a ``halo`` of its neighbourhood.
+
+    Args:
+        x: ``(B, C, D, H, W)``, each side a multiple of the mask grid's (cell side s = D / gd).
+        mask: ``(B, gd, gh, gw)`` bool, True = visible, ``num_visible`` True per sample (not checked).
+        halo: voxels of context on every side (zeros beyond the volume, x's values elsewhere).
+
+    Returns:
+        ``(B * num_visible, C, s + 2 halo, ...)``, sample-major, cells in raster order.
+    """
+    cell = _cell_side(x, mask)
+    side = cell + 2 * halo
+    xp = F.pad(x, (halo,) * 6) if halo else x
+    windows = xp.unfold(2, side, cell).unfold(3, side, cell).unfold(4, side, cell)  # (B, C, gd, gh, gw, s, s, s)
+    b, i, j, k = _cell_coords(mask, num_visible)
+    return windows[b, :, i, j, k]
+
+
+def scatter_blocks(blocks: Tensor, mask: Tensor, num_visible: int, memory_format=torch.contiguous_format) -> Tensor:
+    """Inverse of :func:`gather_blocks` without halo: a dense ``(B, C, D, H, W)`` volume holding the
+    ``(B * num_visible, C, s, s, s)`` blocks at the visible cells and zeros elsewhere."""
+    B, gd, gh, gw = mask.shape
+    n, c, s = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    if n != B * num_visible or blocks.shape[2:] != (s, s, s):
+        raise ValueError(f"expected ({B * num_visible}, C, s, s, s) blocks, got {tuple(blocks.shape)}")
+    out = blocks.new_zeros(B, c, gd * s, gh * s, gw * s).contiguous(memory_format=memory_format)
+    b, i, j, k = _cell_coords(mask, num_visible)
+    out.unfold(2, s, s).unfold(3, s, s).unfold(4, s, s)[b, :, i, j, k] = blocks
+    return out
+
+
+def _cell_side(x: Tensor, mask: Tensor) -> int:
+    if x.dim() != 5 or mask.dim() != 4 or x.shape[0] != mask.shape[0]:
+        raise ValueError(f"expected x (B, C, D, H, W) and mask (B, gd, gh, gw), got {tuple(x.shape)} and {tuple(mask.shape)}")
+    cell = x.shape[2] // mask.shape[1]
+    if any(s != g * cell for s, g in zip(x.shape[2:], mask.shape[1:])):
+        raise ValueError(f"volume {tuple(x.shape[2:])} is not the mask grid {tuple(mask.shape[1:])} times one cell side")
+    return cell
