@@ -117,3 +117,11 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
         out = forward(prepare(x))
     assert torch.equal(out, model(x)) and "backend exploded" in caplog.text
     assert torch.equal(forward(x), model(x))
+
+
+def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
+    from mambamim.engine.pretrain_loop import _make_pretrainer
+
+    model = _make_pretrainer(_cfg(tmp_path, "x", size="tiny", sparse_full_res=True))
+    assert model.sparse_full_res and model.config["sparse_full_res"] is True
+    assert not _make_pretrainer(_cfg(tmp_path, "y", size="tiny")).sparse_full_res

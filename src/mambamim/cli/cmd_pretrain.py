@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how masked Mamba tokens are filled: TOKI or one learnable token")
     parser.add_argument("--no-skip", action="store_true", help="decoder without skip connections (ablation)")
     parser.add_argument("--no-bottom-up", action="store_true", help="mask the Mamba stage only, CNN dense (ablation)")
+    parser.add_argument("--sparse-full-res", action="store_true",
+                        help="compute the full-resolution CNN layer on visible 16^3 cells (+ halo) only: same "
+                             "result, less work")
     parser.add_argument("--decoder-width", type=int, default=None,
                         help="light decoder width at the bottleneck, halving per level (default 768)")
     length = parser.add_mutually_exclusive_group()
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = run_training_command(args, "pretrain", lambda: PretrainConfig(
         **common_values(args), mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
-        bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
+        bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width,
+        sparse_full_res=args.sparse_full_res, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
         steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
     ), pretrain)
     if isinstance(run_dir, int):

@@ -162,7 +162,8 @@ class PretrainConfig(_Config):
 
     ``decoder_width`` (None: the pre-trainer's default for the size, 768 for base) sets the light
     decoder's width at the bottleneck. ``compile``: torch.compile the training forward (and, on CUDA,
-    run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md.
+    run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``sparse_full_res``
+    computes the full-resolution widening layer on visible cells only (same result, less work).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
     volumes, ``num_crops`` random crops each.
     Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.
@@ -181,6 +182,7 @@ class PretrainConfig(_Config):
     skip: bool = True
     bottom_up: bool = True
     decoder_width: int | None = None
+    sparse_full_res: bool = False
     epochs: int | None = 100
     steps: int | None = None
     save_every: int = 10

@@ -486,6 +486,7 @@ def _make_pretrainer(config: PretrainConfig) -> nn.Module:
         skip=config.skip,
         bottom_up=config.bottom_up,
         scan=config.scan,
+        sparse_full_res=config.sparse_full_res,
         **model_size_kwargs(config.size),
         **extra,
     )
