@@ -216,13 +216,18 @@ def scatter_visible(visible_tokens: Tensor, visible: Tensor) -> Tensor:
     return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, C), visible_tokens)
 
 
-def _cell_coords(mask: Tensor, num_visible: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(b, i, j, k) index vectors of the visible cells of a ``(B, gd, gh, gw)`` mask, B * num_visible long."""
+def _block_index(mask: Tensor, num_visible: int, cell: int, side: int) -> tuple[Tensor, ...]:
+    """Broadcastable (b, d, h, w) voxel indices of every visible cell's ``side``^3 window, the window
+    of a cell starting at its corner (b: (N, 1, 1, 1); d: (N, side, 1, 1); h: (N, 1, side, 1); w: (N, 1, 1, side))."""
     B, _, gh, gw = mask.shape
-    cells = _visible_index(mask.flatten(1), num_visible)  # (B, K)
+    cells = _visible_index(mask.flatten(1), num_visible).reshape(-1)  # (N,), sample-major
     b = torch.arange(B, device=mask.device).repeat_interleave(num_visible)
-    cells = cells.reshape(-1)
-    return b, cells // (gh * gw), (cells // gw) % gh, cells % gw
+    r = torch.arange(side, device=mask.device)
+    d = (cells // (gh * gw)) * cell
+    h = ((cells // gw) % gh) * cell
+    w = (cells % gw) * cell
+    return (b.view(-1, 1, 1, 1), (d.view(-1, 1) + r).view(-1, side, 1, 1), (h.view(-1, 1) + r).view(-1, 1, side, 1),
+            (w.view(-1, 1) + r).view(-1, 1, 1, side))  # fmt: skip
 
 
 def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> Tensor:
@@ -234,14 +239,15 @@ def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> T
         halo: voxels of context on every side (zeros beyond the volume, x's values elsewhere).
 
     Returns:
-        ``(B * num_visible, C, s + 2 halo, ...)``, sample-major, cells in raster order.
+        ``(B * num_visible, C, s + 2 halo, ...)``, sample-major, cells in raster order, laid out
+        channels-last (what a following convolution wants on GPUs).
     """
     cell = _cell_side(x, mask)
-    side = cell + 2 * halo
     xp = F.pad(x, (halo,) * 6) if halo else x
-    windows = xp.unfold(2, side, cell).unfold(3, side, cell).unfold(4, side, cell)  # (B, C, gd, gh, gw, s, s, s)
-    b, i, j, k = _cell_coords(mask, num_visible)
-    return windows[b, :, i, j, k]
+    # Plain advanced indexing (no overlapping unfold views): its backward is an accumulating
+    # index_put, which torch.compile handles.
+    idx = _block_index(mask, num_visible, cell, cell + 2 * halo)
+    return xp.permute(0, 2, 3, 4, 1)[idx].permute(0, 4, 1, 2, 3)
 
 
 def scatter_blocks(blocks: Tensor, mask: Tensor, num_visible: int, memory_format=torch.contiguous_format) -> Tensor:
@@ -251,10 +257,10 @@ def scatter_blocks(blocks: Tensor, mask: Tensor, num_visible: int, memory_format
     n, c, s = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     if n != B * num_visible or blocks.shape[2:] != (s, s, s):
         raise ValueError(f"expected ({B * num_visible}, C, s, s, s) blocks, got {tuple(blocks.shape)}")
-    out = blocks.new_zeros(B, c, gd * s, gh * s, gw * s).contiguous(memory_format=memory_format)
-    b, i, j, k = _cell_coords(mask, num_visible)
-    out.unfold(2, s, s).unfold(3, s, s).unfold(4, s, s)[b, :, i, j, k] = blocks
-    return out
+    idx = _block_index(mask, num_visible, s, s)
+    out = blocks.new_zeros(B, gd * s, gh * s, gw * s, c).index_put(idx, blocks.permute(0, 2, 3, 4, 1))
+    out = out.permute(0, 4, 1, 2, 3)  # channels-last memory
+    return out if memory_format == torch.channels_last_3d else out.contiguous(memory_format=memory_format)
 
 
 def _cell_side(x: Tensor, mask: Tensor) -> int:
