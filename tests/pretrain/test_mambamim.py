@@ -203,6 +203,8 @@ def test_sparse_full_res_is_the_same_computation(name, norm):
     assert torch.equal(a["mask"], b["mask"])
     torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-10, atol=1e-12)
     # and the encoder stays blind to masked voxels
+    with pytest.raises(ValueError, match="sparse_full_res"):
+        create_pretrainer("vim_unetr", sparse_full_res=True, **MICRO)
     with torch.no_grad():
         r1, r2 = sparse(x, mask)["reconstruction"], sparse(masked_change(x, mask), mask)["reconstruction"]
     assert torch.equal(r1, r2)

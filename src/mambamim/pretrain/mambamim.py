@@ -156,6 +156,9 @@ class MambaMIM(nn.Module):
         num_visible(1000, mask_ratio)  # validates the ratio
         if name == "mednext_cnn" and not bottom_up:
             raise ValueError("a pure CNN has no Mamba stage to mask: bottom_up=False needs hymamba")
+        if sparse_full_res and (name == "vim_unetr" or not bottom_up):
+            raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
+                             "with bottom_up=True)")  # fmt: skip
         self.name = name
         self.mask_ratio = float(mask_ratio)
         self.token = token
