@@ -120,16 +120,23 @@ def test_triton_depthwise_under_autocast_and_compile():
 
 
 @cuda_only
-def test_sparse_conv_fast_paths_match_cudnn():
+def test_sparse_conv_fast_paths_match_float64():
+    """The layer's CUDA fast paths (im2col stem, Triton depthwise) against float64 on the CPU (cuDNN's
+    own fp32 result would differ by TF32 rounding)."""
     torch.manual_seed(0)
+
+    def ref(x, conv, groups=1):
+        return F.conv3d(x.double().cpu(), conv.weight.double().cpu(), conv.bias.double().cpu(), padding=1,
+                        groups=groups)  # fmt: skip
+
     x1 = torch.randn(2, 1, 16, 16, 16, device="cuda")
     stem = SparseConv3d(1, 8, 3, padding=1).cuda()
-    torch.testing.assert_close(stem(x1), F.conv3d(x1, stem.weight, stem.bias, padding=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stem(x1).double().cpu(), ref(x1, stem), rtol=1e-4, atol=1e-4)
     x = torch.randn(2, 16, 16, 16, 16, device="cuda")
     dw = SparseConv3d(16, 16, 3, padding=1, groups=16).cuda()
     mask = (torch.rand(2, 1, 16, 16, 16, device="cuda") > 0.5).float()
-    ref = F.conv3d(x, dw.weight, dw.bias, padding=1, groups=16) * mask
-    torch.testing.assert_close(dw(x, mask), ref, rtol=1e-4, atol=1e-4)
+    expected = ref(x, dw, groups=16) * mask.double().cpu()
+    torch.testing.assert_close(dw(x, mask).double().cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton; on GPUs the CUDA tests cover it")

@@ -161,11 +161,17 @@ def test_no_leak_on_cuda_fast_paths():
     x = torch.rand(2, 1, 32, 32, 32)
     mask = mask_with_runs()
     x2 = masked_change(x, mask)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32, not with TF32 rounding
+    try:
+        with torch.no_grad():
+            cpu = model(x, mask)["reconstruction"]
+            gpu = model.cuda().to(memory_format=torch.channels_last_3d)
+            xs = [t.cuda().contiguous(memory_format=torch.channels_last_3d) for t in (x, x2)]
+            a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     with torch.no_grad():
-        cpu = model(x, mask)["reconstruction"]
-        gpu = model.cuda().to(memory_format=torch.channels_last_3d)
-        xs = [t.cuda().contiguous(memory_format=torch.channels_last_3d) for t in (x, x2)]
-        a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
         assert torch.equal(a["reconstruction"], b["reconstruction"])
         torch.testing.assert_close(a["reconstruction"].cpu(), cpu, rtol=1e-3, atol=1e-3)
         with torch.autocast("cuda", dtype=torch.bfloat16):
