@@ -45,7 +45,9 @@ def is_available() -> bool:
 
 if _HAS_TRITON:
 
-    @triton.jit
+    # One build per tile shape and dtype, not per volume size: D, H, W and the tile counts are not
+    # specialised (C stays specialised: its divisibility by 16 lets the channel loads vectorise).
+    @triton.jit(do_not_specialize=["D", "H", "W", "nTH", "nTW"])
     def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, C, nTH, nTW,
                        K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
                        HAS_BIAS: tl.constexpr):  # fmt: skip
@@ -85,7 +87,7 @@ if _HAS_TRITON:
         row = (((b * D + d) * H + h) * W + w).to(tl.int64)
         tl.store(y_ptr + row[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & cm[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["D", "H", "W", "nTH", "nTW"])
     def _dw_bwd_w_kernel(x_ptr, gy_ptr, part_ptr, D, H, W, C, nTH, nTW,
                          K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr):  # fmt: skip
         # Same tiling as the forward; every program writes its own (taps + 1, BC) partial sums
