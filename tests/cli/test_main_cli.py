@@ -37,6 +37,18 @@ def test_info_builds_and_times_a_network(capsys):
     assert main(["info", "--model", "hymamba", "--size", "tiny", "--crop", "32", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "second step" in out
+    assert "fast paths: none on CPU" in out
+
+
+def test_info_names_the_fast_paths_a_gpu_would_get(monkeypatch):
+    import torch
+
+    from mambamim.cli.cmd_info import fast_paths
+
+    monkeypatch.setenv("MAMBAMIM_DISABLE_TRITON", "dwconv")
+    text = fast_paths(torch.device("cuda"))
+    # with triton installed the scan stays on and the switched-off kernel says so; without, it says why
+    assert "depthwise conv off" in text or "triton is not installed" in text
 
 
 def test_bad_arguments_exit_non_zero(capsys):

@@ -21,6 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
+def fast_paths(device: torch.device) -> str:
+    """Which fused kernels this device gets (and why not, where it gets none)."""
+    from mambamim.ops.conv3d import triton_disabled
+
+    if device.type != "cuda":
+        return "none on CPU (PyTorch reference paths)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "none: triton is not installed (pip install triton, or the [gpu] extra)"
+    parts = [f"{label} {'off (MAMBAMIM_DISABLE_TRITON)' if triton_disabled(name) else 'Triton'}"
+             for name, label in (("scan", "selective scan"), ("dwconv", "depthwise conv"))]  # fmt: skip
+    return ", ".join(parts + ["stem im2col GEMM"])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.size not in MODEL_PRESETS[args.model]:
         print(f"unknown size {args.size!r} for {args.model}; available: {sorted(MODEL_PRESETS[args.model])}")
@@ -38,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     n_total = sum(p.numel() for p in model.parameters())
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     print(f"model      {args.model} ({args.size}), scan {args.scan}")
+    print(f"device     {device}; fast paths: {fast_paths(device)}")
     print(f"parameters {n_total / 1e6:.2f} M (encoder {n_enc / 1e6:.2f} M, pre-trainable)")
     x = torch.rand(args.batch_size, args.in_channels, *crop, device=device)
     amp = device.type == "cuda"
