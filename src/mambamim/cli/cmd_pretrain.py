@@ -103,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-skip", action="store_true", help="decoder without skip connections (ablation)")
     parser.add_argument("--no-bottom-up", action="store_true", help="mask the Mamba stage only, CNN dense (ablation)")
     parser.add_argument("--sparse-full-res", action="store_true",
-                        help="compute the full-resolution CNN layer on visible 16^3 cells (+ halo) only: same "
-                             "result, less work")
+                        help="compute the full-resolution encoder layer and decoder skip projection from the "
+                             "visible 16^3 cells only: same result, less work and memory")
     parser.add_argument("--decoder-width", type=int, default=None,
                         help="light decoder width at the bottleneck, halving per level (default 768)")
     length = parser.add_mutually_exclusive_group()

@@ -163,7 +163,8 @@ class PretrainConfig(_Config):
     ``decoder_width`` (None: the pre-trainer's default for the size, 768 for base) sets the light
     decoder's width at the bottleneck. ``compile``: torch.compile the training forward (and, on CUDA,
     run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``sparse_full_res``
-    computes the full-resolution widening layer on visible cells only (same result, less work).
+    computes the full-resolution encoder layer and decoder skip projection from the visible cells only
+    (same result, less work and memory).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
     volumes, ``num_crops`` random crops each.
     Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.

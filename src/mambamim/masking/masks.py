@@ -250,17 +250,33 @@ def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> T
     return xp.permute(0, 2, 3, 4, 1)[idx].permute(0, 4, 1, 2, 3)
 
 
-def scatter_blocks(blocks: Tensor, mask: Tensor, num_visible: int, memory_format=torch.contiguous_format) -> Tensor:
-    """Inverse of :func:`gather_blocks` without halo: a dense ``(B, C, D, H, W)`` volume holding the
-    ``(B * num_visible, C, s, s, s)`` blocks at the visible cells and zeros elsewhere."""
+def scatter_blocks(
+    blocks: Tensor, mask: Tensor, num_visible: int, halo: int = 0, memory_format=torch.contiguous_format
+) -> Tensor:
+    """Place ``(B * num_visible, C, s + 2 halo, ...)`` blocks at the visible cells of a dense volume.
+
+    Without halo this inverts :func:`gather_blocks` (zeros at masked cells). With a halo, every block
+    covers its cell plus ``halo`` voxels around it; overlapping parts are summed and what falls outside
+    the volume is dropped, which assembles a linear operator's output from per-cell contributions
+    (e.g. a "full" convolution of each visible cell alone).
+
+    Returns:
+        ``(B, C, gd * s, gh * s, gw * s)``.
+    """
     B, gd, gh, gw = mask.shape
-    n, c, s = blocks.shape[0], blocks.shape[1], blocks.shape[2]
-    if n != B * num_visible or blocks.shape[2:] != (s, s, s):
-        raise ValueError(f"expected ({B * num_visible}, C, s, s, s) blocks, got {tuple(blocks.shape)}")
-    idx = _block_index(mask, num_visible, s, s)
-    out = blocks.new_zeros(B, gd * s, gh * s, gw * s, c).index_put(idx, blocks.permute(0, 2, 3, 4, 1))
-    out = out.permute(0, 4, 1, 2, 3)  # channels-last memory
-    return out if memory_format == torch.channels_last_3d else out.contiguous(memory_format=memory_format)
+    n, c, side = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    s = side - 2 * halo
+    if n != B * num_visible or blocks.shape[2:] != (side, side, side) or s < 1:
+        raise ValueError(f"expected ({B * num_visible}, C, s + {2 * halo}, ...) cubic blocks, got {tuple(blocks.shape)}")
+    idx = _block_index(mask, num_visible, s, side)
+    shape = (B, gd * s + 2 * halo, gh * s + 2 * halo, gw * s + 2 * halo, c)
+    out = blocks.new_zeros(shape).index_put(idx, blocks.permute(0, 2, 3, 4, 1), accumulate=halo > 0)
+    if halo:
+        out = out[:, halo:-halo, halo:-halo, halo:-halo]
+    out = out.permute(0, 4, 1, 2, 3)  # channels-last memory when there is no halo
+    if halo == 0 and memory_format == torch.channels_last_3d:
+        return out
+    return out.contiguous(memory_format=memory_format)
 
 
 def _cell_side(x: Tensor, mask: Tensor) -> int:

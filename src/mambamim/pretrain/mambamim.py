@@ -17,20 +17,29 @@ is in per-16^3-patch normalised units (what the loss compares), so it never depe
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mambamim.masking import num_visible, random_bottleneck_mask, stage_masks, validate_mask
+from mambamim.masking import (
+    gather_blocks,
+    num_visible,
+    random_bottleneck_mask,
+    scatter_blocks,
+    stage_masks,
+    validate_mask,
+)
 from mambamim.models import model_config
 from mambamim.models.hymamba import HyMambaEncoder
 from mambamim.models.vim_unetr import VimEncoder
+from mambamim.ops.conv3d import im2col_conv3d
 from mambamim.ops.toki import TOKI, LearnableMaskToken
 from mambamim.layers.scan_order import ScanOrder
 from mambamim.pretrain.loss import masked_patch_mse
 
-__all__ = ["MambaMIM", "LightDecoder", "PRETRAINABLE"]
+__all__ = ["MambaMIM", "LightDecoder", "MaskedSkip", "PRETRAINABLE"]
 
 PRETRAINABLE = ("hymamba", "vim_unetr", "mednext_cnn")
 TOKENS = ("toki", "learnable")
@@ -42,6 +51,47 @@ _HYMAMBA_ENCODER_KEYS = (
     "bidirectional", "d_state",
 )  # fmt: skip
 _VIM_ENCODER_KEYS = ("in_channels", "dim", "depth", "mlp_ratio", "scan", "bidirectional", "d_state")
+
+
+class MaskedSkip(NamedTuple):
+    """A decoder skip given as its visible features plus the mask token that fills the masked voxels,
+    so the decoder can project it without building the filled volume (see :func:`project_masked_skip`).
+
+    features: (B, C, D, H, W), zero at masked voxels; mask: bottleneck bool (B, gd, gh, gw); count:
+    visible cells per sample; token: (C,); stage_mask: float (B, 1, D, H, W), 1 = visible.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    count: int
+    token: torch.Tensor
+    stage_mask: torch.Tensor
+
+
+def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
+    """``conv(where(visible, features, token))`` with a third of the dense work at 75 % masking.
+
+    By linearity it is conv(features) + conv(token at masked voxels): the first is assembled from every
+    visible cell's own "full" convolution (its output reaches one kernel radius past the cell; overlaps
+    add up), the second is a 1-channel convolution of the masked map with the kernel contracted against
+    the token. Needs a stride-1, "same"-padded, cubic, odd kernel.
+    """
+    k = conv.kernel_size[0]
+    if conv.stride != (1, 1, 1) or conv.padding != (k // 2,) * 3 or conv.kernel_size != (k, k, k) or k % 2 != 1:
+        raise ValueError("project_masked_skip needs a stride-1, same-padded convolution with a cubic odd kernel")
+    p = k // 2
+    f = skip.features
+    per_cell = F.conv3d(gather_blocks(f, skip.mask, skip.count), conv.weight, None, padding=2 * p)
+    cl = f.is_contiguous(memory_format=torch.channels_last_3d) and not f.is_contiguous()
+    fmt = torch.channels_last_3d if cl else torch.contiguous_format
+    visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, memory_format=fmt)
+    token_kernel = (conv.weight * skip.token.to(conv.weight.dtype).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
+    masked = 1.0 - skip.stage_mask
+    if masked.is_cuda:  # cuDNN is slow on one input channel
+        filled = im2col_conv3d(masked, token_kernel, conv.bias)
+    else:
+        filled = F.conv3d(masked, token_kernel, conv.bias, padding=p)
+    return visible + filled.to(visible.dtype)
 
 
 def _conv_norm_relu(cin: int, cout: int, norm: str) -> list[nn.Module]:
@@ -94,13 +144,17 @@ class LightDecoder(nn.Module):
         self.head = nn.Conv3d(widths[-1], out_channels, 1)
         self.use_skips = skip_channels is not None
 
-    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """bottleneck (B, Cb, d, h, w); skips coarse to fine, each at twice the previous resolution."""
+    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor | MaskedSkip] = ()) -> torch.Tensor:
+        """bottleneck (B, Cb, d, h, w); skips coarse to fine, each at twice the previous resolution
+        (a tensor, or a :class:`MaskedSkip` projected without building the filled volume)."""
         h = self.proj_bottleneck(bottleneck)
         for i, up in enumerate(self.ups):
             h = up(h)
             if self.use_skips:
-                h = self.fuse[i](torch.cat([h, self.proj_skips[i](skips[i])], dim=1))
+                skip = skips[i]
+                proj = project_masked_skip(self.proj_skips[i], skip) if isinstance(skip, MaskedSkip) else \
+                    self.proj_skips[i](skip)  # fmt: skip
+                h = self.fuse[i](torch.cat([h, proj.to(h.dtype)], dim=1))
         return self.head(h)
 
 
@@ -121,9 +175,10 @@ class MambaMIM(nn.Module):
         decoder_norm: ``batch`` or ``instance``.
         patch_size: loss patch size (16: the bottleneck cell).
         sparse_full_res: compute the CNN's full-resolution widening layer on the visible 16^3 cells
-            (plus a 1-voxel halo) only, instead of on the whole masked volume: the same result with
-            about a third of that layer's work (HyMamba / CNN with ``bottom_up``; needs the same visible
-            count in every sample, as random masks have).
+            (plus a 1-voxel halo) only, and the decoder's full-resolution skip projection from those
+            cells and the mask token (:func:`project_masked_skip`), instead of over the whole volume:
+            the same result with about a third of their work (HyMamba / CNN with ``bottom_up``; needs
+            the same visible count in every sample, as random masks have).
         **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
 
     Shapes: forward(x (B, C, D, H, W), mask (B, D/16, H/16, W/16) bool or None) -> dict with
@@ -225,17 +280,20 @@ class MambaMIM(nn.Module):
         enc: HyMambaEncoder = self.encoder
         enc.check_input(x)
         masks = stage_masks(mask, x.shape[2:], 5, x.dtype)
+        blocks = None
         if self.bottom_up:
-            blocks = None
             if self.sparse_full_res:
                 blocks = (mask, num_visible if num_visible is not None else validate_mask(mask, grid))
             feats = enc.forward_cnn(x * masks[0], masks, visible_blocks=blocks)
         else:
             feats = enc.forward_cnn(x, None)
-        skips = [
-            torch.where(m.bool(), f, t.to(f.dtype).view(1, -1, 1, 1, 1))
-            for f, m, t in zip(feats[:4], masks[:4], self.mask_tokens)
-        ]
+        skips: list[torch.Tensor | MaskedSkip] = []
+        for level, (f, m, t) in enumerate(zip(feats[:4], masks[:4], self.mask_tokens)):
+            if level == 0 and blocks is not None:
+                # The full-resolution skip stays sparse: its projection skips the masked cells too.
+                skips.append(MaskedSkip(f, mask, blocks[1], t, m))
+            else:
+                skips.append(torch.where(m.bool(), f, t.to(f.dtype).view(1, -1, 1, 1, 1)))
         if enc.mamba is not None:
             out = enc.mamba(feats[4], mask, num_visible=num_visible)
             bottleneck = self._fill_sequence(out.tokens, out.visible, out.perm, grid)
