@@ -125,3 +125,6 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     model = _make_pretrainer(_cfg(tmp_path, "x", size="tiny", sparse_full_res=True))
     assert model.sparse_full_res and model.config["sparse_full_res"] is True
     assert not _make_pretrainer(_cfg(tmp_path, "y", size="tiny")).sparse_full_res
+    # refused before a run folder exists
+    with pytest.raises(ValueError, match="sparse_full_res"):
+        _cfg(tmp_path, "z", model="vim_unetr", sparse_full_res=True).validate()

@@ -201,6 +201,9 @@ class PretrainConfig(_Config):
             raise ValueError("give epochs >= 1 or steps >= 1")
         if self.decoder_width is not None and self.decoder_width < 8:
             raise ValueError(f"decoder_width must be >= 8 (or None for the default), got {self.decoder_width}")
+        if self.sparse_full_res and (self.model == "vim_unetr" or not self.bottom_up):
+            raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
+                             "with bottom_up)")  # fmt: skip
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 0 or self.vis_every < 0:
