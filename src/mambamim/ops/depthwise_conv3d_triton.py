@@ -45,25 +45,26 @@ def is_available() -> bool:
 
 if _HAS_TRITON:
 
+    # This program's tile: sample b, depth slice d, the (TH x TW) rows h / columns w, the block of
+    # channels c and its bounds mask cm. Grid: (B * D * nTH * nTW, cdiv(C, BC)).
+    @triton.jit
+    def _tile(D, C, nTH, nTW, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr):
+        pid_s = tl.program_id(0)
+        tw_i = pid_s % nTW
+        t = pid_s // nTW
+        th_i = t % nTH
+        t = t // nTH
+        offs = tl.arange(0, TH * TW)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        return t // D, t % D, th_i * TH + offs // TW, tw_i * TW + offs % TW, c, c < C
+
     # One build per tile shape and dtype, not per volume size: D, H, W and the tile counts are not
     # specialised (C stays specialised: its divisibility by 16 lets the channel loads vectorise).
     @triton.jit(do_not_specialize=["D", "H", "W", "nTH", "nTW"])
     def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, C, nTH, nTW,
                        K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
                        HAS_BIAS: tl.constexpr):  # fmt: skip
-        pid_s = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        tw_i = pid_s % nTW
-        t = pid_s // nTW
-        th_i = t % nTH
-        t = t // nTH
-        d = t % D
-        b = t // D
-        offs = tl.arange(0, TH * TW)
-        h = th_i * TH + offs // TW
-        w = tw_i * TW + offs % TW
-        c = pid_c * BC + tl.arange(0, BC)
-        cm = c < C
+        b, d, h, w, c, cm = _tile(D, C, nTH, nTW, TH, TW, BC)
         P: tl.constexpr = K // 2
         acc = tl.zeros([TH * TW, BC], dtype=tl.float32)
         # Depth bounds as a vector: the interpreter mishandles scalar & vector boolean masks.
@@ -92,26 +93,14 @@ if _HAS_TRITON:
                          K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr):  # fmt: skip
         # Same tiling as the forward; every program writes its own (taps + 1, BC) partial sums
         # (row k^3: the bias gradient), reduced afterwards by torch.sum.
-        pid_s = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        tw_i = pid_s % nTW
-        t = pid_s // nTW
-        th_i = t % nTH
-        t = t // nTH
-        d = t % D
-        b = t // D
-        offs = tl.arange(0, TH * TW)
-        h = th_i * TH + offs // TW
-        w = tw_i * TW + offs % TW
-        c = pid_c * BC + tl.arange(0, BC)
-        cm = c < C
+        b, d, h, w, c, cm = _tile(D, C, nTH, nTW, TH, TW, BC)
         in_tile = (h < H) & (w < W)
         P: tl.constexpr = K // 2
         KK: tl.constexpr = K * K * K
         row = (((b * D + d) * H + h) * W + w).to(tl.int64)
         gy = tl.load(gy_ptr + row[:, None] * C + c[None, :], mask=in_tile[:, None] & cm[None, :], other=0.0)
         gy = gy.to(tl.float32)
-        out = part_ptr + pid_s.to(tl.int64) * (KK + 1) * C + c
+        out = part_ptr + tl.program_id(0).to(tl.int64) * (KK + 1) * C + c
         tl.store(out + KK * C, tl.sum(gy, axis=0), mask=cm)
         zero = tl.zeros([TH * TW], dtype=tl.int32)
         for kd in tl.static_range(K):
