@@ -91,7 +91,7 @@ def test_gather_and_scatter_blocks():
     blocks = gather_blocks(x, mask, k)
     assert blocks.shape == (2 * k, 3, 4, 4, 4)
     assert torch.equal(scatter_blocks(blocks, mask, k), x * dense_mask)
-    cl = scatter_blocks(blocks, mask, k, memory_format=torch.channels_last_3d)
+    cl = scatter_blocks(blocks, mask, k, like=x.contiguous(memory_format=torch.channels_last_3d))
     assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, x * dense_mask)
     # with a halo, a "valid" conv per block equals the padded dense conv at the visible voxels
     w = torch.randn(5, 3, 3, 3, 3, generator=g, dtype=torch.float64)

@@ -251,7 +251,7 @@ def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> T
 
 
 def scatter_blocks(
-    blocks: Tensor, mask: Tensor, num_visible: int, halo: int = 0, memory_format=torch.contiguous_format
+    blocks: Tensor, mask: Tensor, num_visible: int, halo: int = 0, like: Tensor | None = None
 ) -> Tensor:
     """Place ``(B * num_visible, C, s + 2 halo, ...)`` blocks at the visible cells of a dense volume.
 
@@ -261,7 +261,7 @@ def scatter_blocks(
     (e.g. a "full" convolution of each visible cell alone).
 
     Returns:
-        ``(B, C, gd * s, gh * s, gw * s)``.
+        ``(B, C, gd * s, gh * s, gw * s)``, channels-last 3D in memory when ``like`` is (else contiguous).
     """
     B, gd, gh, gw = mask.shape
     n, c, side = blocks.shape[0], blocks.shape[1], blocks.shape[2]
@@ -274,9 +274,11 @@ def scatter_blocks(
     if halo:
         out = out[:, halo:-halo, halo:-halo, halo:-halo]
     out = out.permute(0, 4, 1, 2, 3)  # channels-last memory when there is no halo
-    if halo == 0 and memory_format == torch.channels_last_3d:
+    channels_last = like is not None and like.is_contiguous(memory_format=torch.channels_last_3d) and not (
+        like.is_contiguous())  # fmt: skip
+    if halo == 0 and channels_last:
         return out
-    return out.contiguous(memory_format=memory_format)
+    return out.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
 def _cell_side(x: Tensor, mask: Tensor) -> int:

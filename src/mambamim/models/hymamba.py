@@ -125,9 +125,7 @@ class HyMambaEncoder(nn.Module):
         layer = self.widen[0]
         halo = layer.conv.kernel_size[0] // 2
         blocks = layer.forward_blocks(gather_blocks(h, visible, count, halo=halo), h.shape[0])
-        channels_last = h.is_contiguous(memory_format=torch.channels_last_3d) and not h.is_contiguous()
-        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        return scatter_blocks(blocks, visible, count, memory_format=fmt)
+        return scatter_blocks(blocks, visible, count, like=h)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:

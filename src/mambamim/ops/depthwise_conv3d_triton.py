@@ -22,25 +22,13 @@ from typing import Optional
 
 import torch
 
-try:  # triton is optional: CPU-only installs (and CI) have none
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from mambamim.ops._triton import HAS_TRITON as _HAS_TRITON
+from mambamim.ops._triton import is_available, tl, triton
 
 __all__ = ["depthwise_conv3d_triton", "is_available", "SUPPORTED_KERNELS"]
 
 SUPPORTED_KERNELS = (1, 3)  # k = 5 would unroll 125 taps per kernel
 _CL = torch.channels_last_3d
-
-
-def is_available() -> bool:
-    """True when Triton is importable and a CUDA device is present."""
-    return _HAS_TRITON and torch.cuda.is_available()
 
 
 if _HAS_TRITON:
@@ -58,6 +46,16 @@ if _HAS_TRITON:
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         return t // D, t % D, th_i * TH + offs // TW, tw_i * TW + offs % TW, c, c < C
 
+    # x at depth dd, rows hh, columns ww (the tile shifted by one kernel tap) as fp32; zero outside
+    # the volume (the "same" padding) and where `valid` is false.
+    @triton.jit
+    def _load_shifted(x_ptr, b, dd, hh, ww, c, cm, D, H, W, C, valid):
+        # Depth bounds as a vector: the interpreter mishandles scalar & vector boolean masks.
+        dd = hh * 0 + dd
+        ok = (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & valid
+        row = (((b * D + dd) * H + hh) * W + ww).to(tl.int64)
+        return tl.load(x_ptr + row[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+
     # One build per tile shape and dtype, not per volume size: D, H, W and the tile counts are not
     # specialised (C stays specialised: its divisibility by 16 lets the channel loads vectorise).
     @triton.jit(do_not_specialize=["D", "H", "W", "nTH", "nTW"])
@@ -65,28 +63,19 @@ if _HAS_TRITON:
                        K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
                        HAS_BIAS: tl.constexpr):  # fmt: skip
         b, d, h, w, c, cm = _tile(D, C, nTH, nTW, TH, TW, BC)
+        in_tile = (h < H) & (w < W)
         P: tl.constexpr = K // 2
         acc = tl.zeros([TH * TW, BC], dtype=tl.float32)
-        # Depth bounds as a vector: the interpreter mishandles scalar & vector boolean masks.
-        zero = tl.zeros([TH * TW], dtype=tl.int32)
         for kd in tl.static_range(K):
-            dd = zero + d + kd - P
-            d_ok = (dd >= 0) & (dd < D)
             for kh in tl.static_range(K):
-                hh = h + kh - P
-                h_ok = (hh >= 0) & (hh < H) & d_ok
                 for kw in tl.static_range(K):
-                    ww = w + kw - P
-                    ok = h_ok & (ww >= 0) & (ww < W)
-                    row = (((b * D + dd) * H + hh) * W + ww).to(tl.int64)
-                    xv = tl.load(x_ptr + row[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+                    xv = _load_shifted(x_ptr, b, d + kd - P, h + kh - P, w + kw - P, c, cm, D, H, W, C, in_tile)
                     wv = tl.load(w_ptr + ((kd * K + kh) * K + kw) * C + c, mask=cm, other=0.0)
-                    acc += xv.to(tl.float32) * wv[None, :]
+                    acc += xv * wv[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
-        ok = (h < H) & (w < W)
         row = (((b * D + d) * H + h) * W + w).to(tl.int64)
-        tl.store(y_ptr + row[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & cm[None, :])
+        tl.store(y_ptr + row[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=in_tile[:, None] & cm[None, :])
 
     @triton.jit(do_not_specialize=["D", "H", "W", "nTH", "nTW"])
     def _dw_bwd_w_kernel(x_ptr, gy_ptr, part_ptr, D, H, W, C, nTH, nTW,
@@ -102,20 +91,11 @@ if _HAS_TRITON:
         gy = gy.to(tl.float32)
         out = part_ptr + tl.program_id(0).to(tl.int64) * (KK + 1) * C + c
         tl.store(out + KK * C, tl.sum(gy, axis=0), mask=cm)
-        zero = tl.zeros([TH * TW], dtype=tl.int32)
         for kd in tl.static_range(K):
-            dd = zero + d + kd - P
-            d_ok = (dd >= 0) & (dd < D) & in_tile
             for kh in tl.static_range(K):
-                hh = h + kh - P
-                h_ok = (hh >= 0) & (hh < H) & d_ok
                 for kw in tl.static_range(K):
-                    ww = w + kw - P
-                    ok = h_ok & (ww >= 0) & (ww < W)
-                    xrow = (((b * D + dd) * H + hh) * W + ww).to(tl.int64)
-                    xv = tl.load(x_ptr + xrow[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
-                    part = tl.sum(xv.to(tl.float32) * gy, axis=0)
-                    tl.store(out + ((kd * K + kh) * K + kw) * C, part, mask=cm)
+                    xv = _load_shifted(x_ptr, b, d + kd - P, h + kh - P, w + kw - P, c, cm, D, H, W, C, in_tile)
+                    tl.store(out + ((kd * K + kh) * K + kw) * C, tl.sum(xv * gy, axis=0), mask=cm)
 
 
 def _pow2(n: int) -> int:

@@ -43,25 +43,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-try:  # triton is optional: CPU-only installs (and CI) have none
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from mambamim.ops._triton import HAS_TRITON as _HAS_TRITON
+from mambamim.ops._triton import is_available, tl, triton
 
 __all__ = ["selective_scan_triton", "is_available", "ScanConfig"]
 
 _LOG2E = 1.4426950408889634
 _MAX_STATE = 64
-
-
-def is_available() -> bool:
-    """True when Triton is importable and a CUDA device is present."""
-    return _HAS_TRITON and torch.cuda.is_available()
 
 
 if _HAS_TRITON:

@@ -82,9 +82,7 @@ def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     p = k // 2
     f = skip.features
     per_cell = F.conv3d(gather_blocks(f, skip.mask, skip.count), conv.weight, None, padding=2 * p)
-    cl = f.is_contiguous(memory_format=torch.channels_last_3d) and not f.is_contiguous()
-    fmt = torch.channels_last_3d if cl else torch.contiguous_format
-    visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, memory_format=fmt)
+    visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, like=f)
     token_kernel = (conv.weight * skip.token.to(conv.weight.dtype).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
     masked = 1.0 - skip.stage_mask
     if masked.is_cuda:  # cuDNN is slow on one input channel
