@@ -76,6 +76,8 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + compile (CUDA graphs)", dict(amp=True, cl=True, compile="reduce-overhead")),
             # the full-resolution widening layer on visible cells + halo only (same result)
             ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
+            ("bf16 + channels_last + compile (CUDA graphs) + sparse full-res",
+             dict(amp=True, cl=True, compile="reduce-overhead", sparse=True)),
         ]
     else:  # on a CPU the full-resolution convolutions dominate: the sparse path is the one variant
         variants.append(("fp32 eager + sparse full-res", dict(amp=False, cl=False, compile=False, sparse=True)))

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in parts that fit one 10-minute device call each (a cold machine spends
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
-#   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine)
+#   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine; TESTS=... picks)
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
@@ -19,13 +19,13 @@ for part in "$@"; do
   echo "== $part"
   case $part in
     tests)
-      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv3d.py \
-        tests/ops/test_selective_scan_triton.py tests/ops/test_toki.py \
-        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/engine/test_cuda_training.py \
+      CUDA_VISIBLE_DEVICES=0 timeout ${TESTS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_conv3d.py \
+        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/ops/test_toki.py \
+        tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py} \
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     pretrain)
-      CUDA_VISIBLE_DEVICES=0 timeout 560 python3 benchmarks/bench_steps.py --only pretrain --variants 2 4 5 6 --iters 8 \
+      CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 5 6 7} --iters 8 \
         > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
     finetune)
       CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants 3 \
