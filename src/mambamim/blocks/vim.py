@@ -95,6 +95,8 @@ class MambaStage(nn.Module):
 
     def _pos_embed(self, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (grid, device, dtype)
+        if torch.compiler.is_compiling():  # no cache inside a graph: see ScanOrder.permutation
+            return sincos_pos_embed_3d(grid, self.dim).to(device=device, dtype=dtype)
         if key not in self._pos_cache:
             self._pos_cache = {key: sincos_pos_embed_3d(grid, self.dim).to(device=device, dtype=dtype)}
         return self._pos_cache[key]

@@ -193,6 +193,11 @@ class ScanOrder(nn.Module):
             perm = scan_permutation(self.order, grid, random=True)
             return perm.to(device) if device is not None else perm
         key = (tuple(int(g) for g in grid), device)
+        if torch.compiler.is_compiling():
+            # Traced into the graph as a constant. Filling the cache here would fail the guard Dynamo
+            # puts on it and recompile the whole model at its second call.
+            perm = scan_permutation(self.order, key[0])
+            return perm.to(device) if device is not None else perm
         if key not in self._cache:
             perm = scan_permutation(self.order, grid)
             self._cache = {key: perm.to(device) if device is not None else perm}
