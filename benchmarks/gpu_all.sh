@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
+#   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
 # Expects the wheels of monai, nibabel, pydicom, tqdm and pytest in .whl/ (see the device README).
@@ -33,6 +34,9 @@ for part in "$@"; do
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/profile_modules.py > $OUT/profile.log 2>&1
       quiet < $OUT/profile.log | tail -75 ;;
+    profstep)
+      CUDA_VISIBLE_DEVICES=0 timeout ${PROF_LIMIT:-240} python3 benchmarks/profile_pretrain.py --channels-last ${PROF_ARGS:-} \
+        --rows 40 > $OUT/profstep.log 2>&1; quiet < $OUT/profstep.log | tail -48 ;;
     cli)
       W=/tmp/w; rm -rf $W; mkdir -p $W
       ( cd $W && python3 -m mambamim data synth --out raw --num 3 --seed 0 >/dev/null \
