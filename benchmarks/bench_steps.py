@@ -120,15 +120,19 @@ def finetune_variants(args, device):
     x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
     y = torch.randint(0, 14, (args.batch, 1, args.crop, args.crop, args.crop), device=device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    variants = [("fp32 eager (baseline)", False, False, False)]
+    # (label, bf16, compile, channels-last, MAMBAMIM_DISABLE_TRITON)
+    variants = [("fp32 eager (baseline)", False, False, False, "")]
     if device.type == "cuda":
         variants += [
-            ("bf16 autocast", True, False, False),
-            ("bf16 + torch.compile", True, True, False),
-            ("bf16 + channels_last + torch.compile", True, True, True),
+            ("bf16 autocast", True, False, False, ""),
+            ("bf16 + torch.compile", True, True, False, ""),
+            ("bf16 + channels_last + torch.compile", True, True, True, ""),
+            ("bf16 + torch.compile, PyTorch depthwise conv", True, True, False, "dwconv"),
         ]
     variants = _select(variants, args)
-    for label, amp, comp, cl in variants:
+    saved_env = os.environ.get("MAMBAMIM_DISABLE_TRITON", "")
+    for label, amp, comp, cl, disable in variants:
+        os.environ["MAMBAMIM_DISABLE_TRITON"] = disable or saved_env
         torch.manual_seed(0)
         model = create_model("hymamba", size=args.size, num_classes=14).to(device)
         if cl:
@@ -152,6 +156,7 @@ def finetune_variants(args, device):
         del model, opt, fwd
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    os.environ["MAMBAMIM_DISABLE_TRITON"] = saved_env
     return rows
 
 

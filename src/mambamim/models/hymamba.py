@@ -121,6 +121,10 @@ class HyMambaEncoder(nn.Module):
             feats.append(h)
         return feats
 
+    # Run eagerly inside compiled models: on CUDA, Inductor's index simplification for this chain of block
+    # gathers, reshapes and scatters ran for minutes without finishing (torch 2.11). Its convolution and
+    # copies are the same kernels either way.
+    @torch.compiler.disable
     def _widen0_on_blocks(self, h: torch.Tensor, visible: torch.Tensor, count: int) -> torch.Tensor:
         layer = self.widen[0]
         halo = layer.conv.kernel_size[0] // 2

@@ -68,6 +68,7 @@ class MaskedSkip(NamedTuple):
     stage_mask: torch.Tensor
 
 
+@torch.compiler.disable  # eager inside compiled models, as HyMambaEncoder._widen0_on_blocks and for its reason
 def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     """``conv(where(visible, features, token))`` with a third of the dense work at 75 % masking.
 
@@ -145,13 +146,17 @@ class LightDecoder(nn.Module):
     def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor | MaskedSkip] = ()) -> torch.Tensor:
         """bottleneck (B, Cb, d, h, w); skips coarse to fine, each at twice the previous resolution
         (a tensor, or a :class:`MaskedSkip` projected without building the filled volume)."""
+        if any(isinstance(s, MaskedSkip) for s in skips[:-1]):
+            raise ValueError("only the finest skip can be a MaskedSkip")
+        # Projected before the loop: it runs eagerly under torch.compile, and Dynamo cannot resume a graph
+        # after a break inside a loop (it would run the whole decoder uncompiled).
+        finest = project_masked_skip(self.proj_skips[-1], skips[-1]) if skips and isinstance(skips[-1], MaskedSkip) \
+            else None  # fmt: skip
         h = self.proj_bottleneck(bottleneck)
         for i, up in enumerate(self.ups):
             h = up(h)
             if self.use_skips:
-                skip = skips[i]
-                proj = project_masked_skip(self.proj_skips[i], skip) if isinstance(skip, MaskedSkip) else \
-                    self.proj_skips[i](skip)  # fmt: skip
+                proj = finest if finest is not None and i == len(self.ups) - 1 else self.proj_skips[i](skips[i])
                 h = self.fuse[i](torch.cat([h, proj.to(h.dtype)], dim=1))
         return self.head(h)
 
