@@ -23,7 +23,7 @@ from torch import nn
 
 SCAN_ORDERS = ("raster", "zigzag", "hilbert", "shuffle")
 
-__all__ = ["SCAN_ORDERS", "scan_permutation", "inverse_permutation", "ScanOrder"]
+__all__ = ["SCAN_ORDERS", "scan_permutation", "inverse_permutation", "ScanOrder", "graph_constant"]
 
 
 def _flat(coords: list[tuple[int, int, int]], grid: tuple[int, int, int]) -> torch.Tensor:
@@ -173,6 +173,24 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+@torch.compiler.assume_constant_result
+def _constant(fn, args: tuple, device: torch.device | None) -> torch.Tensor:
+    out = fn(*args)
+    return out.to(device) if device is not None else out
+
+
+def graph_constant(fn, *args, device: torch.device | None = None) -> torch.Tensor:
+    """``fn(*args).to(device)`` for use inside torch.compile'd code: with static sizes it is computed once
+    at trace time and kept on the device as a constant of the graph (no host computation or host-to-device
+    copy per call). ``args`` are strings and tuples of sizes; with symbolic sizes (dynamic shapes) it is
+    traced as ordinary code."""
+    static = all(type(g) is int for a in args if isinstance(a, tuple) for g in a)
+    if static and torch.compiler.is_compiling():
+        return _constant(fn, args, device)
+    out = fn(*args)
+    return out.to(device) if device is not None else out
+
+
 class ScanOrder(nn.Module):
     """Serializes (B, C, D, H, W) grids into (B, L, C) sequences and back.
 
@@ -192,12 +210,11 @@ class ScanOrder(nn.Module):
         if self.order == "shuffle" and self.training:
             perm = scan_permutation(self.order, grid, random=True)
             return perm.to(device) if device is not None else perm
-        key = (tuple(int(g) for g in grid), device)
         if torch.compiler.is_compiling():
-            # Traced into the graph as a constant. Filling the cache here would fail the guard Dynamo
-            # puts on it and recompile the whole model at its second call.
-            perm = scan_permutation(self.order, key[0])
-            return perm.to(device) if device is not None else perm
+            # Filling the cache here would fail the guard Dynamo puts on it and recompile the whole model
+            # at its second call; built at trace time instead, a constant of the graph.
+            return graph_constant(scan_permutation, self.order, grid, device=device)
+        key = (tuple(int(g) for g in grid), device)
         if key not in self._cache:
             perm = scan_permutation(self.order, grid)
             self._cache = {key: perm.to(device) if device is not None else perm}
