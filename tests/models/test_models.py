@@ -75,3 +75,22 @@ def test_bad_arguments_are_refused_clearly():
 def test_registry_lists_models_and_configs_are_data():
     assert {"hymamba", "vim_unetr", "mednext_cnn"} <= set(list_models())
     assert model_config("hymamba", "tiny", num_classes=3)["num_classes"] == 3
+
+
+@pytest.mark.parametrize("scan", ["raster", "hilbert"])
+def test_compiled_model_traces_once_and_matches_eager(scan):
+    # The scan permutation and position embedding used to be cached on the module: filling the cache
+    # inside the compiled graph failed Dynamo's guard and recompiled the whole model at its second call.
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = create_model("hymamba", size="tiny", num_classes=2, scan=scan)
+    compiled = torch.compile(model, backend=recording_backend)
+    x = torch.rand(1, 1, 32, 48, 32)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    compiled(x)
+    assert len(graphs) == 1

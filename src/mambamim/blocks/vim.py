@@ -10,7 +10,7 @@ from torch import nn
 from mambamim.layers.mamba import MambaMixer
 from mambamim.masking import gather_visible, scatter_visible
 from mambamim.layers.posembed import sincos_pos_embed_3d
-from mambamim.layers.scan_order import ScanOrder, graph_constant
+from mambamim.layers.scan_order import ScanOrder
 
 __all__ = ["VimLayer", "MambaStage", "StageOutput"]
 
@@ -95,8 +95,9 @@ class MambaStage(nn.Module):
 
     def _pos_embed(self, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (grid, device, dtype)
-        if torch.compiler.is_compiling():  # no cache inside a graph: see ScanOrder.permutation
-            return graph_constant(sincos_pos_embed_3d, tuple(grid), self.dim, device=device).to(dtype)
+        if torch.compiler.is_compiling():
+            # No cache inside a graph (see ScanOrder.permutation): a few fused elementwise ops on the device.
+            return sincos_pos_embed_3d(grid, self.dim, device=device).to(dtype)
         if key not in self._pos_cache:
             self._pos_cache = {key: sincos_pos_embed_3d(grid, self.dim).to(device=device, dtype=dtype)}
         return self._pos_cache[key]

@@ -23,7 +23,7 @@ from torch import nn
 
 SCAN_ORDERS = ("raster", "zigzag", "hilbert", "shuffle")
 
-__all__ = ["SCAN_ORDERS", "scan_permutation", "inverse_permutation", "ScanOrder", "graph_constant"]
+__all__ = ["SCAN_ORDERS", "scan_permutation", "inverse_permutation", "ScanOrder"]
 
 
 def _flat(coords: list[tuple[int, int, int]], grid: tuple[int, int, int]) -> torch.Tensor:
@@ -174,21 +174,19 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.assume_constant_result
-def _constant(fn, args: tuple, device: torch.device | None) -> torch.Tensor:
-    out = fn(*args)
-    return out.to(device) if device is not None else out
+def _permutation_values(order: str, grid: tuple[int, int, int]) -> tuple[int, ...]:
+    return tuple(scan_permutation(order, grid).tolist())
 
 
-def graph_constant(fn, *args, device: torch.device | None = None) -> torch.Tensor:
-    """``fn(*args).to(device)`` for use inside torch.compile'd code: with static sizes it is computed once
-    at trace time and kept on the device as a constant of the graph (no host computation or host-to-device
-    copy per call). ``args`` are strings and tuples of sizes; with symbolic sizes (dynamic shapes) it is
-    traced as ordinary code."""
-    static = all(type(g) is int for a in args if isinstance(a, tuple) for g in a)
-    if static and torch.compiler.is_compiling():
-        return _constant(fn, args, device)
-    out = fn(*args)
-    return out.to(device) if device is not None else out
+def _permutation_in_graph(order: str, grid: tuple, device: torch.device | None) -> torch.Tensor:
+    """The static permutation inside torch.compile'd code. With static sizes its values are computed once,
+    at trace time, and become a device constant of the graph: no host work or host-to-device copy per
+    call, and no cache whose filling would fail Dynamo's guards and recompile the model at its second
+    call. Symbolic sizes (dynamic shapes) are traced as ordinary code."""
+    if all(type(g) is int for g in grid):
+        return torch.tensor(_permutation_values(order, tuple(grid)), dtype=torch.long, device=device)
+    perm = scan_permutation(order, grid)
+    return perm.to(device) if device is not None else perm
 
 
 class ScanOrder(nn.Module):
@@ -211,9 +209,7 @@ class ScanOrder(nn.Module):
             perm = scan_permutation(self.order, grid, random=True)
             return perm.to(device) if device is not None else perm
         if torch.compiler.is_compiling():
-            # Filling the cache here would fail the guard Dynamo puts on it and recompile the whole model
-            # at its second call; built at trace time instead, a constant of the graph.
-            return graph_constant(scan_permutation, self.order, grid, device=device)
+            return _permutation_in_graph(self.order, grid, device)
         key = (tuple(int(g) for g in grid), device)
         if key not in self._cache:
             perm = scan_permutation(self.order, grid)
