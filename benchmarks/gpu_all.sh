@@ -26,10 +26,10 @@ for part in "$@"; do
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     pretrain)
-      CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 5 6 7} --iters 8 \
+      CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 6 7} --iters 8 \
         > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
     finetune)
-      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants 3 \
+      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants ${FT_VARIANTS:-3} \
         --iters 6 > $OUT/bench_finetune.log 2>&1; grep "^\[row\]\|TOKI" $OUT/bench_finetune.log ;;
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/profile_modules.py > $OUT/profile.log 2>&1
