@@ -9,7 +9,8 @@ __all__ = ["sincos_pos_embed_3d"]
 
 def _axis_embed(positions: torch.Tensor, dim: int, temperature: float) -> torch.Tensor:
     """(N,) positions -> (N, dim) with dim even: [sin(p w_k), cos(p w_k)]."""
-    omega = 1.0 / temperature ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / max(dim // 2, 1))
+    k = torch.arange(dim // 2, dtype=torch.float64, device=positions.device)
+    omega = 1.0 / temperature ** (k / max(dim // 2, 1))
     angles = positions.double()[:, None] * omega[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
