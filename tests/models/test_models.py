@@ -81,16 +81,20 @@ def test_registry_lists_models_and_configs_are_data():
 def test_compiled_model_traces_once_and_matches_eager(scan):
     # The scan permutation and position embedding used to be cached on the module: filling the cache
     # inside the compiled graph failed Dynamo's guard and recompiled the whole model at its second call.
+    # AOT autograd (what Inductor builds on) also checks how trace-time constants enter the graph.
     graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
     def recording_backend(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return aot_eager(gm, example_inputs)
 
     torch.manual_seed(0)
     model = create_model("hymamba", size="tiny", num_classes=2, scan=scan)
     compiled = torch.compile(model, backend=recording_backend)
     x = torch.rand(1, 1, 32, 48, 32)
-    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
     compiled(x)
     assert len(graphs) == 1
