@@ -47,15 +47,20 @@ def unpatchify(patches: Tensor, grid: tuple[int, int, int], patch_size: int = 16
     return x.reshape(B, C, d * p, h * p, w * p)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    # bf16 / fp16 (autocast outputs) go up to float32; float64 stays float64 (parity tests run in it)
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _patch_stats(target: Tensor, patch_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    t = patchify(target.float(), patch_size)
+    t = patchify(_at_least_fp32(target), patch_size)
     mean = t.mean(dim=-1, keepdim=True)
     std = (t.var(dim=-1, keepdim=True) + eps).sqrt()
     return t, mean, std
 
 
 def patch_normalize(target: Tensor, patch_size: int = 16, eps: float = 1e-6) -> Tensor:
-    """The regression target: ``(B, C, D, H, W)`` normalised per patch and channel (float32)."""
+    """The regression target: ``(B, C, D, H, W)`` normalised per patch and channel (float32, or float64 for float64 input)."""
     t, mean, std = _patch_stats(target, patch_size, eps)
     return unpatchify((t - mean) / std, _check_volume(target, patch_size, "target"), patch_size)
 
@@ -67,13 +72,13 @@ def denormalize_patches(pred: Tensor, target: Tensor, patch_size: int = 16, eps:
         pred, target: ``(B, C, D, H, W)``; the target's patch mean / std are used.
 
     Returns:
-        ``(B, C, D, H, W)`` float32: ``pred * std_patch + mean_patch``.
+        ``(B, C, D, H, W)`` float32 (float64 for float64 inputs): ``pred * std_patch + mean_patch``.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     grid = _check_volume(target, patch_size, "target")
     _, mean, std = _patch_stats(target, patch_size, eps)
-    return unpatchify(patchify(pred.float(), patch_size) * std + mean, grid, patch_size)
+    return unpatchify(patchify(_at_least_fp32(pred), patch_size) * std + mean, grid, patch_size)
 
 
 def masked_patch_mse(
@@ -87,7 +92,7 @@ def masked_patch_mse(
         visible: ``(B, D/p, H/p, W/p)`` bool, True = visible (those patches are ignored).
 
     Returns:
-        scalar float32: the per-patch MSE (mean over channels and voxels) averaged over the
+        scalar float32 (float64 when both inputs are float64): the per-patch MSE (mean over channels and voxels) averaged over the
         masked patches of the batch; 0 if no patch is masked. The reconstruction at visible
         patches gets zero gradient.
     """
@@ -103,7 +108,7 @@ def masked_patch_mse(
         )
     t, mean, std = _patch_stats(target, patch_size, eps)
     t = (t - mean) / std
-    rec = patchify(reconstruction.float(), patch_size)
+    rec = patchify(_at_least_fp32(reconstruction), patch_size)
     masked = (~visible).flatten(1)  # (B, L)
     # where, not multiply: a non-finite value at a visible patch must not reach the loss
     err = torch.where(masked[..., None, None], rec - t, torch.zeros_like(t))
