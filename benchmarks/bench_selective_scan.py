@@ -12,13 +12,14 @@ $OUT/bench_selective_scan.md when OUT is set.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from _report import save_table
 
 from mambamim.ops import selective_scan_triton as sst
 
@@ -242,10 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows += ["## Ours vs reference", ""] + table
     text = "\n".join(head + rows) + "\n"
     print("\n" + "\n".join(table))
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_selective_scan.md"), "w") as f:
-            f.write(text)
+    save_table(text, "bench_selective_scan.md")
     return 0
 
 

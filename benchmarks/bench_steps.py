@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
+from _report import save_table
 
 def _sync(device):
     if device.type == "cuda":
@@ -253,9 +254,7 @@ def main() -> None:
         lines.append(f"| {what} | {ts} | {peak:.2f} |")
     text = "\n".join(lines)
     print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_steps.md"), "w") as f:
-            f.write(text + "\n")
+    save_table(text, "bench_steps.md")
 
 
 if __name__ == "__main__":

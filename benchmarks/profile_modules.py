@@ -12,12 +12,13 @@ achieved TFLOP/s, which is the floor a dense step cannot go under with cuDNN. Th
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from _report import save_table
 
 from mambamim.pretrain import create_pretrainer
 from mambamim.pretrain.loss import masked_patch_mse
@@ -198,9 +199,7 @@ def main() -> None:
              "| whole step (+ AdamW) | median |", "| --- | --- |", *whole]  # fmt: skip
     text = "\n".join(lines)
     print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profile_modules.md"), "w") as fh:
-            fh.write(text + "\n")
+    save_table(text, "profile_modules.md")
 
 
 if __name__ == "__main__":
