@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamim.ops.conv3d import depthwise_conv3d, im2col_conv3d
+from mambamim.ops.conv3d import conv3d_same
 
 __all__ = [
     "apply_mask",
@@ -58,10 +58,7 @@ class SparseConv3d(nn.Conv3d):
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self._is_same_stride1():
-            if self.groups == self.in_channels == self.out_channels:
-                return depthwise_conv3d(x, self.weight, self.bias)
-            if self.groups == 1 and self.in_channels * self.kernel_size[0] ** 3 <= 32:
-                return im2col_conv3d(x, self.weight, self.bias)
+            return conv3d_same(x, self.weight, self.bias, self.groups)
         return super().forward(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -18,7 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise", "triton_disabled"]
+__all__ = ["conv3d_same", "depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise",
+           "triton_disabled"]
+
+# im2col pays while the gathered copies stay narrow: C_in * k^3 <= this (the 1-channel 3^3 stem: 27).
+IM2COL_MAX_INPUTS = 32
 
 
 def depthwise_conv3d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -105,3 +109,18 @@ def im2col_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     ).permute(0, 2, 3, 4, 1, 5).reshape(B, D, H, W, cin * k**3)  # fmt: skip
     y = F.linear(cols, weight.reshape(cout, -1), bias)  # (B, D, H, W, Cout)
     return y.permute(0, 4, 1, 2, 3)  # a channels-last 3D view
+
+
+def conv3d_same(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1
+) -> torch.Tensor:
+    """Stride-1 convolution with "same" zero padding and a cubic odd kernel, through the fastest exact path
+    for x's device: on CUDA depthwise convolutions take :func:`depthwise_conv3d` and ones with few inputs per
+    output (C_in * k^3 <= ``IM2COL_MAX_INPUTS``) :func:`im2col_conv3d`; everything else ``F.conv3d``."""
+    k = weight.shape[-1]
+    if x.is_cuda:
+        if groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
+            return depthwise_conv3d(x, weight, bias)
+        if groups == 1 and weight.shape[1] * k**3 <= IM2COL_MAX_INPUTS:
+            return im2col_conv3d(x, weight, bias)
+    return F.conv3d(x, weight, bias, padding=k // 2, groups=groups)

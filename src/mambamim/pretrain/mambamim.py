@@ -34,7 +34,7 @@ from mambamim.masking import (
 from mambamim.models import model_config
 from mambamim.models.hymamba import HyMambaEncoder
 from mambamim.models.vim_unetr import VimEncoder
-from mambamim.ops.conv3d import im2col_conv3d
+from mambamim.ops.conv3d import conv3d_same
 from mambamim.ops.toki import TOKI, LearnableMaskToken
 from mambamim.layers.scan_order import ScanOrder
 from mambamim.pretrain.loss import masked_patch_mse
@@ -85,11 +85,7 @@ def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     per_cell = F.conv3d(gather_blocks(f, skip.mask, skip.count), conv.weight, None, padding=2 * p)
     visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, like=f)
     token_kernel = (conv.weight * skip.token.to(conv.weight.dtype).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
-    masked = 1.0 - skip.stage_mask
-    if masked.is_cuda:  # cuDNN is slow on one input channel
-        filled = im2col_conv3d(masked, token_kernel, conv.bias)
-    else:
-        filled = F.conv3d(masked, token_kernel, conv.bias, padding=p)
+    filled = conv3d_same(1.0 - skip.stage_mask, token_kernel, conv.bias)  # one input channel: im2col on CUDA
     return visible + filled.to(visible.dtype)
 
 
