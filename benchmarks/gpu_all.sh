@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
+#   bash benchmarks/gpu_all.sh conv               # 3^3 convolutions alone: cuDNN vs the implicit-GEMM kernels
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
@@ -37,6 +38,9 @@ for part in "$@"; do
     profstep)
       CUDA_VISIBLE_DEVICES=0 timeout ${PROF_LIMIT:-240} python3 benchmarks/profile_pretrain.py --channels-last ${PROF_ARGS:-} \
         --rows 40 > $OUT/profstep.log 2>&1; quiet < $OUT/profstep.log | tail -48 ;;
+    conv)
+      CUDA_VISIBLE_DEVICES=0 timeout ${CONV_LIMIT:-300} python3 benchmarks/bench_conv3d.py ${CONV_ARGS:-} > $OUT/conv.log 2>&1
+      grep "^|" $OUT/conv.log | tail -20 ;;
     cli)
       W=/tmp/w; rm -rf $W; mkdir -p $W
       ( cd $W && python3 -m mambamim data synth --out raw --num 3 --seed 0 >/dev/null \

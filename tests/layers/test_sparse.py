@@ -109,3 +109,44 @@ def test_per_channel_group_norm_matches_general_path_and_keeps_channels_last():
         general.bias.copy_(per_channel.bias.repeat_interleave(2))
     y2 = general(x.repeat_interleave(2, dim=1).contiguous(), mask)
     assert torch.allclose(y, y2[:, ::2], atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_dense_per_channel_norm_matches_torch_and_keeps_channels_last(affine):
+    x = (torch.randn(2, 5, 6, 7, 8, dtype=torch.float64) * 3 + 1).contiguous(memory_format=torch.channels_last_3d)
+    ours = SparseInstanceNorm3d(5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-1, 1)
+    ref = torch.nn.functional.group_norm(x, 5, ours.weight, ours.bias, ours.eps)
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(y, ref, atol=1e-10)
+    # bf16 under autocast: statistics in float32, output in the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = ours.float()(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.double(), ref, atol=0.05)
+
+
+def test_channels_last_instance_norms_swaps_monai_norms_without_changing_the_network():
+    from monai.networks.blocks import UnetrUpBlock
+
+    from mambamim.layers.sparse import channels_last_instance_norms
+
+    torch.manual_seed(0)
+    block = UnetrUpBlock(3, 8, 4, 3, 2, ("instance", {"affine": True}), res_block=True).double()
+    for m in block.modules():
+        if isinstance(m, torch.nn.InstanceNorm3d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    keys = set(block.state_dict())
+    x, skip = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64), torch.randn(2, 4, 6, 8, 10, dtype=torch.float64)
+    ref = block(x, skip)
+    channels_last_instance_norms(block)
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in block.modules())
+    assert sum(isinstance(m, SparseInstanceNorm3d) for m in block.modules()) == 3
+    assert set(block.state_dict()) == keys
+    assert torch.allclose(block(x, skip), ref, atol=1e-10)

@@ -22,7 +22,7 @@ from torch import nn
 from mambamim.blocks.mednext import ConvNormAct, MedNeXtBlock
 from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
-from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d
+from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d, channels_last_instance_norms
 from mambamim.masking import gather_blocks, scatter_blocks, stage_masks
 
 __all__ = ["HyMambaEncoder", "HyMamba"]
@@ -193,6 +193,7 @@ class HyMamba(nn.Module):
             in_ch = w[level]
         self.up_blocks = nn.ModuleList(ups)
         self.head = UnetOutBlock(3, w[0], num_classes)
+        channels_last_instance_norms(self)  # MONAI's blocks build nn.InstanceNorm3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)

@@ -14,6 +14,7 @@ from torch import nn
 
 from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
+from mambamim.layers.sparse import channels_last_instance_norms
 
 __all__ = ["VimEncoder", "VimUNETR"]
 
@@ -74,6 +75,7 @@ class VimUNETR(nn.Module):
         self.decoder3 = UnetrUpBlock(3, fs * 4, fs * 2, 3, 2, norm_name, res_block=True)
         self.decoder2 = UnetrUpBlock(3, fs * 2, fs, 3, 2, norm_name, res_block=True)
         self.head = UnetOutBlock(3, fs, num_classes)
+        channels_last_instance_norms(self)  # MONAI's blocks build nn.InstanceNorm3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.encoder(x, None, self.taps)
