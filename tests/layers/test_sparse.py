@@ -150,3 +150,23 @@ def test_channels_last_instance_norms_swaps_monai_norms_without_changing_the_net
     assert sum(isinstance(m, SparseInstanceNorm3d) for m in block.modules()) == 3
     assert set(block.state_dict()) == keys
     assert torch.allclose(block(x, skip), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_dense_per_channel_norm_gradients_match_torch(affine):
+    from mambamim.layers.sparse import _ChannelNorm
+
+    torch.manual_seed(1)
+    x = (torch.randn(2, 3, 4, 5, 3, dtype=torch.float64) * 2 - 1).contiguous(memory_format=torch.channels_last_3d)
+    norm = SparseInstanceNorm3d(3, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    inputs = (x.requires_grad_(), norm.weight, norm.bias) if affine else (x.requires_grad_(),)
+    assert torch.autograd.gradcheck(lambda *t: _ChannelNorm.apply(t[0], *(t[1:] or (None, None)), norm.eps), inputs)
+    dy = torch.randn_like(x)
+    ours = torch.autograd.grad(norm(x), inputs, dy)
+    ref = torch.autograd.grad(torch.nn.functional.group_norm(x, 3, norm.weight, norm.bias, norm.eps), inputs, dy)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-10)
