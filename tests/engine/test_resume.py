@@ -119,6 +119,31 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     assert torch.equal(forward(x), model(x))
 
 
+def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A compile that works for the first batch size but fails for another (the last, smaller batch of an
+    epoch) does not end the run."""
+    import torch
+
+    from mambamim.engine import pretrain_loop
+
+    def shape_sensitive_compile(model):
+        def run(x):
+            if x.shape[0] != 4:
+                raise RuntimeError("symbolic batch exploded")
+            return model(x) + 0
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", shape_sensitive_compile)
+    model = torch.nn.Linear(3, 2)
+    forward, _ = pretrain_loop._fast_forward(model, torch.device("cpu"), True)
+    assert torch.equal(forward(torch.ones(4, 3)), model(torch.ones(4, 3)))
+    with caplog.at_level("WARNING"):
+        out = forward(torch.ones(2, 3))
+    assert torch.equal(out, model(torch.ones(2, 3)))
+    assert "recompiling for input shape (2, 3)" in caplog.text and "symbolic batch exploded" in caplog.text
+
+
 def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     from mambamim.engine.pretrain_loop import _make_pretrainer
 

@@ -420,7 +420,9 @@ def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tupl
 
 
 class _CompiledOrEager:
-    """torch.compile'd forward that falls back to eager (with a warning) if compiling the first call fails."""
+    """torch.compile'd forward that falls back to eager (with a warning) if compiling fails: at the first call,
+    or at a recompile for a new input shape (the smaller last batch of an epoch) hours into a run. A real
+    error in the model fails the eager call too and propagates from there."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -433,10 +435,9 @@ class _CompiledOrEager:
         try:
             out = self.compiled(x)
         except Exception as exc:
-            if self.state:
-                raise
-            logger.warning("torch.compile failed (%s: %s); training continues without it",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            when = "recompiling for input shape " + str(tuple(x.shape)) if self.state else "compiling"
+            logger.warning("torch.compile failed while %s (%s: %s); training continues without it", when,
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
             self.state = False
             return self.model(x)
         self.state = True

@@ -67,13 +67,17 @@ def random_bottleneck_mask(
     Returns:
         ``(B, d, h, w)`` bool, True = visible, exactly :func:`num_visible` True per sample.
     """
-    if not isinstance(batch, int) or batch <= 0:
+    # A SymInt is the batch size of a compiled model that has seen two batch sizes (dynamic shapes).
+    if not isinstance(batch, (int, torch.SymInt)) or batch <= 0:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     grid = _as_triple(grid, "grid")
     L = grid[0] * grid[1] * grid[2]
     keep = num_visible(L, mask_ratio)
     noise_device = generator.device if generator is not None else (device if device is not None else "cpu")
-    noise = torch.rand(batch, L, generator=generator, device=noise_device)
+    # No generator keyword when there is none: with it, torch.rand rejects a symbolic batch size under
+    # torch.compile ("SymIntArrayRef expected to contain only concrete integers", torch 2.11-2.13).
+    rng = {} if generator is None else {"generator": generator}
+    noise = torch.rand(batch, L, device=noise_device, **rng)
     out_device = torch.device(device) if device is not None else noise.device
     keep_idx = noise.argsort(dim=1)[:, :keep].to(out_device)
     mask = torch.zeros(batch, L, dtype=torch.bool, device=out_device)
