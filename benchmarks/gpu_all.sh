@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
-#   bash benchmarks/gpu_all.sh conv               # 3^3 convolutions alone: cuDNN vs the implicit-GEMM kernels
+#   bash benchmarks/gpu_all.sh conv               # 3^3 full-resolution convolutions alone through cuDNN (TFLOP/s)
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
