@@ -50,6 +50,26 @@ def test_predict_geometry_and_voxels(tmp_path, toy_segmenter, capsys):
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]  # atomic writes leave no temp files
 
 
+def test_predict_compile_flag_wraps_the_network(tmp_path, toy_segmenter, monkeypatch, capsys):
+    from mambamim.engine import inference
+
+    wrapped = []
+    real = inference.compile_segmenter
+    monkeypatch.setattr(inference, "compile_segmenter", lambda m: wrapped.append(m) or real(m))
+    monkeypatch.setattr("torch.compile", lambda model: model)  # the wrapper's plumbing, not Inductor
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    hu = phantom_hu((20, 20, 12))
+    (tmp_path / "in").mkdir()
+    write_nifti(tmp_path / "in" / "a.nii.gz", hu, AFFINES["ras"])
+    out = tmp_path / "out"
+    rc = main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output", str(out),
+               "--device", "cpu", "--no-progress", "--compile"])
+    assert rc == 0 and len(wrapped) == 1
+    seg = np.asarray(nib.load(out / "a_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(seg.astype(bool), hu > 37.5)
+
+
 def test_predict_reports_bad_files_and_keeps_going(tmp_path, toy_segmenter, capsys):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"x")

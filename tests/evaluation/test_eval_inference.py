@@ -66,3 +66,40 @@ def test_bad_arguments():
         predict_volume(Threshold(), torch.rand(8, 8, 8), roi=(16, 16, 16))
     with pytest.raises(ValueError, match="overlap"):
         predict_volume(Threshold(), torch.rand(1, 8, 8, 8), roi=(16, 16, 16), overlap=1.0)
+
+
+def test_compiled_segmenter_matches_eager_and_falls_back(monkeypatch, caplog):
+    """``compile_segmenter`` (the ``--compile`` of predict / evaluate) gives the eager network's probabilities,
+    through Dynamo for three window batch sizes (7 windows in passes of 3: 3, 3, 1), and keeps going eagerly
+    when compiling fails. Dynamo with its eager backend keeps the test fast; the GPU benchmark compiles with
+    Inductor."""
+    import functools
+
+    from mambamim.engine.inference import CompiledSegmenter, compile_segmenter
+    from mambamim.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("hymamba", size="tiny", num_classes=3).eval()
+    img = torch.rand(1, 40, 36, 33)
+    kw = dict(roi=(32, 32, 32), overlap=0.25, sw_batch_size=3)
+    ref = predict_volume(net, img, **kw)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))
+    wrapped = compile_segmenter(net)
+    assert isinstance(wrapped, CompiledSegmenter) and compile_segmenter(wrapped) is wrapped
+    assert set(wrapped.state_dict()) == {f"model.{k}" for k in net.state_dict()}
+    torch._dynamo.reset()
+    assert torch.allclose(predict_volume(wrapped, img, **kw), ref, atol=1e-5)
+    assert wrapped._run is not None and wrapped._run.state is True
+
+    def broken(model):
+        def fail(x):
+            raise RuntimeError("inductor exploded")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING"):
+        out = predict_volume(compile_segmenter(net), img, **kw)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert "inductor exploded" in caplog.text and "inference continues without it" in caplog.text

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from mambamim.cli.cmd_predict import add_device_arguments, add_window_arguments, error, roi_arg
+from mambamim.cli.cmd_predict import add_compile_argument, add_device_arguments, add_window_arguments, error, roi_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="surface-Dice tolerance in mm (default 1.0)")
     add_window_arguments(parser)
     add_device_arguments(parser)
+    add_compile_argument(parser)
     parser.add_argument("--workers", type=int, default=1, help="processes for on-the-fly preparation (default 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         model, info = inference.load_segmenter(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("evaluate", str(exc))
+    if args.compile:
+        model = inference.compile_segmenter(model)
     try:
         cache = _resolve_cache(args, info)
         ids = labeled_cases(cache, split=args.split, case_ids=args.cases)

@@ -21,6 +21,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (channels-last on CUDA): about a minute to build at the first "
+                             "case, then about 2x faster per volume on an H100; worth it for more than a few cases")
+
+
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roi", type=int, default=None,
                         help="sliding-window side in voxels, a multiple of 16 (default: the checkpoint's)")
@@ -90,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for the <case>_seg.nii.gz label maps")
     add_window_arguments(parser)
     add_device_arguments(parser)
+    add_compile_argument(parser)
     parser.add_argument("--suffix", default="_seg.nii.gz", help="output name suffix (default _seg.nii.gz)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -102,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         model, info = inference.load_segmenter(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("predict", str(exc))
+    if args.compile:
+        model = inference.compile_segmenter(model)
     cases = _discover(args.input)
     if not cases:
         return error("predict", f"no NIfTI files or DICOM series found in {', '.join(args.input)}")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
+from mambamim.engine.compiling import CompiledOrEager
 from mambamim.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -416,32 +417,7 @@ def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tupl
     if not enabled:
         return model, lambda x: x
     prepare = (lambda x: x.contiguous(memory_format=torch.channels_last_3d)) if device.type == "cuda" else (lambda x: x)
-    return _CompiledOrEager(model), prepare
-
-
-class _CompiledOrEager:
-    """torch.compile'd forward that falls back to eager (with a warning) if compiling fails: at the first call,
-    or at a recompile for a new input shape (the smaller last batch of an epoch) hours into a run. A real
-    error in the model fails the eager call too and propagates from there."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.compiled = torch.compile(model)
-        self.state: bool | None = None  # None: not tried yet; True: compiled works; False: eager
-
-    def __call__(self, x: torch.Tensor):
-        if self.state is False:
-            return self.model(x)
-        try:
-            out = self.compiled(x)
-        except Exception as exc:
-            when = "recompiling for input shape " + str(tuple(x.shape)) if self.state else "compiling"
-            logger.warning("torch.compile failed while %s (%s: %s); training continues without it", when,
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-            self.state = False
-            return self.model(x)
-        self.state = True
-        return out
+    return CompiledOrEager(model), prepare
 
 
 def _channels_last(model: nn.Module, device: torch.device, enabled: bool) -> nn.Module:
