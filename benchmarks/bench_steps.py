@@ -79,6 +79,9 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
             ("bf16 + channels_last + compile (CUDA graphs) + sparse full-res",
              dict(amp=True, cl=True, compile="reduce-overhead", sparse=True)),
+            # recompute elementwise ops in the backward pass instead of keeping their outputs (--memory-budget)
+            ("bf16 + channels_last + compile, activation memory budget 0.5",
+             dict(amp=True, cl=True, compile=True, budget=0.5)),
         ]
     else:  # on a CPU the full-resolution convolutions dominate: the sparse path is the one variant
         variants.append(("fp32 eager + sparse full-res", dict(amp=False, cl=False, compile=False, sparse=True)))
@@ -94,8 +97,10 @@ def pretrain_variants(args, device):
         ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if v["amp"] else nullcontext
         xin = x.contiguous(memory_format=torch.channels_last_3d) if v["cl"] else x
 
+        budget = v.get("budget", 1.0)
+
         def step():
-            with ctx():
+            with ctx(), torch._functorch.config.patch(activation_memory_budget=budget):
                 out = fwd(xin)
             out["loss"].backward()
             opt.step()

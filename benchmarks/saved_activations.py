@@ -1,4 +1,7 @@
-"""Bytes of activations the pre-training step keeps for its backward pass, by module (eager).
+"""Bytes of activations the pre-training step keeps for its backward pass, by module (eager), or, with
+``--compiled``, the largest tensors the compiled step keeps (what Inductor's partitioner saves, optionally
+under ``--memory-budget``; traced through AOT autograd with Inductor's decompositions and min-cut
+partitioner, run without Inductor's code generation).
 
 Device-independent (it counts what autograd saves, by storage, under bf16 autocast on the chosen
 device), so it runs on a CPU at batch 1 and scales linearly with the batch. The GPU's peak adds the
@@ -8,6 +11,7 @@ op lists differ by device (on CPU, max_pool3d runs in fp32 and saves an fp32 cop
 CUDA it stays bf16), so a CPU count is an estimate of the GPU's.
 
     python benchmarks/saved_activations.py [--batch 1] [--sparse-full-res] [--device cpu]
+    python benchmarks/saved_activations.py --compiled [--memory-budget 0.5]
 """
 
 from __future__ import annotations
@@ -20,6 +24,38 @@ import torch
 from mambamim.pretrain import create_pretrainer
 
 
+def compiled_saved(model, x, memory_budget: float, rows: int = 12) -> None:
+    """Print the bytes the compiled forward graph(s) keep for the backward pass, and the largest tensors."""
+    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions look it up)
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    kept: list[tuple[int, str, tuple, torch.dtype]] = []
+
+    def fw_compiler(gm, example_inputs):
+        for node in gm.graph.find_nodes(op="output")[0].args[0]:
+            v = getattr(node, "meta", {}).get("val")
+            if isinstance(v, torch.Tensor):
+                kept.append((v.numel() * v.element_size(), node.name, tuple(v.shape), v.dtype))
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=lambda g, _: g.forward,
+                                     partition_fn=min_cut_rematerialization_partition,
+                                     decompositions=select_decomp_table())  # fmt: skip
+
+    with torch._functorch.config.patch(activation_memory_budget=memory_budget):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            torch.compile(model, backend=backend)(x)
+    total = sum(k[0] for k in kept)
+    b = x.shape[0]
+    print(f"compiled step keeps {total / 2**30:.2f} GiB at batch {b} ({total * 8 / b / 2**30:.1f} GiB for batch 8), "
+          f"activation memory budget {memory_budget}\n\n| tensor | shape | dtype | MiB |\n| --- | --- | --- | ---: |")
+    for nbytes, name, shape, dtype in sorted(kept, key=lambda k: -k[0])[:rows]:
+        print(f"| {name} | {shape} | {dtype} | {nbytes / 2**20:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
@@ -27,11 +63,17 @@ def main() -> None:
     parser.add_argument("--size", default="base")
     parser.add_argument("--sparse-full-res", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compiled", action="store_true", help="what the compiled step keeps instead (channels-last)")
+    parser.add_argument("--memory-budget", type=float, default=1.0, help="with --compiled: activation memory budget")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_pretrainer("hymamba", size=args.size, sparse_full_res=args.sparse_full_res).to(device)
     x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
+    if args.compiled:
+        cl = torch.channels_last_3d
+        compiled_saved(model.to(memory_format=cl), x.contiguous(memory_format=cl), args.memory_budget)
+        return
 
     stack: list[str] = []
     seen: set[int] = set()

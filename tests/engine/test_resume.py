@@ -153,3 +153,66 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     # refused before a run folder exists
     with pytest.raises(ValueError, match="sparse_full_res"):
         _cfg(tmp_path, "z", model="vim_unetr", sparse_full_res=True).validate()
+
+
+def _saved_bytes_of_compiled_step(memory_budget: float) -> int:
+    """Bytes the compiled tiny pre-trainer's forward graph keeps for the backward pass, partitioned as
+    Inductor partitions (min-cut, its decompositions) and run through CompiledOrEager."""
+    import functools
+
+    import torch
+    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions look it up)
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    from mambamim.engine.compiling import CompiledOrEager
+    from mambamim.pretrain import create_pretrainer
+
+    saved = []
+
+    def fw_compiler(gm, example_inputs):
+        outs = gm.graph.find_nodes(op="output")[0].args[0]
+        vals = [o.meta.get("val") for o in outs if hasattr(o, "meta")]
+        saved.append(sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor)))
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=lambda g, _: g.forward,
+                                     partition_fn=min_cut_rematerialization_partition,
+                                     decompositions=select_decomp_table())  # fmt: skip
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_pretrainer("hymamba", size="tiny")
+    real_compile = torch.compile
+    torch.compile = functools.partial(real_compile, backend=backend)
+    try:
+        forward = CompiledOrEager(model, memory_budget=memory_budget)
+        forward(torch.rand(2, 1, 32, 32, 32))["loss"].backward()
+    finally:
+        torch.compile = real_compile
+        torch._dynamo.reset()
+    assert forward.state is True
+    return sum(saved)
+
+
+def test_memory_budget_makes_the_compiled_step_keep_less():
+    import torch
+
+    full = _saved_bytes_of_compiled_step(1.0)
+    budget = _saved_bytes_of_compiled_step(0.5)
+    assert budget < 0.8 * full, (budget, full)
+    assert torch._functorch.config.activation_memory_budget == 1.0  # scoped to the compiling calls
+
+
+def test_memory_budget_is_validated(tmp_path):
+    import pytest as _pytest
+
+    from mambamim.engine.compiling import CompiledOrEager
+    from mambamim.engine.config import PretrainConfig
+
+    with _pytest.raises(ValueError, match="memory_budget"):
+        CompiledOrEager(lambda x: x, memory_budget=0.0)
+    with _pytest.raises(ValueError, match="memory_budget"):
+        PretrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), memory_budget=1.5).validate()

@@ -82,6 +82,7 @@ def test_compiled_model_traces_once_and_matches_eager(scan):
     # The scan permutation and position embedding used to be cached on the module: filling the cache
     # inside the compiled graph failed Dynamo's guard and recompiled the whole model at its second call.
     # AOT autograd (what Inductor builds on) also checks how trace-time constants enter the graph.
+    torch._dynamo.reset()  # no frame state (e.g. shapes marked dynamic) left by other tests' compiles
     graphs = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -12,27 +13,57 @@ logger = logging.getLogger(__name__)
 __all__ = ["CompiledOrEager"]
 
 
+def _summary(exc: BaseException) -> str:
+    """``Type: first line`` of an exception and of the error a backend failure wraps (its own first line is
+    only "backend='inductor' raised:")."""
+    parts = []
+    for e in (exc, getattr(exc, "inner_exception", None) or exc.__cause__):
+        if e is not None:
+            line = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            parts.append(f"{type(e).__name__}: {line}" if line else type(e).__name__)
+    return "; ".join(parts)
+
+
 class CompiledOrEager:
     """torch.compile'd forward that falls back to eager (with a warning) if compiling fails: at the first call,
     or at a recompile for a new input shape (the smaller last batch of an epoch, the last batch of
     sliding windows) hours into a run. A real error in the model fails the eager call too and propagates
-    from there."""
+    from there.
 
-    def __init__(self, model: nn.Module, what: str = "training") -> None:
+
+    Args:
+        model: the module to run.
+        what: what the warning says continues without compiling.
+        memory_budget: below 1, compiled graphs keep at most about this fraction of the activations they
+            would save for the backward pass, recomputing cheap (elementwise) ops in the backward instead
+            (``torch._functorch.config.activation_memory_budget``, set only while this forward compiles).
+    """
+
+    def __init__(self, model: nn.Module, what: str = "training", memory_budget: float = 1.0) -> None:
+        if not 0 < memory_budget <= 1:
+            raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
         self.model = model
         self.what = what
+        self.memory_budget = float(memory_budget)
         self.compiled = torch.compile(model)
         self.state: bool | None = None  # None: not tried yet; True: compiled works; False: eager
+
+    def _budget(self) -> contextlib.AbstractContextManager:
+        # Graphs are partitioned when they compile, inside a call (the first, or a recompile), so the
+        # setting is scoped to the calls rather than set for the whole process.
+        if self.memory_budget >= 1:
+            return contextlib.nullcontext()
+        return torch._functorch.config.patch(activation_memory_budget=self.memory_budget)
 
     def __call__(self, x: torch.Tensor):
         if self.state is False:
             return self.model(x)
         try:
-            out = self.compiled(x)
+            with self._budget():
+                out = self.compiled(x)
         except Exception as exc:
             when = "recompiling for input shape " + str(tuple(x.shape)) if self.state else "compiling"
-            logger.warning("torch.compile failed while %s (%s: %s); %s continues without it", when,
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", self.what)  # fmt: skip
+            logger.warning("torch.compile failed while %s (%s); %s continues without it", when, _summary(exc), self.what)
             self.state = False
             return self.model(x)
         self.state = True

@@ -41,7 +41,8 @@ C = TypeVar("C", bound="_Config")
 class _Config:
     KIND: ClassVar[str] = ""
     # Options that may differ when a run is resumed (they do not change the maths).
-    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume")
+    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume",
+                                                     "memory_budget")
 
     # Options shared by pre-training and fine-tuning (subclasses add their own and may change defaults).
     data: str = ""
@@ -59,6 +60,7 @@ class _Config:
     clip_grad: float | None = 1.0
     amp: str = "auto"
     compile: bool = False
+    memory_budget: float = 1.0
     device: str = "auto"
     seed: int = 0
     workers: int = 4
@@ -132,6 +134,8 @@ class _Config:
                 f"batch_size counts crops per step and must be a multiple of num_crops "
                 f"(crops per volume): got batch_size={self.batch_size}, num_crops={self.num_crops}"
             )
+        if not 0 < self.memory_budget <= 1:
+            raise ValueError(f"memory_budget must be in (0, 1], got {self.memory_budget}")
         if self.crop < 16 or self.crop % 16:
             raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
         if not self.lr > 0:
@@ -162,7 +166,10 @@ class PretrainConfig(_Config):
 
     ``decoder_width`` (None: the pre-trainer's default for the size, 768 for base) sets the light
     decoder's width at the bottleneck. ``compile``: torch.compile the training forward (and, on CUDA,
-    run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``sparse_full_res``
+    run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``memory_budget`` (with
+    ``compile``, below 1): the compiled step keeps at most about that fraction of the activations it would
+    save for the backward pass and recomputes cheap elementwise ops there instead (PyTorch's
+    ``activation_memory_budget``). ``sparse_full_res``
     computes the full-resolution encoder layer and decoder skip projection from the visible cells only
     (same result, less work and memory).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``

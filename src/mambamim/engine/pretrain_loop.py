@@ -408,7 +408,9 @@ class TrainLoop:
                     break
 
 
-def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tuple[Callable, Callable]:
+def _fast_forward(
+    model: nn.Module, device: torch.device, enabled: bool, memory_budget: float = 1.0
+) -> tuple[Callable, Callable]:
     """(forward, prepare_input): torch.compile and, on CUDA, channels-last 3D when ``enabled``.
 
     ``model`` (possibly DDP-wrapped) must already hold channels-last weights on CUDA; see
@@ -417,7 +419,7 @@ def _fast_forward(model: nn.Module, device: torch.device, enabled: bool) -> tupl
     if not enabled:
         return model, lambda x: x
     prepare = (lambda x: x.contiguous(memory_format=torch.channels_last_3d)) if device.type == "cuda" else (lambda x: x)
-    return CompiledOrEager(model), prepare
+    return CompiledOrEager(model, memory_budget=memory_budget), prepare
 
 
 def _channels_last(model: nn.Module, device: torch.device, enabled: bool) -> nn.Module:
@@ -447,7 +449,7 @@ def _prepare_for_training(loop: TrainLoop, model: nn.Module, ctx: D.DistContext,
     model once on a dummy batch to find unused parameters. Returns (model, forward, prepare)."""
     model = _channels_last(model, ctx.device, config.compile)
     loop.model = _wrap_model(model, ctx, config.find_unused_parameters, probe)
-    forward, prepare = _fast_forward(loop.model, ctx.device, config.compile)
+    forward, prepare = _fast_forward(loop.model, ctx.device, config.compile, config.memory_budget)
     return model, forward, prepare
 
 
