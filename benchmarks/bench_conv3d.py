@@ -15,22 +15,7 @@ import argparse
 import torch
 
 from _report import save_table
-
-
-def bench(fn, iters: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from profile_modules import median_ms
 
 
 def _conv(x, w):
@@ -65,9 +50,10 @@ def main() -> None:
             "weight grad": lambda x, w, dy: _backward(dy, x, w, [False, True, False]),
         }
         for name, fn in passes.items():
-            t_nc = bench(lambda: fn(x, w, dy))
-            t_cl = bench(lambda: fn(*cl))
-            row = f"| {cin} x {cout} | {name} | {t_nc:.2f} | {t_cl:.2f} | {flop / t_nc / 1e9:.0f} / {flop / t_cl / 1e9:.0f} |"
+            t_nc = median_ms(lambda: fn(x, w, dy), iters=10)
+            t_cl = median_ms(lambda: fn(*cl), iters=10)
+            tflops = f"{flop / t_nc / 1e9:.0f} / {flop / t_cl / 1e9:.0f}"
+            row = f"| {cin} x {cout} | {name} | {t_nc:.2f} | {t_cl:.2f} | {tflops} |"
             print(row, flush=True)
             rows.append(row)
     table = "\n".join(rows)

@@ -30,7 +30,6 @@ class CompiledOrEager:
     sliding windows) hours into a run. A real error in the model fails the eager call too and propagates
     from there.
 
-
     Args:
         model: the module to run.
         what: what the warning says continues without compiling.
@@ -63,7 +62,8 @@ class CompiledOrEager:
                 out = self.compiled(x)
         except Exception as exc:
             when = "recompiling for input shape " + str(tuple(x.shape)) if self.state else "compiling"
-            logger.warning("torch.compile failed while %s (%s); %s continues without it", when, _summary(exc), self.what)
+            logger.warning("torch.compile failed while %s (%s); %s continues without it", when, _summary(exc),
+                           self.what)
             self.state = False
             return self.model(x)
         self.state = True

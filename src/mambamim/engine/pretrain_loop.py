@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
-from mambamim.engine.compiling import CompiledOrEager
 from mambamim.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from mambamim.engine.compiling import CompiledOrEager
 from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
 from mambamim.engine.logging_utils import MetricsWriter, RunLog
 from mambamim.engine.schedule import (
