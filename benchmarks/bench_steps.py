@@ -185,10 +185,23 @@ def infer_variants(args, device):
             ("bf16 + torch.compile, sw_batch 8", True, 8, "default", False),
             ("bf16 + channels_last + torch.compile, sw_batch 8", True, 8, "default", True),
             ("bf16 + channels_last + compile (CUDA graphs), sw_batch 8", True, 8, "reduce-overhead", True),
+            # what `mambamim predict --compile` runs: predict_volume over a CompiledSegmenter (softmax included)
+            ("predict_volume + CompiledSegmenter (the CLI's --compile), sw_batch 8", True, 8, "segmenter", True),
         ]
     variants = _select(variants, args)
     for label, amp, swb, mode, cl in variants:
         torch._dynamo.reset()
+        if mode == "segmenter":
+            from mambamim.engine.inference import compile_segmenter, predict_volume
+
+            segmenter = compile_segmenter(model.to(memory_format=torch.contiguous_format))
+
+            def run():
+                return predict_volume(segmenter, vol[0], roi=roi, overlap=0.5, sw_batch_size=swb, amp=amp)
+
+            t, peak = timed(run, device, 2, max(2, args.iters // 3))
+            rows.append((f"sliding window {shape}, {label}", t, peak))
+            continue
         net = model.to(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
         net = torch.compile(net, mode=mode) if mode else net
         comp = mode is not None

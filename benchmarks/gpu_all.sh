@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
 #   bash benchmarks/gpu_all.sh conv               # 3^3 full-resolution convolutions alone through cuDNN (TFLOP/s)
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
+#   bash benchmarks/gpu_all.sh unmeasured cli     # --memory-budget step, CLI compiled inference; compiled CLI run
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
 # Expects the wheels of monai, nibabel, pydicom, tqdm and pytest in .whl/ (see the device README).
@@ -41,6 +42,12 @@ for part in "$@"; do
     conv)
       CUDA_VISIBLE_DEVICES=0 timeout ${CONV_LIMIT:-300} python3 benchmarks/bench_conv3d.py ${CONV_ARGS:-} > $OUT/conv.log 2>&1
       grep "^|" $OUT/conv.log | tail -20 ;;
+    unmeasured)
+      # what the fourth session left unmeasured: memory budget, the CLI's compiled inference
+      CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/bench_steps.py --only pretrain --variants 4 8 --iters 8 \
+        > $OUT/bench_budget.log 2>&1; grep "^\[row\]" $OUT/bench_budget.log
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_steps.py --only infer --variants 3 5 --iters 6 \
+        > $OUT/bench_segmenter.log 2>&1; grep "^\[row\]" $OUT/bench_segmenter.log ;;
     cli)
       W=/tmp/w; rm -rf $W; mkdir -p $W
       ( cd $W && python3 -m mambamim data synth --out raw --num 3 --seed 0 >/dev/null \
