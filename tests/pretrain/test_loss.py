@@ -90,3 +90,34 @@ def test_validation():
         masked_patch_mse(target, target, visible[:, :1], P)
     with pytest.raises(ValueError):
         masked_patch_mse(target[..., :-1], target[..., :-1], visible, P)
+
+
+def _reference_loss(rec, target, visible, p, eps=1e-6):
+    """The loss written with patchify (SPEC 2.8 read literally), float64."""
+    t = patchify(target.double(), p)
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + eps).sqrt()
+    err = (patchify(rec.double(), p) - t).square().mean(dim=(-1, -2))  # (B, L)
+    masked = (~visible).flatten(1)
+    return (err * masked).sum() / masked.sum()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_loss_and_gradient_match_the_patchify_reference(channels_last):
+    target, visible, g = _data(B=2, C=1, seed=3)
+    rec = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        target = target.contiguous(memory_format=torch.channels_last_3d)
+        rec = rec.contiguous(memory_format=torch.channels_last_3d)
+    rec.requires_grad_(True)
+    ref_rec = rec.detach().clone().requires_grad_(True)
+    loss = masked_patch_mse(rec, target.double(), visible, P)
+    ref = _reference_loss(ref_rec, target, visible, P)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(rec.grad, ref_rec.grad, rtol=1e-10, atol=1e-15)
+    # two channels: per-patch statistics per channel, averaged over channels
+    target2, visible2, g2 = _data(B=2, C=2, seed=4)
+    rec2 = torch.randn(target2.shape, generator=g2, dtype=torch.float64)
+    torch.testing.assert_close(masked_patch_mse(rec2, target2.double(), visible2, P),
+                               _reference_loss(rec2, target2, visible2, P), rtol=1e-12, atol=0)  # fmt: skip
