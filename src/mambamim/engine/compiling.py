@@ -41,6 +41,10 @@ class CompiledOrEager:
     def __init__(self, model: nn.Module, what: str = "training", memory_budget: float = 1.0) -> None:
         if not 0 < memory_budget <= 1:
             raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
+        if memory_budget < 1 and not hasattr(torch._functorch.config, "activation_memory_budget"):
+            logger.warning("this PyTorch (%s) has no activation memory budget; memory_budget %.2f is ignored",
+                           torch.__version__, memory_budget)  # fmt: skip
+            memory_budget = 1.0
         self.model = model
         self.what = what
         self.memory_budget = float(memory_budget)
