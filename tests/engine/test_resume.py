@@ -155,7 +155,7 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
         _cfg(tmp_path, "z", model="vim_unetr", sparse_full_res=True).validate()
 
 
-def _saved_bytes_of_compiled_step(memory_budget: float) -> int:
+def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:
     """Bytes the compiled tiny pre-trainer's forward graph keeps for the backward pass, partitioned as
     Inductor partitions (min-cut, its decompositions) and run through CompiledOrEager."""
     import functools
@@ -185,23 +185,20 @@ def _saved_bytes_of_compiled_step(memory_budget: float) -> int:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_pretrainer("hymamba", size="tiny")
-    real_compile = torch.compile
-    torch.compile = functools.partial(real_compile, backend=backend)
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
         forward = CompiledOrEager(model, memory_budget=memory_budget)
         forward(torch.rand(2, 1, 32, 32, 32))["loss"].backward()
-    finally:
-        torch.compile = real_compile
-        torch._dynamo.reset()
+    torch._dynamo.reset()
     assert forward.state is True
     return sum(saved)
 
 
-def test_memory_budget_makes_the_compiled_step_keep_less():
+def test_memory_budget_makes_the_compiled_step_keep_less(monkeypatch):
     import torch
 
-    full = _saved_bytes_of_compiled_step(1.0)
-    budget = _saved_bytes_of_compiled_step(0.5)
+    full = _saved_bytes_of_compiled_step(1.0, monkeypatch)
+    budget = _saved_bytes_of_compiled_step(0.5, monkeypatch)
     assert budget < 0.8 * full, (budget, full)
     assert torch._functorch.config.activation_memory_budget == 1.0  # scoped to the compiling calls
 
