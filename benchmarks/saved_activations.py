@@ -26,25 +26,9 @@ from mambamim.pretrain import create_pretrainer
 
 def compiled_saved(model, x, memory_budget: float, rows: int = 12) -> None:
     """Print the bytes the compiled forward graph(s) keep for the backward pass, and the largest tensors."""
-    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions look it up)
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
+    from mambamim.engine.compiling import kept_tensors_backend
 
-    kept: list[tuple[int, str, tuple, torch.dtype]] = []
-
-    def fw_compiler(gm, example_inputs):
-        for node in gm.graph.find_nodes(op="output")[0].args[0]:
-            v = getattr(node, "meta", {}).get("val")
-            if isinstance(v, torch.Tensor):
-                kept.append((v.numel() * v.element_size(), node.name, tuple(v.shape), v.dtype))
-        return gm.forward
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=lambda g, _: g.forward,
-                                     partition_fn=min_cut_rematerialization_partition,
-                                     decompositions=select_decomp_table())  # fmt: skip
-
+    backend, kept = kept_tensors_backend()
     with torch._functorch.config.patch(activation_memory_budget=memory_budget):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             torch.compile(model, backend=backend)(x)

@@ -161,27 +161,11 @@ def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:
     import functools
 
     import torch
-    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions look it up)
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
 
-    from mambamim.engine.compiling import CompiledOrEager
+    from mambamim.engine.compiling import CompiledOrEager, kept_tensors_backend
     from mambamim.pretrain import create_pretrainer
 
-    saved = []
-
-    def fw_compiler(gm, example_inputs):
-        outs = gm.graph.find_nodes(op="output")[0].args[0]
-        vals = [o.meta.get("val") for o in outs if hasattr(o, "meta")]
-        saved.append(sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor)))
-        return gm.forward
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=lambda g, _: g.forward,
-                                     partition_fn=min_cut_rematerialization_partition,
-                                     decompositions=select_decomp_table())  # fmt: skip
-
+    backend, kept = kept_tensors_backend()
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_pretrainer("hymamba", size="tiny")
@@ -190,8 +174,8 @@ def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:
         forward = CompiledOrEager(model, memory_budget=memory_budget)
         forward(torch.rand(2, 1, 32, 32, 32))["loss"].backward()
     torch._dynamo.reset()
-    assert forward.state is True
-    return sum(saved)
+    assert forward.state is True and kept
+    return sum(k[0] for k in kept)
 
 
 def test_memory_budget_makes_the_compiled_step_keep_less(monkeypatch):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledOrEager"]
+__all__ = ["CompiledOrEager", "kept_tensors_backend"]
 
 
 def _summary(exc: BaseException) -> str:
@@ -72,3 +73,33 @@ class CompiledOrEager:
             return self.model(x)
         self.state = True
         return out
+
+
+def kept_tensors_backend() -> tuple[Callable, list[tuple[int, str, tuple, torch.dtype]]]:
+    """A torch.compile backend that records what compiled forward graphs keep for the backward pass, as
+    Inductor would partition them (its decompositions, the min-cut partitioner, the activation memory
+    budget in force), and runs them without Inductor's code generation, so it works on any device.
+
+    Returns ``(backend, kept)``; every compiled forward appends ``(bytes, name, shape, dtype)`` per kept
+    tensor to ``kept``. A diagnostic for memory (``benchmarks/saved_activations.py --compiled``).
+    """
+    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions look it up)
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    kept: list[tuple[int, str, tuple, torch.dtype]] = []
+
+    def fw_compiler(gm, example_inputs):
+        for node in gm.graph.find_nodes(op="output")[0].args[0]:
+            v = getattr(node, "meta", {}).get("val")
+            if isinstance(v, torch.Tensor):
+                kept.append((v.numel() * v.element_size(), node.name, tuple(v.shape), v.dtype))
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=lambda g, _: g.forward,
+                                     partition_fn=min_cut_rematerialization_partition,
+                                     decompositions=select_decomp_table())  # fmt: skip
+
+    return backend, kept
