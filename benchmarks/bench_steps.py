@@ -97,10 +97,11 @@ def pretrain_variants(args, device):
         ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if v["amp"] else nullcontext
         xin = x.contiguous(memory_format=torch.channels_last_3d) if v["cl"] else x
 
-        budget = v.get("budget", 1.0)
+        budget = v.get("budget")
+        patch = (lambda: torch._functorch.config.patch(activation_memory_budget=budget)) if budget else nullcontext
 
         def step():
-            with ctx(), torch._functorch.config.patch(activation_memory_budget=budget):
+            with ctx(), patch():
                 out = fwd(xin)
             out["loss"].backward()
             opt.step()
