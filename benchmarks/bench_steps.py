@@ -87,6 +87,7 @@ def pretrain_variants(args, device):
         variants.append(("fp32 eager + sparse full-res", dict(amp=False, cl=False, compile=False, sparse=True)))
     variants = _select(variants, args)
     for label, v in variants:
+        torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         torch.manual_seed(0)
         model = create_pretrainer("hymamba", size=args.size, sparse_full_res=v.get("sparse", False)).to(device)
         if v["cl"]:
@@ -139,6 +140,7 @@ def finetune_variants(args, device):
     variants = _select(variants, args)
     saved_env = os.environ.get("MAMBAMIM_DISABLE_TRITON", "")
     for label, amp, comp, cl, disable in variants:
+        torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         os.environ["MAMBAMIM_DISABLE_TRITON"] = disable or saved_env
         torch.manual_seed(0)
         model = create_model("hymamba", size=args.size, num_classes=14).to(device)
@@ -191,7 +193,7 @@ def infer_variants(args, device):
         ]
     variants = _select(variants, args)
     for label, amp, swb, mode, cl in variants:
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         if mode == "segmenter":
             from mambamim.engine.inference import compile_segmenter, predict_volume
 

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--sparse-full-res", action="store_true")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--dump", help="write every kernel (ms, calls, name) to this TSV file")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")
@@ -101,6 +102,10 @@ def main() -> None:
     print("| kind of kernel | ms | calls |\n| --- | ---: | ---: |")
     for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
         print(f"| {kind} | {ms:.1f} | {n} |")
+    if args.dump:
+        with open(args.dump, "w") as fh:
+            for e in sorted(events, key=lambda e: -e.self_device_time_total):
+                fh.write(f"{e.self_device_time_total / 1e3:.3f}\t{e.count}\t{e.key}\n")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
 
 

@@ -226,10 +226,9 @@ def test_sparse_full_res_is_the_same_computation(name, norm):
 
 
 def test_sparse_full_res_under_torch_compile():
-    """The sparse full-resolution parts run eagerly inside a compiled pre-trainer (graph breaks outside any
-    loop); compiled by Inductor, loss and gradients equal the eager model's (float64) and nothing
-    recompiles, with given or random masks. (Inductor, not aot_eager: that debug backend trips over the
-    stride of a gradient coming back from the eager part, which Inductor's backward accepts.)"""
+    """The sparse full-resolution path compiles as one graph (its block copies are opaque custom ops);
+    compiled by Inductor, loss and gradients equal the eager model's (float64) and nothing recompiles,
+    with given or random masks."""
     import copy
 
     inductor = torch._dynamo.lookup_backend("inductor")
@@ -242,7 +241,7 @@ def test_sparse_full_res_under_torch_compile():
     torch.manual_seed(0)
     eager = create_pretrainer("hymamba", sparse_full_res=True, **MICRO).double()
     traced = copy.deepcopy(eager)
-    compiled = torch.compile(traced, backend=recording_backend)
+    compiled = torch.compile(traced, backend=recording_backend, fullgraph=True)
     x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
     mask = mask_with_runs()
     ref, out = eager(x, mask), compiled(x, mask)

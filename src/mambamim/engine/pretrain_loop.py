@@ -158,9 +158,14 @@ def run_training(config: Any, config_cls: type, body: Callable[[Any, D.DistConte
     config = resolve_resume(config, config_cls)
     config.validate()
     ctx = D.init_distributed(config.device)
+    # Training crops have one fixed shape, so cuDNN's measured algorithm choice (what benchmarks/ times)
+    # pays after the first step; the caller's setting comes back afterwards.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark or ctx.device.type == "cuda"
     try:
         return body(config, ctx)
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         D.cleanup(ctx)
 
 

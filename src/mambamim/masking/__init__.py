@@ -10,7 +10,8 @@ from mambamim.masking.masks import (
     scatter_visible,
     gather_blocks,
     scatter_blocks,
+    block_tables,
 )
 
 __all__ = ["num_visible", "random_bottleneck_mask", "upsample_mask", "stage_masks", "validate_mask", "gather_visible", "scatter_visible",
-           "gather_blocks", "scatter_blocks"]
+           "gather_blocks", "scatter_blocks", "block_tables"]

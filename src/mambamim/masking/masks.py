@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from mambamim.ops.block_copy import block_gather, block_scatter
 
 __all__ = [
     "num_visible",
@@ -22,6 +23,7 @@ __all__ = [
     "gather_visible",
     "scatter_visible",
     "gather_blocks",
+    "block_tables",
     "scatter_blocks",
 ]
 
@@ -220,18 +222,15 @@ def scatter_visible(visible_tokens: Tensor, visible: Tensor) -> Tensor:
     return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, C), visible_tokens)
 
 
-def _block_index(mask: Tensor, num_visible: int, cell: int, side: int) -> tuple[Tensor, ...]:
-    """Broadcastable (b, d, h, w) voxel indices of every visible cell's ``side``^3 window, the window
-    of a cell starting at its corner (b: (N, 1, 1, 1); d: (N, side, 1, 1); h: (N, 1, side, 1); w: (N, 1, 1, side))."""
-    B, _, gh, gw = mask.shape
-    cells = _visible_index(mask.flatten(1), num_visible).reshape(-1)  # (N,), sample-major
-    b = torch.arange(B, device=mask.device).repeat_interleave(num_visible)
-    r = torch.arange(side, device=mask.device)
-    d = (cells // (gh * gw)) * cell
-    h = ((cells // gw) % gh) * cell
-    w = (cells % gw) * cell
-    return (b.view(-1, 1, 1, 1), (d.view(-1, 1) + r).view(-1, side, 1, 1), (h.view(-1, 1) + r).view(-1, 1, side, 1),
-            (w.view(-1, 1) + r).view(-1, 1, 1, side))  # fmt: skip
+def block_tables(mask: Tensor, num_visible: int) -> tuple[Tensor, Tensor]:
+    """The cell tables of :mod:`mambamim.ops.block_copy` for a bottleneck mask (B, gd, gh, gw) with
+    ``num_visible`` True per sample: ``cells`` (B * num_visible,) flat cell indices, sample-major and in
+    raster order, and ``lookup`` (B, gd, gh, gw) int32, each visible cell's block index (-1 if masked)."""
+    B = mask.shape[0]
+    order = _visible_index(mask.flatten(1), num_visible)  # (B, K)
+    ids = torch.arange(B * num_visible, device=mask.device, dtype=torch.int32).view(B, num_visible)
+    lookup = torch.full((B, mask[0].numel()), -1, device=mask.device, dtype=torch.int32).scatter(1, order, ids)
+    return order.reshape(-1), lookup.view(mask.shape)
 
 
 def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> Tensor:
@@ -240,18 +239,17 @@ def gather_blocks(x: Tensor, mask: Tensor, num_visible: int, halo: int = 0) -> T
     Args:
         x: ``(B, C, D, H, W)``, each side a multiple of the mask grid's (cell side s = D / gd).
         mask: ``(B, gd, gh, gw)`` bool, True = visible, ``num_visible`` True per sample (not checked).
-        halo: voxels of context on every side (zeros beyond the volume, x's values elsewhere).
+        halo: voxels of context on every side, below the cell side (zeros beyond the volume, x's
+            values elsewhere).
 
     Returns:
         ``(B * num_visible, C, s + 2 halo, ...)``, sample-major, cells in raster order, laid out
-        channels-last (what a following convolution wants on GPUs).
+        channels-last (what a following convolution wants on GPUs). One Triton kernel on CUDA
+        (:func:`mambamim.ops.block_copy.block_gather`).
     """
     cell = _cell_side(x, mask)
-    xp = F.pad(x, (halo,) * 6) if halo else x
-    # Plain advanced indexing (no overlapping unfold views): its backward is an accumulating
-    # index_put, which torch.compile handles.
-    idx = _block_index(mask, num_visible, cell, cell + 2 * halo)
-    return xp.permute(0, 2, 3, 4, 1)[idx].permute(0, 4, 1, 2, 3)
+    cells, lookup = block_tables(mask, num_visible)
+    return block_gather(x, cells, lookup, cell, halo)
 
 
 def scatter_blocks(
@@ -262,27 +260,22 @@ def scatter_blocks(
     Without halo this inverts :func:`gather_blocks` (zeros at masked cells). With a halo, every block
     covers its cell plus ``halo`` voxels around it; overlapping parts are summed and what falls outside
     the volume is dropped, which assembles a linear operator's output from per-cell contributions
-    (e.g. a "full" convolution of each visible cell alone).
+    (e.g. a "full" convolution of each visible cell alone). It is the adjoint (and gradient) of
+    :func:`gather_blocks` with the same halo.
 
     Returns:
         ``(B, C, gd * s, gh * s, gw * s)``, channels-last 3D in memory when ``like`` is (else contiguous).
     """
-    B, gd, gh, gw = mask.shape
-    n, c, side = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    B = mask.shape[0]
+    n, side = blocks.shape[0], blocks.shape[2]
     s = side - 2 * halo
-    if n != B * num_visible or blocks.shape[2:] != (side, side, side) or s < 1:
+    if mask.dim() != 4 or blocks.dim() != 5 or n != B * num_visible or blocks.shape[2:] != (side, side, side) or s < 1:
         raise ValueError(f"expected ({B * num_visible}, C, s + {2 * halo}, ...) cubic blocks, got {tuple(blocks.shape)}")
-    idx = _block_index(mask, num_visible, s, side)
-    shape = (B, gd * s + 2 * halo, gh * s + 2 * halo, gw * s + 2 * halo, c)
-    out = blocks.new_zeros(shape).index_put(idx, blocks.permute(0, 2, 3, 4, 1), accumulate=halo > 0)
-    if halo:
-        out = out[:, halo:-halo, halo:-halo, halo:-halo]
-    out = out.permute(0, 4, 1, 2, 3)  # channels-last memory when there is no halo
+    cells, lookup = block_tables(mask, num_visible)
+    out = block_scatter(blocks, cells, lookup, s, halo)
     channels_last = like is not None and like.is_contiguous(memory_format=torch.channels_last_3d) and not (
         like.is_contiguous())  # fmt: skip
-    if halo == 0 and channels_last:
-        return out
-    return out.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    return out if channels_last else out.contiguous()
 
 
 def _cell_side(x: Tensor, mask: Tensor) -> int:

@@ -100,36 +100,33 @@ class HyMambaEncoder(nn.Module):
         """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4.
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
-        full-resolution widening layer on the visible 16^3 cells plus a 1-voxel halo only: the same
-        result (masked voxels are zero either way) with about a third of its convolution work.
+        full-resolution widening layer and the first pooling on the visible 16^3 cells only (plus a
+        1-voxel halo of context): the same result (masked voxels are zero either way) with about a
+        third of the convolution work. f0 then comes as those cells, (B * count, C0, 16, 16, 16) in the
+        order of :func:`mambamim.masking.gather_blocks`, and the whole-volume f0 is never built.
         """
         if masks is None:
             masks = [None] * 5
         feats = []
         h = self.stem(x, masks[0])
+        pooled = None
         if visible_blocks is not None and masks[0] is not None:
-            h = self._widen0_on_blocks(h, *visible_blocks)
+            visible, count = visible_blocks
+            widen = self.widen[0]
+            h = widen.forward_blocks(gather_blocks(h, visible, count, halo=widen.conv.kernel_size[0] // 2), h.shape[0])
+            # pooling windows never straddle cells, so pooling the blocks is pooling the volume
+            pooled = scatter_blocks(self.pool(h), visible, count, like=x)
         else:
             h = self.widen[0](h, masks[0])
         feats.append(h)
         for level in range(4):
-            h = self.pool(h, masks[level + 1])
+            h = pooled if level == 0 and pooled is not None else self.pool(h, masks[level + 1])
             for block in self.stages[level]:
                 h = block(h, masks[level + 1])
             if level < 3:
                 h = self.widen[level + 1](h, masks[level + 1])
             feats.append(h)
         return feats
-
-    # Run eagerly inside compiled models: on CUDA, Inductor's index simplification for this chain of block
-    # gathers, reshapes and scatters ran for minutes without finishing (torch 2.11). Its convolution and
-    # copies are the same kernels either way.
-    @torch.compiler.disable
-    def _widen0_on_blocks(self, h: torch.Tensor, visible: torch.Tensor, count: int) -> torch.Tensor:
-        layer = self.widen[0]
-        halo = layer.conv.kernel_size[0] // 2
-        blocks = layer.forward_blocks(gather_blocks(h, visible, count, halo=halo), h.shape[0])
-        return scatter_blocks(blocks, visible, count, like=h)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambamim.masking import (
-    gather_blocks,
     num_visible,
     random_bottleneck_mask,
     scatter_blocks,
@@ -54,21 +53,21 @@ _VIM_ENCODER_KEYS = ("in_channels", "dim", "depth", "mlp_ratio", "scan", "bidire
 
 
 class MaskedSkip(NamedTuple):
-    """A decoder skip given as its visible features plus the mask token that fills the masked voxels,
-    so the decoder can project it without building the filled volume (see :func:`project_masked_skip`).
+    """A decoder skip given as its visible cells plus the mask token that fills the masked voxels, so
+    the decoder can project it without building the filled volume (see :func:`project_masked_skip`).
 
-    features: (B, C, D, H, W), zero at masked voxels; mask: bottleneck bool (B, gd, gh, gw); count:
-    visible cells per sample; token: (C,); stage_mask: float (B, 1, D, H, W), 1 = visible.
+    blocks: (B * count, C, s, s, s), the visible cells (:func:`mambamim.masking.gather_blocks` order);
+    mask: bottleneck bool (B, gd, gh, gw); count: visible cells per sample; token: (C,); stage_mask:
+    float (B, 1, D, H, W), 1 = visible.
     """
 
-    features: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor
     count: int
     token: torch.Tensor
     stage_mask: torch.Tensor
 
 
-@torch.compiler.disable  # eager inside compiled models, as HyMambaEncoder._widen0_on_blocks and for its reason
 def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     """``conv(where(visible, features, token))`` with a third of the dense work at 75 % masking.
 
@@ -81,9 +80,8 @@ def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     if conv.stride != (1, 1, 1) or conv.padding != (k // 2,) * 3 or conv.kernel_size != (k, k, k) or k % 2 != 1:
         raise ValueError("project_masked_skip needs a stride-1, same-padded convolution with a cubic odd kernel")
     p = k // 2
-    f = skip.features
-    per_cell = F.conv3d(gather_blocks(f, skip.mask, skip.count), conv.weight, None, padding=2 * p)
-    visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, like=f)
+    per_cell = F.conv3d(skip.blocks, conv.weight, None, padding=2 * p)
+    visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, like=per_cell)
     token_kernel = (conv.weight * skip.token.to(conv.weight.dtype).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
     filled = conv3d_same(1.0 - skip.stage_mask, token_kernel, conv.bias)  # one input channel: im2col on CUDA
     return visible + filled.to(visible.dtype)
@@ -144,15 +142,13 @@ class LightDecoder(nn.Module):
         (a tensor, or a :class:`MaskedSkip` projected without building the filled volume)."""
         if any(isinstance(s, MaskedSkip) for s in skips[:-1]):
             raise ValueError("only the finest skip can be a MaskedSkip")
-        # Projected before the loop: it runs eagerly under torch.compile, and Dynamo cannot resume a graph
-        # after a break inside a loop (it would run the whole decoder uncompiled).
-        finest = project_masked_skip(self.proj_skips[-1], skips[-1]) if skips and isinstance(skips[-1], MaskedSkip) \
-            else None  # fmt: skip
         h = self.proj_bottleneck(bottleneck)
         for i, up in enumerate(self.ups):
             h = up(h)
             if self.use_skips:
-                proj = finest if finest is not None and i == len(self.ups) - 1 else self.proj_skips[i](skips[i])
+                skip = skips[i]
+                proj = project_masked_skip(self.proj_skips[i], skip) if isinstance(skip, MaskedSkip) \
+                    else self.proj_skips[i](skip)  # fmt: skip
                 h = self.fuse[i](torch.cat([h, proj.to(h.dtype)], dim=1))
         return self.head(h)
 
