@@ -71,20 +71,23 @@ class MaskedSkip(NamedTuple):
 def project_masked_skip(conv: nn.Conv3d, skip: MaskedSkip) -> torch.Tensor:
     """``conv(where(visible, features, token))`` with a third of the dense work at 75 % masking.
 
-    By linearity it is conv(features) + conv(token at masked voxels): the first is assembled from every
-    visible cell's own "full" convolution (its output reaches one kernel radius past the cell; overlaps
-    add up), the second is a 1-channel convolution of the masked map with the kernel contracted against
-    the token. Needs a stride-1, "same"-padded, cubic, odd kernel.
+    By linearity it is conv(token everywhere) + conv(visible * (features - token)). The second is
+    assembled from every visible cell's own "full" convolution (its output reaches one kernel radius past
+    the cell; overlaps add up); the first does not depend on the sample, so it is one 1-channel
+    convolution of a ones volume with the kernel contracted against the token, broadcast over the batch.
+    Needs a stride-1, "same"-padded, cubic, odd kernel.
     """
     k = conv.kernel_size[0]
     if conv.stride != (1, 1, 1) or conv.padding != (k // 2,) * 3 or conv.kernel_size != (k, k, k) or k % 2 != 1:
         raise ValueError("project_masked_skip needs a stride-1, same-padded convolution with a cubic odd kernel")
     p = k // 2
-    per_cell = F.conv3d(skip.blocks, conv.weight, None, padding=2 * p)
+    token = skip.token.to(skip.blocks.dtype).view(1, -1, 1, 1, 1)
+    per_cell = F.conv3d(skip.blocks - token, conv.weight, None, padding=2 * p)
     visible = scatter_blocks(per_cell, skip.mask, skip.count, halo=p, like=per_cell)
     token_kernel = (conv.weight * skip.token.to(conv.weight.dtype).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
-    filled = conv3d_same(1.0 - skip.stage_mask, token_kernel, conv.bias)  # one input channel: im2col on CUDA
-    return visible + filled.to(visible.dtype)
+    ones = skip.stage_mask.new_ones((1, 1, *skip.stage_mask.shape[2:]))
+    everywhere = conv3d_same(ones, token_kernel, conv.bias)  # one input channel: im2col on CUDA
+    return visible + everywhere.to(visible.dtype)
 
 
 def _conv_norm_relu(cin: int, cout: int, norm: str) -> list[nn.Module]:
