@@ -42,6 +42,22 @@ def test_im2col_matches_conv3d_with_gradients(cin, k, bias):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("padding", [0, 2])
+def test_im2col_other_paddings(padding):
+    """padding=0 is the "valid" convolution the sparse stem runs on blocks that carry a halo."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 6, 5, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 1, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    y, grads = _grads(lambda *t: im2col_conv3d(*t, padding=padding), x, w, b)
+    r, rgrads = _grads(lambda *t: F.conv3d(*t, padding=padding), x, w, b)
+    torch.testing.assert_close(y, r, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, rgrads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="smaller"):
+        im2col_conv3d(torch.zeros(1, 1, 2, 4, 4), w, padding=0)
+
+
 def test_im2col_rejects_bad_shapes():
     with pytest.raises(ValueError, match="im2col_conv3d"):
         im2col_conv3d(torch.zeros(1, 2, 4, 4, 4), torch.zeros(3, 1, 3, 3, 3))

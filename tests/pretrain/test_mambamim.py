@@ -181,8 +181,8 @@ def test_no_leak_on_cuda_fast_paths():
 
 @pytest.mark.parametrize("name,norm", [("hymamba", "group"), ("mednext_cnn", "batch"), ("hymamba", "layer")])
 def test_sparse_full_res_is_the_same_computation(name, norm):
-    """Computing the full-resolution widening layer and the decoder's full-resolution skip projection
-    from the visible cells only changes nothing: loss, reconstruction and every gradient equal the
+    """Computing the stem, the full-resolution widening layer and the decoder's full-resolution skip
+    projection from the visible cells only changes nothing: loss, reconstruction and every gradient equal the
     whole-volume path (float64)."""
     torch.manual_seed(0)
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
@@ -195,14 +195,14 @@ def test_sparse_full_res_is_the_same_computation(name, norm):
     for model in (dense, sparse):
         # the sparse model never runs the whole-volume layers (their forward) at full resolution
         hooks = [mod.register_forward_hook(lambda *a, key=(id(model), i): calls.__setitem__(key, calls.get(key, 0) + 1))
-                 for i, mod in enumerate((model.encoder.widen[0], model.decoder.proj_skips[-1]))]  # fmt: skip
+                 for i, mod in enumerate((model.encoder.widen[0], model.decoder.proj_skips[-1], model.encoder.stem))]  # fmt: skip
         out = model(x, mask)
         out["loss"].backward()
         outs.append(out)
         for h in hooks:
             h.remove()
-    assert calls.get((id(dense), 0)) == 1 and calls.get((id(dense), 1)) == 1
-    assert (id(sparse), 0) not in calls and (id(sparse), 1) not in calls
+    assert all(calls.get((id(dense), i)) == 1 for i in range(3))
+    assert not any((id(sparse), i) in calls for i in range(3))
     torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(outs[1]["reconstruction"], outs[0]["reconstruction"], rtol=1e-9, atol=1e-10)
     for (n, pd), (_, ps) in zip(dense.named_parameters(), sparse.named_parameters()):

@@ -22,7 +22,7 @@ from torch import nn
 from mambamim.blocks.mednext import ConvNormAct, MedNeXtBlock
 from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
-from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d, channels_last_instance_norms
+from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d, apply_mask, channels_last_instance_norms
 from mambamim.masking import gather_blocks, scatter_blocks, stage_masks
 
 __all__ = ["HyMambaEncoder", "HyMamba"]
@@ -100,24 +100,28 @@ class HyMambaEncoder(nn.Module):
         """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4.
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
-        full-resolution widening layer and the first pooling on the visible 16^3 cells only (plus a
-        1-voxel halo of context): the same result (masked voxels are zero either way) with about a
+        stem, the full-resolution widening layer and the first pooling on the visible 16^3 cells only
+        (plus the halo of context their kernels read): the same result (masked voxels are zero either way) with about a
         third of the convolution work. f0 then comes as those cells, (B * count, C0, 16, 16, 16) in the
         order of :func:`mambamim.masking.gather_blocks`, and the whole-volume f0 is never built.
         """
         if masks is None:
             masks = [None] * 5
         feats = []
-        h = self.stem(x, masks[0])
         pooled = None
         if visible_blocks is not None and masks[0] is not None:
             visible, count = visible_blocks
             widen = self.widen[0]
-            h = widen.forward_blocks(gather_blocks(h, visible, count, halo=widen.conv.kernel_size[0] // 2), h.shape[0])
+            halo = widen.conv.kernel_size[0] // 2
+            # The stem on each visible cell and the halo the widening conv reads: x with the stem's
+            # context too, re-masked as the whole-volume stem is (zeros in masked cells and outside).
+            xb = gather_blocks(x, visible, count, halo=halo + self.stem.kernel_size[0] // 2)
+            h = apply_mask(self.stem.conv_valid(xb), gather_blocks(masks[0], visible, count, halo=halo))
+            h = widen.forward_blocks(h, x.shape[0])
             # pooling windows never straddle cells, so pooling the blocks is pooling the volume
             pooled = scatter_blocks(self.pool(h), visible, count, like=x)
         else:
-            h = self.widen[0](h, masks[0])
+            h = self.widen[0](self.stem(x, masks[0]), masks[0])
         feats.append(h)
         for level in range(4):
             h = pooled if level == 0 and pooled is not None else self.pool(h, masks[level + 1])

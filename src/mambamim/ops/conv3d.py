@@ -85,11 +85,14 @@ def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return depthwise_conv3d_ref(x, weight, bias)
 
 
-def im2col_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Stride-1, "same"-padded dense convolution as one GEMM over the k^3 shifted copies of x.
+def im2col_conv3d(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, padding: Optional[int] = None
+) -> torch.Tensor:
+    """Stride-1 dense convolution as one GEMM over the k^3 shifted copies of x.
 
     Worth it only for few input channels (memory grows with k^3 * C_in). (B, Cin, D, H, W) ->
-    (B, Cout, D, H, W), channels-last 3D; weight (Cout, Cin, k, k, k), k odd.
+    (B, Cout, D', H', W') with D' = D + 2 padding - k + 1, channels-last 3D; weight (Cout, Cin, k, k, k),
+    k odd; padding None is "same" (k // 2), 0 is "valid".
     """
     cout, cin, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     if x.dim() != 5 or x.shape[1] != cin or weight.shape[2:] != (k, k, k) or k % 2 != 1:
@@ -99,9 +102,11 @@ def im2col_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    B, _, D, H, W = x.shape
-    p = k // 2
-    xp = F.pad(x, (p, p) * 3)
+    p = k // 2 if padding is None else int(padding)
+    xp = F.pad(x, (p, p) * 3) if p else x
+    B, D, H, W = xp.shape[0], *(s - k + 1 for s in xp.shape[2:])
+    if min(D, H, W) < 1:
+        raise ValueError(f"im2col_conv3d: input {tuple(x.shape)} is smaller than the {k}^3 kernel")
     # (B, D, H, W, Cin * k^3), in the (cin, kd, kh, kw) order of weight.reshape(cout, -1). One strided
     # copy of an unfolded view: a stack of the k^3 shifted slices became k^3 separate kernels under
     # Inductor, each writing every k^3-th element (5 ms for the stem on an H100, batch 8 at 96^3).
