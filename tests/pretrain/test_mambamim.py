@@ -266,13 +266,14 @@ def test_sparse_full_res_under_torch_compile():
     assert len(graphs) == count
 
 
-def test_compiled_pretrainer_takes_a_second_batch_size():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compiled_pretrainer_takes_a_second_batch_size(sparse):
     """The last batch of an epoch is often smaller: Dynamo then retraces with a symbolic batch size, which
     the random mask must accept (torch.rand with a ``generator=None`` keyword rejected it; found by a
-    ``mambamim pretrain --compile`` run on an H100)."""
+    ``mambamim pretrain --compile`` run on an H100), and so must the block copies of the sparse path."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = create_pretrainer("hymamba", **MICRO)
+    model = create_pretrainer("hymamba", sparse_full_res=sparse, **MICRO)
     compiled = torch.compile(model, backend="eager")
     try:
         for batch in (4, 2, 3):

@@ -35,8 +35,6 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     parser.add_argument("--memory-budget", type=float, default=1.0, metavar="F",
                         help="with --compile: keep at most about this fraction (0-1] of the activations the compiled "
                              "step would save, recomputing elementwise ops in the backward pass (default 1 = off)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="with --compile on one GPU: replay the compiled step as CUDA graphs (no launch gaps)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                         help="mixed precision: auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -54,8 +52,7 @@ def common_values(args: argparse.Namespace) -> dict:
         data=args.data or "", out=args.out or "", model=args.model, size=args.size, scan=args.scan,
         batch_size=args.batch_size, num_crops=args.num_crops, crop=args.crop, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
-        amp=args.amp, compile=args.compile, memory_budget=args.memory_budget, cuda_graphs=args.cuda_graphs,
-        device=args.device, seed=args.seed,
+        amp=args.amp, compile=args.compile, memory_budget=args.memory_budget, device=args.device, seed=args.seed,
         workers=args.workers, log_every=args.log_every,
         checkpoint_steps=args.checkpoint_steps, stop_after=args.stop_after, progress=not args.no_progress,
         resume=args.resume,

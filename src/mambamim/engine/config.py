@@ -42,7 +42,7 @@ class _Config:
     KIND: ClassVar[str] = ""
     # Options that may differ when a run is resumed (they do not change the maths).
     RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume",
-                                                     "memory_budget", "cuda_graphs")
+                                                     "memory_budget")
 
     # Options shared by pre-training and fine-tuning (subclasses add their own and may change defaults).
     data: str = ""
@@ -61,7 +61,6 @@ class _Config:
     amp: str = "auto"
     compile: bool = False
     memory_budget: float = 1.0
-    cuda_graphs: bool = False
     device: str = "auto"
     seed: int = 0
     workers: int = 4
@@ -137,8 +136,6 @@ class _Config:
             )
         if not 0 < self.memory_budget <= 1:
             raise ValueError(f"memory_budget must be in (0, 1], got {self.memory_budget}")
-        if self.cuda_graphs and not self.compile:
-            raise ValueError("cuda_graphs needs compile (it replays the compiled step as CUDA graphs)")
         if self.crop < 16 or self.crop % 16:
             raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
         if not self.lr > 0:
@@ -172,9 +169,7 @@ class PretrainConfig(_Config):
     run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``memory_budget`` (with
     ``compile``, below 1): the compiled step keeps at most about that fraction of the activations it would
     save for the backward pass and recomputes cheap elementwise ops there instead (PyTorch's
-    ``activation_memory_budget``). ``cuda_graphs`` (with ``compile``, one CUDA device): replay the
-    compiled forward and backward as CUDA graphs (torch.compile's "reduce-overhead"), which removes the
-    kernel-launch gaps. ``sparse_full_res`` computes the stem, the full-resolution encoder layer and the
+    ``activation_memory_budget``). ``sparse_full_res`` computes the stem, the full-resolution encoder layer and the
     decoder's skip projection from the visible cells only (same result, less work and memory); None
     (the default) turns it on wherever it applies (HyMamba or the CNN under bottom-up masking).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
