@@ -5,12 +5,11 @@ kernels (CUDA; plus an interpreter run on CPU tensors when triton is installed).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from _interpreter import run_interpreter_check
 
 from mambamim.masking import block_tables, random_bottleneck_mask
 from mambamim.ops.block_copy import block_gather, block_gather_ref, block_scatter, block_scatter_ref
@@ -103,11 +102,7 @@ def test_cuda_kernels(dtype, channels, halo):
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton; on GPUs the CUDA tests cover it")
 def test_interpreter_parity():
     """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors (a subprocess: the flag is read at import)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-check"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "INTERPRETER OK" in proc.stdout
+    run_interpreter_check(__file__)
 
 
 def _interpreter_check() -> None:

@@ -5,13 +5,12 @@ dispatch inside SparseConv3d."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _interpreter import run_interpreter_check
 
 from mambamim.layers.sparse import SparseConv3d
 from mambamim.ops.conv3d import depthwise_conv3d, depthwise_conv3d_ref, im2col_conv3d
@@ -158,11 +157,7 @@ def test_sparse_conv_fast_paths_match_float64():
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton; on GPUs the CUDA tests cover it")
 def test_interpreter_parity():
     """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors (a subprocess: the flag is read at import)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-check"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "INTERPRETER OK" in proc.stdout
+    run_interpreter_check(__file__)
 
 
 def _interpreter_check() -> None:
