@@ -75,7 +75,7 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
             # forward + backward replayed as CUDA graphs (no launch overhead); AdamW stays outside
             ("bf16 + channels_last + compile (CUDA graphs)", dict(amp=True, cl=True, compile="reduce-overhead")),
-            # the full-resolution widening layer on visible cells + halo only (same result)
+            # the stem, the full-resolution widening layer and the skip projection on visible cells only (same result)
             ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
             ("bf16 + channels_last + compile (CUDA graphs) + sparse full-res",
              dict(amp=True, cl=True, compile="reduce-overhead", sparse=True)),

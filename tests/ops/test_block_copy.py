@@ -73,6 +73,15 @@ def test_gradients_and_compile():
     torch.testing.assert_close(leaf.grad, ref_leaf.grad)
 
 
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="needs torch.library.opcheck")
+def test_custom_op_registration():
+    """Schema, fake kernels (shapes and channels-last strides as the real kernels) and autograd rules."""
+    x, mask, k, cells, lookup = _case(channels=3, grid=(2, 1, 2), cell=3)
+    torch.library.opcheck(torch.ops.mambamim.block_gather.default, (x.requires_grad_(True), cells, lookup, 3, 1))
+    blocks = torch.randn(len(cells), 3, 5, 5, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.mambamim.block_scatter.default, (blocks, cells, lookup, 3, 1))
+
+
 def test_bad_arguments():
     x, mask, k, cells, lookup = _case()
     with pytest.raises(ValueError, match="halo"):

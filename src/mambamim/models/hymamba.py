@@ -101,9 +101,10 @@ class HyMambaEncoder(nn.Module):
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
         stem, the full-resolution widening layer and the first pooling on the visible 16^3 cells only
-        (plus the halo of context their kernels read): the same result (masked voxels are zero either way) with about a
-        third of the convolution work. f0 then comes as those cells, (B * count, C0, 16, 16, 16) in the
-        order of :func:`mambamim.masking.gather_blocks`, and the whole-volume f0 is never built.
+        (plus the halo of context their kernels read): the same result (masked voxels are zero either
+        way) with about a third of the convolution work. f0 then comes as those cells, (B * count, C0,
+        16, 16, 16) in the order of :func:`mambamim.masking.gather_blocks`; the whole-volume f0 is never
+        built.
         """
         if masks is None:
             masks = [None] * 5

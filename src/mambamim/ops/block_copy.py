@@ -4,7 +4,7 @@ full-resolution path (:func:`mambamim.masking.gather_blocks` / :func:`mambamim.m
 - :func:`block_gather`: every listed cell of ``x`` as a ``(s + 2 halo)^3`` block, with ``halo`` voxels of
   context on every side (zeros beyond the volume).
 - :func:`block_scatter`: the adjoint. Each output voxel is the sum of the block windows that cover it
-  (its own cell's, and with a halo its neighbours'); windows parts outside the volume are dropped. With
+  (its own cell's, and with a halo its neighbours'); window parts outside the volume are dropped. With
   no halo this inverts the gather (zeros at unlisted cells).
 
 Each is the other's gradient. On CUDA (with Triton) both run one Triton kernel that reads and writes
