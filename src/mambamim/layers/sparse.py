@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamim.ops.conv3d import IM2COL_MAX_INPUTS, conv3d_same, im2col_conv3d
+from mambamim.ops.conv3d import conv3d_same, conv3d_valid
 
 __all__ = [
     "apply_mask",
@@ -67,14 +67,10 @@ class SparseConv3d(nn.Conv3d):
 
     def conv_valid(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution without padding (each side shrinks by k - 1): for blocks that carry their own
-        context (:func:`mambamim.masking.gather_blocks` with a halo). Few inputs per output take the
-        im2col GEMM on CUDA, as in ``conv``."""
+        context (:func:`mambamim.masking.gather_blocks` with a halo); the same fast paths as ``conv``."""
         if not self._is_same_stride1():
             raise ValueError("conv_valid needs a stride-1, same-padded convolution with a cubic odd kernel")
-        k = self.kernel_size[0]
-        if x.is_cuda and self.groups == 1 and self.in_channels * k**3 <= IM2COL_MAX_INPUTS:
-            return im2col_conv3d(x, self.weight, self.bias, padding=0)
-        return F.conv3d(x, self.weight, self.bias, groups=self.groups)
+        return conv3d_valid(x, self.weight, self.bias, self.groups)
 
 
 class SparseMaxPool3d(nn.MaxPool3d):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv3d_same", "depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise",
+__all__ = ["conv3d_same", "conv3d_valid", "depthwise_conv3d", "depthwise_conv3d_ref", "im2col_conv3d", "use_fast_depthwise",
            "triton_disabled"]
 
 # im2col pays while the gathered copies stay narrow: C_in * k^3 <= this (the 1-channel 3^3 stem: 27).
@@ -116,6 +116,11 @@ def im2col_conv3d(
     return y.permute(0, 4, 1, 2, 3)  # a channels-last 3D view
 
 
+def _use_im2col(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    # CUDA only: cuDNN is slow with few input channels (2.6 TFLOP/s for the 1-channel stem on an H100)
+    return x.is_cuda and groups == 1 and weight.shape[1] * weight.shape[-1] ** 3 <= IM2COL_MAX_INPUTS
+
+
 def conv3d_same(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1
 ) -> torch.Tensor:
@@ -123,9 +128,18 @@ def conv3d_same(
     for x's device: on CUDA depthwise convolutions take :func:`depthwise_conv3d` and ones with few inputs per
     output (C_in * k^3 <= ``IM2COL_MAX_INPUTS``) :func:`im2col_conv3d`; everything else ``F.conv3d``."""
     k = weight.shape[-1]
-    if x.is_cuda:
-        if groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
-            return depthwise_conv3d(x, weight, bias)
-        if groups == 1 and weight.shape[1] * k**3 <= IM2COL_MAX_INPUTS:
-            return im2col_conv3d(x, weight, bias)
+    if x.is_cuda and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
+        return depthwise_conv3d(x, weight, bias)
+    if _use_im2col(x, weight, groups):
+        return im2col_conv3d(x, weight, bias)
     return F.conv3d(x, weight, bias, padding=k // 2, groups=groups)
+
+
+def conv3d_valid(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1
+) -> torch.Tensor:
+    """Stride-1 convolution without padding (each side shrinks by k - 1), for blocks that carry their own
+    context; few inputs per output take :func:`im2col_conv3d` on CUDA, as in :func:`conv3d_same`."""
+    if _use_im2col(x, weight, groups):
+        return im2col_conv3d(x, weight, bias, padding=0)
+    return F.conv3d(x, weight, bias, groups=groups)
