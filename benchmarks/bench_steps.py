@@ -54,8 +54,8 @@ class _Rows(list):
 
 def _select(variants: list, args) -> list:
     """The baseline (index 0) always runs; then ``--variants`` indices or, with ``--best-only``, the last."""
-    if args.variants:
-        return [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
+    if args.variants:  # in the order given
+        return variants[:1] + [variants[i] for i in dict.fromkeys(args.variants) if 0 < i < len(variants)]
     if args.best_only and len(variants) > 1:
         return variants[:1] + variants[-1:]
     return variants
@@ -75,13 +75,18 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
             # forward + backward replayed as CUDA graphs (no launch overhead); AdamW stays outside
             ("bf16 + channels_last + compile (CUDA graphs)", dict(amp=True, cl=True, compile="reduce-overhead")),
-            # the stem, the full-resolution widening layer and the skip projection on visible cells only (same result)
+            # the stem, the full- and half-resolution widening layers and skip projections on visible cells (same result)
             ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
             ("bf16 + channels_last + compile (CUDA graphs) + sparse full-res",
              dict(amp=True, cl=True, compile="reduce-overhead", sparse=True)),
             # recompute elementwise ops in the backward pass instead of keeping their outputs (--memory-budget)
             ("bf16 + channels_last + compile, activation memory budget 0.5",
              dict(amp=True, cl=True, compile=True, budget=0.5)),
+            # how many encoder levels run on visible cells (the default is HyMambaEncoder.block_levels = 2)
+            ("bf16 + channels_last + compile + sparse, 3 levels on cells",
+             dict(amp=True, cl=True, compile=True, sparse=True, levels=3)),
+            ("bf16 + channels_last + compile + sparse, full resolution only on cells",
+             dict(amp=True, cl=True, compile=True, sparse=True, levels=1)),
         ]
     else:  # on a CPU the full-resolution convolutions dominate: the sparse path is the one variant
         variants.append(("fp32 eager + sparse full-res", dict(amp=False, cl=False, compile=False, sparse=True)))
@@ -90,6 +95,8 @@ def pretrain_variants(args, device):
         torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         torch.manual_seed(0)
         model = create_pretrainer("hymamba", size=args.size, sparse_full_res=v.get("sparse", False)).to(device)
+        if "levels" in v:
+            model.encoder.block_levels = v["levels"]
         if v["cl"]:
             model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

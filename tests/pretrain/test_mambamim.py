@@ -179,11 +179,17 @@ def test_no_leak_on_cuda_fast_paths():
         assert torch.equal(a["reconstruction"], b["reconstruction"])
 
 
+def whole_volume_layers(model):
+    """The layers the sparse path runs on visible cells instead of calling their whole-volume forward."""
+    enc, dec = model.encoder, model.decoder
+    return (enc.stem, enc.widen[0], enc.widen[1], dec.proj_skips[-1], dec.proj_skips[-2])
+
+
 @pytest.mark.parametrize("name,norm", [("hymamba", "group"), ("mednext_cnn", "batch"), ("hymamba", "layer")])
 def test_sparse_full_res_is_the_same_computation(name, norm):
-    """Computing the stem, the full-resolution widening layer and the decoder's full-resolution skip
-    projection from the visible cells only changes nothing: loss, reconstruction and every gradient equal the
-    whole-volume path (float64)."""
+    """Computing the stem, the full- and half-resolution widening layers and the decoder's skip projections
+    at those resolutions from the visible cells only changes nothing: loss, reconstruction and every gradient
+    equal the whole-volume path (float64)."""
     torch.manual_seed(0)
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
     sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, **MICRO).double()
@@ -195,14 +201,15 @@ def test_sparse_full_res_is_the_same_computation(name, norm):
     for model in (dense, sparse):
         # the sparse model never runs the whole-volume layers (their forward) at full resolution
         hooks = [mod.register_forward_hook(lambda *a, key=(id(model), i): calls.__setitem__(key, calls.get(key, 0) + 1))
-                 for i, mod in enumerate((model.encoder.widen[0], model.decoder.proj_skips[-1], model.encoder.stem))]  # fmt: skip
+                 for i, mod in enumerate(whole_volume_layers(model))]
         out = model(x, mask)
         out["loss"].backward()
         outs.append(out)
         for h in hooks:
             h.remove()
-    assert all(calls.get((id(dense), i)) == 1 for i in range(3))
-    assert not any((id(sparse), i) in calls for i in range(3))
+    n = len(whole_volume_layers(dense))
+    assert all(calls.get((id(dense), i)) == 1 for i in range(n))
+    assert not any((id(sparse), i) in calls for i in range(n))
     torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(outs[1]["reconstruction"], outs[0]["reconstruction"], rtol=1e-9, atol=1e-10)
     for (n, pd), (_, ps) in zip(dense.named_parameters(), sparse.named_parameters()):

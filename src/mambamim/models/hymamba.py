@@ -50,6 +50,9 @@ class HyMambaEncoder(nn.Module):
     """
 
     num_levels = 4
+    # Levels computed on visible cells under ``visible_blocks``: full and half resolution (16^3 and 8^3
+    # cells). At 1/4 a cell is 4^3, so a halo of 1 reads 3.4x the cell.
+    block_levels = 2
 
     def __init__(
         self,
@@ -100,37 +103,42 @@ class HyMambaEncoder(nn.Module):
         """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4.
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
-        stem, the full-resolution widening layer and the first pooling on the visible 16^3 cells only
-        (plus the halo of context their kernels read): the same result (masked voxels are zero either
-        way) with about a third of the convolution work. f0 then comes as those cells, (B * count, C0,
-        16, 16, 16) in the order of :func:`mambamim.masking.gather_blocks`; the whole-volume f0 is never
-        built.
+        stem, the widening layers and the poolings of the first :attr:`block_levels` levels (full and
+        half resolution) on the visible cells only, each gathered with the halo of context its kernels
+        read: the same result (masked voxels are zero either way) with about a quarter of their
+        convolution work. f0 and f1 then come as those cells, (B * count, C, s, s, s) with s = 16 and 8,
+        in the order of :func:`mambamim.masking.gather_blocks`; neither is ever built as a whole volume.
         """
         if masks is None:
             masks = [None] * 5
+        sparse = visible_blocks is not None and masks[0] is not None
         feats = []
-        pooled = None
-        if visible_blocks is not None and masks[0] is not None:
-            visible, count = visible_blocks
-            widen = self.widen[0]
-            halo = widen.conv.kernel_size[0] // 2
-            # The stem on each visible cell and the halo the widening conv reads: x with the stem's
-            # context too, re-masked as the whole-volume stem is (zeros in masked cells and outside).
-            xb = gather_blocks(x, visible, count, halo=halo + self.stem.kernel_size[0] // 2)
-            h = apply_mask(self.stem.conv_valid(xb), gather_blocks(masks[0], visible, count, halo=halo))
-            h = widen.forward_blocks(h, x.shape[0])
-            # pooling windows never straddle cells, so pooling the blocks is pooling the volume
-            pooled = scatter_blocks(self.pool(h), visible, count, like=x)
-        else:
-            h = self.widen[0](self.stem(x, masks[0]), masks[0])
-        feats.append(h)
-        for level in range(4):
-            h = pooled if level == 0 and pooled is not None else self.pool(h, masks[level + 1])
-            for block in self.stages[level]:
-                h = block(h, masks[level + 1])
-            if level < 3:
-                h = self.widen[level + 1](h, masks[level + 1])
-            feats.append(h)
+        h = x
+        for level in range(5):
+            if level > 0:
+                for block in self.stages[level - 1]:
+                    h = block(h, masks[level])
+            if level == 4:
+                feats.append(h)
+                break
+            widen = self.widen[level]
+            if sparse and level < self.block_levels:
+                visible, count = visible_blocks
+                halo = widen.conv.kernel_size[0] // 2
+                if level == 0:
+                    # The stem on each visible cell and the halo the widening conv reads: x with the stem's
+                    # context too, re-masked as the whole-volume stem is (zeros in masked cells and outside).
+                    xb = gather_blocks(x, visible, count, halo=halo + self.stem.kernel_size[0] // 2)
+                    hb = apply_mask(self.stem.conv_valid(xb), gather_blocks(masks[0], visible, count, halo=halo))
+                else:
+                    hb = gather_blocks(h, visible, count, halo=halo)  # h is zero in masked cells already
+                f = widen.forward_blocks(hb, x.shape[0])
+                # pooling windows never straddle cells, so pooling the blocks is pooling the volume
+                h = scatter_blocks(self.pool(f), visible, count, like=h)
+            else:
+                f = widen(self.stem(h, masks[0]) if level == 0 else h, masks[level])
+                h = self.pool(f, masks[level + 1])
+            feats.append(f)
         return feats
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -143,8 +143,6 @@ class LightDecoder(nn.Module):
     def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor | MaskedSkip] = ()) -> torch.Tensor:
         """bottleneck (B, Cb, d, h, w); skips coarse to fine, each at twice the previous resolution
         (a tensor, or a :class:`MaskedSkip` projected without building the filled volume)."""
-        if any(isinstance(s, MaskedSkip) for s in skips[:-1]):
-            raise ValueError("only the finest skip can be a MaskedSkip")
         h = self.proj_bottleneck(bottleneck)
         for i, up in enumerate(self.ups):
             h = up(h)
@@ -172,11 +170,12 @@ class MambaMIM(nn.Module):
             ``small``, 32 for ``tiny``).
         decoder_norm: ``batch`` or ``instance``.
         patch_size: loss patch size (16: the bottleneck cell).
-        sparse_full_res: compute the CNN's full-resolution widening layer on the visible 16^3 cells
-            (plus a 1-voxel halo) only, and the decoder's full-resolution skip projection from those
-            cells and the mask token (:func:`project_masked_skip`), instead of over the whole volume:
-            the same result with about a third of their work (HyMamba / CNN with ``bottom_up``; needs
-            the same visible count in every sample, as random masks have).
+        sparse_full_res: compute the CNN's stem and its full- and half-resolution widening layers on the
+            visible cells (16^3 and 8^3, plus the halo their kernels read) only, and the decoder's skip
+            projections at those two resolutions from those cells and the mask token
+            (:func:`project_masked_skip`), instead of over the whole volume: the same result with a
+            quarter to a half of their work (HyMamba / CNN with ``bottom_up``; needs the same visible
+            count in every sample, as random masks have).
         **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
 
     Shapes: forward(x (B, C, D, H, W), mask (B, D/16, H/16, W/16) bool or None) -> dict with
@@ -287,8 +286,8 @@ class MambaMIM(nn.Module):
             feats = enc.forward_cnn(x, None)
         skips: list[torch.Tensor | MaskedSkip] = []
         for level, (f, m, t) in enumerate(zip(feats[:4], masks[:4], self.mask_tokens)):
-            if level == 0 and blocks is not None:
-                # The full-resolution skip stays sparse: its projection skips the masked cells too.
+            if blocks is not None and level < enc.block_levels:
+                # Skips that came as visible cells stay so: their projections skip the masked cells too.
                 skips.append(MaskedSkip(f, mask, blocks[1], t, m))
             else:
                 skips.append(torch.where(m.bool(), f, t.to(f.dtype).view(1, -1, 1, 1, 1)))
