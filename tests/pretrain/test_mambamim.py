@@ -153,11 +153,17 @@ def test_training_drives_the_loss_down(token):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_leak_on_cuda_fast_paths():
-    """The CUDA paths (Triton depthwise conv, im2col stem, Triton scan, bf16 autocast, channels-last)
-    keep the encoder blind to masked voxels, and its output close to the CPU float32 one."""
+@pytest.mark.parametrize("sparse", [False, True])
+def test_no_leak_on_cuda_fast_paths(sparse):
+    """The CUDA paths (Triton depthwise conv, im2col stem, Triton scan, Triton block copies of the sparse
+    path, bf16 autocast, channels-last) keep the encoder blind to masked voxels, and its output close to
+    the CPU float32 one of the whole-volume path."""
     torch.manual_seed(0)
     model = create_pretrainer("hymamba", size="tiny")
+    if sparse:
+        reference = model
+        model = create_pretrainer("hymamba", size="tiny", sparse_full_res=True)
+        model.load_state_dict(reference.state_dict())
     x = torch.rand(2, 1, 32, 32, 32)
     mask = mask_with_runs()
     x2 = masked_change(x, mask)
@@ -165,7 +171,7 @@ def test_no_leak_on_cuda_fast_paths():
     torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32, not with TF32 rounding
     try:
         with torch.no_grad():
-            cpu = model(x, mask)["reconstruction"]
+            cpu = (reference if sparse else model)(x, mask)["reconstruction"]
             gpu = model.cuda().to(memory_format=torch.channels_last_3d)
             xs = [t.cuda().contiguous(memory_format=torch.channels_last_3d) for t in (x, x2)]
             a, b = gpu(xs[0], mask.cuda()), gpu(xs[1], mask.cuda())
