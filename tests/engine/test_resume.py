@@ -144,6 +144,16 @@ def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
     assert "recompiling for input shape (2, 3)" in caplog.text and "symbolic batch exploded" in caplog.text
 
 
+def test_cuda_graphs_need_a_cuda_device(caplog):
+    import torch
+
+    from mambamim.engine import pretrain_loop
+
+    with caplog.at_level("WARNING"):
+        forward, _ = pretrain_loop._fast_forward(torch.nn.Linear(3, 2), torch.device("cpu"), True, cuda_graphs=True)
+    assert not forward.cuda_graphs and "CUDA graphs need one CUDA device" in caplog.text
+
+
 def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     from mambamim.engine.pretrain_loop import _make_pretrainer
 
@@ -157,6 +167,8 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     # refused before a run folder exists
     with pytest.raises(ValueError, match="sparse_full_res"):
         _cfg(tmp_path, "z", model="vim_unetr", sparse_full_res=True).validate()
+    with pytest.raises(ValueError, match="cuda_graphs needs compile"):
+        _cfg(tmp_path, "g", cuda_graphs=True).validate()
 
 
 def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:

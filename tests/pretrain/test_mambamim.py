@@ -185,21 +185,23 @@ def test_no_leak_on_cuda_fast_paths(sparse):
         assert torch.equal(a["reconstruction"], b["reconstruction"])
 
 
-def whole_volume_layers(model):
-    """The layers the sparse path runs on visible cells instead of calling their whole-volume forward."""
+def whole_volume_layers(model, levels):
+    """The layers the sparse path runs on visible cells (``levels`` of them) instead of calling their
+    whole-volume forward."""
     enc, dec = model.encoder, model.decoder
-    return (enc.stem, enc.widen[0], enc.widen[1], dec.proj_skips[-1], dec.proj_skips[-2])
+    return (enc.stem, *enc.widen[:levels], *dec.proj_skips[::-1][:levels])
 
 
-@pytest.mark.parametrize("name,norm", [("hymamba", "group"), ("mednext_cnn", "batch"), ("hymamba", "layer")])
-def test_sparse_full_res_is_the_same_computation(name, norm):
-    """Computing the stem, the full- and half-resolution widening layers and the decoder's skip projections
-    at those resolutions from the visible cells only changes nothing: loss, reconstruction and every gradient
-    equal the whole-volume path (float64)."""
+@pytest.mark.parametrize("name,norm,levels", [("hymamba", "group", 1), ("mednext_cnn", "batch", 1), ("hymamba", "layer", 2)])
+def test_sparse_full_res_is_the_same_computation(name, norm, levels):
+    """Computing the stem, the full-resolution (and with ``block_levels = 2`` the half-resolution) widening
+    layer and the decoder's skip projection there from the visible cells only changes nothing: loss,
+    reconstruction and every gradient equal the whole-volume path (float64)."""
     torch.manual_seed(0)
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
     sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, **MICRO).double()
     sparse.load_state_dict(dense.state_dict())
+    sparse.encoder.block_levels = levels
     x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
     mask = mask_with_runs()
     outs = []
@@ -207,13 +209,13 @@ def test_sparse_full_res_is_the_same_computation(name, norm):
     for model in (dense, sparse):
         # the sparse model never runs the whole-volume layers (their forward) at full resolution
         hooks = [mod.register_forward_hook(lambda *a, key=(id(model), i): calls.__setitem__(key, calls.get(key, 0) + 1))
-                 for i, mod in enumerate(whole_volume_layers(model))]
+                 for i, mod in enumerate(whole_volume_layers(model, levels))]
         out = model(x, mask)
         out["loss"].backward()
         outs.append(out)
         for h in hooks:
             h.remove()
-    n = len(whole_volume_layers(dense))
+    n = len(whole_volume_layers(dense, levels))
     assert all(calls.get((id(dense), i)) == 1 for i in range(n))
     assert not any((id(sparse), i) in calls for i in range(n))
     torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-10, atol=1e-12)

@@ -37,9 +37,12 @@ class CompiledOrEager:
         memory_budget: below 1, compiled graphs keep at most about this fraction of the activations they
             would save for the backward pass, recomputing cheap (elementwise) ops in the backward instead
             (``torch._functorch.config.activation_memory_budget``, set only while this forward compiles).
+        cuda_graphs: compile with mode "reduce-overhead" (CUDA graphs on CUDA devices) and mark a new
+            step at every call; each call's outputs are valid until the next call.
     """
 
-    def __init__(self, model: nn.Module, what: str = "training", memory_budget: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, what: str = "training", memory_budget: float = 1.0,
+                 cuda_graphs: bool = False) -> None:  # fmt: skip
         if not 0 < memory_budget <= 1:
             raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
         if memory_budget < 1 and not hasattr(torch._functorch.config, "activation_memory_budget"):
@@ -49,7 +52,8 @@ class CompiledOrEager:
         self.model = model
         self.what = what
         self.memory_budget = float(memory_budget)
-        self.compiled = torch.compile(model)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.compiled = torch.compile(model, mode="reduce-overhead") if self.cuda_graphs else torch.compile(model)
         self.state: bool | None = None  # None: not tried yet; True: compiled works; False: eager
 
     def _budget(self) -> contextlib.AbstractContextManager:
@@ -63,6 +67,9 @@ class CompiledOrEager:
         if self.state is False:
             return self.model(x)
         try:
+            if self.cuda_graphs:
+                # One training step per call: the graphs' outputs from the previous step may be reused.
+                torch.compiler.cudagraph_mark_step_begin()
             with self._budget():
                 out = self.compiled(x)
         except Exception as exc:

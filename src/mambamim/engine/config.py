@@ -169,7 +169,9 @@ class PretrainConfig(_Config):
     run channels-last 3D), the fastest setting measured in benchmarks/RESULTS.md. ``memory_budget`` (with
     ``compile``, below 1): the compiled step keeps at most about that fraction of the activations it would
     save for the backward pass and recomputes cheap elementwise ops there instead (PyTorch's
-    ``activation_memory_budget``). ``sparse_full_res`` computes the stem, the full-resolution encoder layer and the
+    ``activation_memory_budget``). ``cuda_graphs`` (with ``compile``, one CUDA device): replay the
+    compiled forward and backward as CUDA graphs (torch.compile's "reduce-overhead"), which removes the
+    kernel-launch gaps. ``sparse_full_res`` computes the stem, the full-resolution encoder layer and the
     decoder's skip projection from the visible cells only (same result, less work and memory); None
     (the default) turns it on wherever it applies (HyMamba or the CNN under bottom-up masking).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
@@ -183,6 +185,7 @@ class PretrainConfig(_Config):
     """
 
     KIND: ClassVar[str] = "pretrain"
+    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = _Config.RESUME_OVERRIDABLE + ("cuda_graphs",)
 
     in_channels: int = 1
     mask_ratio: float = 0.75
@@ -191,6 +194,7 @@ class PretrainConfig(_Config):
     bottom_up: bool = True
     decoder_width: int | None = None
     sparse_full_res: bool | None = None
+    cuda_graphs: bool = False
     epochs: int | None = 100
     steps: int | None = None
     save_every: int = 10
@@ -208,6 +212,8 @@ class PretrainConfig(_Config):
             raise ValueError("give epochs >= 1 or steps >= 1")
         if self.decoder_width is not None and self.decoder_width < 8:
             raise ValueError(f"decoder_width must be >= 8 (or None for the default), got {self.decoder_width}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs needs compile (it replays the compiled step as CUDA graphs)")
         if self.sparse_full_res and (self.model == "vim_unetr" or not self.bottom_up):
             raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
                              "with bottom_up)")  # fmt: skip

@@ -414,17 +414,21 @@ class TrainLoop:
 
 
 def _fast_forward(
-    model: nn.Module, device: torch.device, enabled: bool, memory_budget: float = 1.0
+    model: nn.Module, device: torch.device, enabled: bool, memory_budget: float = 1.0, cuda_graphs: bool = False
 ) -> tuple[Callable, Callable]:
-    """(forward, prepare_input): torch.compile and, on CUDA, channels-last 3D when ``enabled``.
+    """(forward, prepare_input): torch.compile and, on CUDA, channels-last 3D when ``enabled``; CUDA
+    graphs with ``cuda_graphs`` on one CUDA device (elsewhere a warning, and plain compile).
 
     ``model`` (possibly DDP-wrapped) must already hold channels-last weights on CUDA; see
     :func:`_channels_last`. Checkpoints keep using the eager module's state.
     """
     if not enabled:
         return model, lambda x: x
+    if cuda_graphs and (device.type != "cuda" or isinstance(model, nn.parallel.DistributedDataParallel)):
+        logger.warning("CUDA graphs need one CUDA device without DDP; compiling without them")
+        cuda_graphs = False
     prepare = (lambda x: x.contiguous(memory_format=torch.channels_last_3d)) if device.type == "cuda" else (lambda x: x)
-    return CompiledOrEager(model, memory_budget=memory_budget), prepare
+    return CompiledOrEager(model, memory_budget=memory_budget, cuda_graphs=cuda_graphs), prepare
 
 
 def _channels_last(model: nn.Module, device: torch.device, enabled: bool) -> nn.Module:
@@ -454,7 +458,8 @@ def _prepare_for_training(loop: TrainLoop, model: nn.Module, ctx: D.DistContext,
     model once on a dummy batch to find unused parameters. Returns (model, forward, prepare)."""
     model = _channels_last(model, ctx.device, config.compile)
     loop.model = _wrap_model(model, ctx, config.find_unused_parameters, probe)
-    forward, prepare = _fast_forward(loop.model, ctx.device, config.compile, config.memory_budget)
+    forward, prepare = _fast_forward(loop.model, ctx.device, config.compile, config.memory_budget,
+                                     getattr(config, "cuda_graphs", False))
     return model, forward, prepare
 
 

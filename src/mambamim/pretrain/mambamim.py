@@ -170,12 +170,13 @@ class MambaMIM(nn.Module):
             ``small``, 32 for ``tiny``).
         decoder_norm: ``batch`` or ``instance``.
         patch_size: loss patch size (16: the bottleneck cell).
-        sparse_full_res: compute the CNN's stem and its full- and half-resolution widening layers on the
-            visible cells (16^3 and 8^3, plus the halo their kernels read) only, and the decoder's skip
-            projections at those two resolutions from those cells and the mask token
-            (:func:`project_masked_skip`), instead of over the whole volume: the same result with a
-            quarter to a half of their work (HyMamba / CNN with ``bottom_up``; needs the same visible
-            count in every sample, as random masks have).
+        sparse_full_res: compute the CNN's stem and full-resolution widening layer on the visible 16^3
+            cells (plus the halo their kernels read) only, and the decoder's full-resolution skip
+            projection from those cells and the mask token (:func:`project_masked_skip`), instead of over
+            the whole volume: the same result with a quarter to a half of their work (HyMamba / CNN with
+            ``bottom_up``; needs the same visible count in every sample, as random masks have). The
+            encoder's ``block_levels = 2`` extends this to half resolution (exact, but not faster on an
+            H100).
         **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
 
     Shapes: forward(x (B, C, D, H, W), mask (B, D/16, H/16, W/16) bool or None) -> dict with
