@@ -503,6 +503,9 @@ def _make_loader(cache: Path, config: Any, ctx: D.DistContext, labeled: bool, au
         num_workers=config.workers,
         seed=config.seed,
         distributed=ctx.distributed,
+        # pinned batches make the host-to-GPU copy asynchronous: from pageable memory the host waits for
+        # it while the GPU, drained by the step's gradient-norm sync, sits idle
+        pin_memory=ctx.device.type == "cuda",
     )
 
 
