@@ -79,6 +79,44 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in ck["pretrainer"].values())
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_backward_step_checks_before_the_update_with_one_sync(clip, monkeypatch):
+    """The loss and gradient-norm checks come after the backward pass (one host read per step), yet still
+    before the update: a non-finite loss or gradient norm leaves every parameter and the step count as
+    they were; a finite step returns the loss and the norm clip_grad_norm_ measured."""
+    from mambamim.engine.pretrain_loop import TrainLoop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    loop = TrainLoop(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                     scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"), amp="none",
+                     clip_grad=clip)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    x = torch.randn(5, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        loop.backward_step(model(x).sum() * float("nan"))
+    assert loop.step == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    if clip:  # a finite loss whose gradient overflows
+        hook = model.bias.register_hook(lambda g: g * float("inf"))
+        with pytest.raises(NonFiniteLossError, match="gradient norm is inf"):
+            loop.backward_step(model(x).sum())
+        hook.remove()
+        assert loop.step == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    reads.clear()
+    loss = model(x).pow(2).mean()
+    expected = torch.nn.utils.get_total_norm([g for g in torch.autograd.grad(loss, list(model.parameters()),
+                                                                             retain_graph=True)]) if clip else None
+    value, norm = loop.backward_step(loss)
+    assert len(reads) == 1 and loop.step == 1
+    assert value == pytest.approx(loss.item())
+    assert (norm is None) if not clip else norm == pytest.approx(float(expected), rel=1e-6)
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from mambamim.engine.config import FinetuneConfig
     from mambamim.engine.finetune_loop import finetune

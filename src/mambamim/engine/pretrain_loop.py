@@ -283,23 +283,27 @@ class TrainLoop:
         Raises:
             NonFiniteLossError: NaN / inf loss or gradient norm; no parameter was updated.
         """
-        # One reduction carries the loss and "some rank was asked to stop", so all ranks agree.
+        # One reduction carries the loss and "some rank was asked to stop", so all ranks agree. It is read
+        # after the backward pass, with the gradient norm, in the step's one host sync: a sync before the
+        # backward pass would idle the GPU while the host launches it. The update comes after the checks.
         flag = 1.0 if self.stop is not None and self.stop.requested is not None else 0.0
         packed = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag, dtype=torch.float32)])
         packed = D.all_reduce_mean(packed)
-        mean_loss, self.stop_requested = float(packed[0]), float(packed[1]) > 0
-        if not math.isfinite(mean_loss):
-            self._raise_non_finite(f"{what} is {mean_loss}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        grad_norm: float | None = None
+        norm = None
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-            grad_norm = float(norm)
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                self._raise_non_finite(f"gradient norm is {grad_norm} ({what} {mean_loss:.6g})")
+            packed = torch.cat([packed, norm.detach().float().reshape(1).to(packed.device)])
+        values = packed.tolist()
+        mean_loss, self.stop_requested = values[0], values[1] > 0
+        if not math.isfinite(mean_loss):
+            self._raise_non_finite(f"{what} is {mean_loss}")
+        grad_norm: float | None = values[2] if norm is not None else None
+        if grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self._raise_non_finite(f"gradient norm is {grad_norm} ({what} {mean_loss:.6g})")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
