@@ -117,6 +117,37 @@ def test_backward_step_checks_before_the_update_with_one_sync(clip, monkeypatch)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_optimizer_keeps_this_runs_implementation_when_resuming():
+    """A checkpoint written by a fused AdamW (what CUDA runs use) resumes into a CPU run with the CPU's own
+    implementation, the moments intact; and the reverse."""
+    from mambamim.engine.pretrain_loop import TrainLoop, build_optimizer
+
+    def loop_for(opt, model):
+        return TrainLoop(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                         scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"), amp="none",
+                         clip_grad=1.0)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    cpu_opt = build_optimizer(model, 1e-2, 0.05)
+    assert [g["fused"] for g in cpu_opt.param_groups] == [None, None]  # fused only where every parameter is on CUDA
+    for fused_first in (True, False):
+        first = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                   for g in cpu_opt.param_groups], lr=1e-2, fused=fused_first or None)
+        src = loop_for(first, model)
+        src.backward_step(model(torch.randn(5, 4)).pow(2).mean())
+        state = src.state_dict("model")
+        dst_opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                     for g in cpu_opt.param_groups], lr=1e-2, fused=(not fused_first) or None)
+        dst = loop_for(dst_opt, model)
+        dst.load_state_dict(state, "model")
+        assert [g["fused"] for g in dst_opt.param_groups] == [(not fused_first) or None] * 2
+        for key, saved in state["optimizer"]["state"].items():
+            torch.testing.assert_close(dst_opt.state_dict()["state"][key]["exp_avg"], saved["exp_avg"])
+        dst.backward_step(model(torch.randn(5, 4)).pow(2).mean())
+        assert dst.step == 2
+
+
 def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from mambamim.engine.config import FinetuneConfig
     from mambamim.engine.finetune_loop import finetune
