@@ -82,14 +82,14 @@ def pretrain_variants(args, device):
             ("bf16 + channels_last + torch.compile", dict(amp=True, cl=True, compile=True)),
             # forward + backward replayed as CUDA graphs (no launch overhead); AdamW stays outside
             ("bf16 + channels_last + compile (CUDA graphs)", dict(amp=True, cl=True, compile="reduce-overhead")),
-            # the stem, the full- and half-resolution widening layers and skip projections on visible cells (same result)
+            # the stem, the full-resolution widening layer and skip projection on visible cells only (same result)
             ("bf16 + channels_last + compile + sparse full-res", dict(amp=True, cl=True, compile=True, sparse=True)),
             ("bf16 + channels_last + compile (CUDA graphs) + sparse full-res",
              dict(amp=True, cl=True, compile="reduce-overhead", sparse=True)),
             # recompute elementwise ops in the backward pass instead of keeping their outputs (--memory-budget)
             ("bf16 + channels_last + compile, activation memory budget 0.5",
              dict(amp=True, cl=True, compile=True, budget=0.5)),
-            # how many encoder levels run on visible cells (the default is HyMambaEncoder.block_levels = 2)
+            # how many encoder levels run on visible cells (the default, HyMambaEncoder.block_levels, is 1)
             ("bf16 + channels_last + compile + sparse, 3 levels on cells",
              dict(amp=True, cl=True, compile=True, sparse=True, levels=3)),
             ("bf16 + channels_last + compile + sparse, full resolution only on cells",

@@ -214,8 +214,6 @@ def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
 
 
 def test_cuda_graphs_need_a_cuda_device(caplog):
-    import torch
-
     from mambamim.engine import pretrain_loop
 
     with caplog.at_level("WARNING"):

@@ -207,7 +207,7 @@ def test_sparse_full_res_is_the_same_computation(name, norm, levels):
     outs = []
     calls = {}
     for model in (dense, sparse):
-        # the sparse model never runs the whole-volume layers (their forward) at full resolution
+        # the sparse model never runs the whole-volume forward of the layers it computes on cells
         hooks = [mod.register_forward_hook(lambda *a, key=(id(model), i): calls.__setitem__(key, calls.get(key, 0) + 1))
                  for i, mod in enumerate(whole_volume_layers(model, levels))]
         out = model(x, mask)
