@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_all.sh conv               # 3^3 full-resolution convolutions alone through cuDNN (TFLOP/s)
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh unmeasured cli     # --memory-budget step, CLI compiled inference; compiled CLI run
+#   bash benchmarks/gpu_all.sh engine             # the engine's own step: base CLI runs with --cuda-graphs and without
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
 # Expects the wheels of monai, nibabel, pydicom, tqdm and pytest in .whl/ (see the device README).
@@ -55,6 +56,19 @@ for part in "$@"; do
         && CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m mambamim pretrain --data cache --out pt --size tiny --crop 64 \
              --batch-size 4 --num-crops 2 --steps 6 --workers 2 --no-progress --compile --device cuda > $OUT/cli.log 2>&1
         echo "pretrain rc=$?"; quiet < $OUT/cli.log | tail -4 ) ;;
+    engine)
+      # sixth session, runs 5 and 6: median sec_per_step of the steps that are neither the first of an epoch nor step 2
+      W=/tmp/we; rm -rf $W; mkdir -p $W
+      ( cd $W && python3 -m mambamim data synth --out raw --num 8 --seed 0 >/dev/null \
+        && python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 96 >/dev/null
+        A="--data cache --size base --crop 96 --batch-size 8 --num-crops 4 --steps 16 --log-every 1 --workers 4 --no-progress --vis-every 0 --compile --device cuda"
+        for g in --cuda-graphs --no-cuda-graphs; do
+          CUDA_VISIBLE_DEVICES=0 timeout -s KILL ${ENGINE_LIMIT:-270} python3 -m mambamim pretrain --out run$g $A \
+            $([ $g = --cuda-graphs ] && echo --cuda-graphs) > $OUT/engine$g.log 2>&1
+          python3 -c "import csv, statistics, sys; r = list(csv.DictReader(open(sys.argv[1]))); \
+s = [float(x['sec_per_step']) for i, x in enumerate(r) if i > 1 and r[i - 1]['epoch'] == x['epoch']]; \
+print(sys.argv[2], 'median', round(statistics.median(s), 4), 'over', len(s), 'steps')" run$g/metrics.csv "$g"
+        done ) ;;
     ddp)
       for n in 1 2; do
         timeout 120 torchrun --standalone --nproc_per_node $n benchmarks/bench_ddp.py --steps 12 --warmup 4 \
