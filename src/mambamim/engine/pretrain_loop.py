@@ -516,7 +516,7 @@ def _make_loader(cache: Path, config: Any, ctx: D.DistContext, labeled: bool, au
         seed=config.seed,
         distributed=ctx.distributed,
         # pinned batches make the host-to-GPU copy asynchronous: from pageable memory the host waits for
-        # it while the GPU, drained by the step's gradient-norm sync, sits idle
+        # it while the GPU, drained by the step's host sync, sits idle
         pin_memory=ctx.device.type == "cuda",
     )
 

@@ -227,11 +227,7 @@ if hasattr(torch.library, "custom_op"):
     torch.library.register_autograd("mambamim::block_gather", _gather_backward, setup_context=_setup)
     torch.library.register_autograd("mambamim::block_scatter", _scatter_backward, setup_context=_setup)
 
-    def _gather(x, cells, lookup, cell, halo):
-        return _gather_op(x, cells, lookup, cell, halo)
-
-    def _scatter(blocks, cells, lookup, cell, halo):
-        return _scatter_op(blocks, cells, lookup, cell, halo)
+    _gather, _scatter = _gather_op, _scatter_op
 
 else:  # torch < 2.4: the differentiable reference
     _gather, _scatter = block_gather_ref, block_scatter_ref
