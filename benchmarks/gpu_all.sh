@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh unmeasured cli     # --memory-budget step, CLI compiled inference; compiled CLI run
 #   bash benchmarks/gpu_all.sh engine             # the engine's own step: base CLI runs with --cuda-graphs and without
+#   bash benchmarks/gpu_all.sh audit              # where an engine step (eager, base) makes the host wait for the GPU
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
 # Expects the wheels of monai, nibabel, pydicom, tqdm and pytest in .whl/ (see the device README).
@@ -30,7 +31,7 @@ for part in "$@"; do
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     pretrain)
       CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 6 7} --iters 8 \
-        > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]" $OUT/bench_pretrain.log ;;
+        > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]\|^\[mem\]" $OUT/bench_pretrain.log ;;
     finetune)
       CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/bench_steps.py --only finetune infer toki --variants ${FT_VARIANTS:-3} \
         --iters 6 > $OUT/bench_finetune.log 2>&1; grep "^\[row\]\|TOKI" $OUT/bench_finetune.log ;;
@@ -69,6 +70,14 @@ for part in "$@"; do
 s = [float(x['sec_per_step']) for i, x in enumerate(r) if i > 1 and r[i - 1]['epoch'] == x['epoch']]; \
 print(sys.argv[2], 'median', round(statistics.median(s), 4), 'over', len(s), 'steps')" run$g/metrics.csv "$g"
         done ) ;;
+    audit)
+      W=/tmp/wa; rm -rf $W; mkdir -p $W
+      ( cd $W && python3 -m mambamim data synth --out raw --num 4 --seed 0 >/dev/null \
+        && python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 96 >/dev/null
+        CUDA_VISIBLE_DEVICES=0 timeout -s KILL ${AUDIT_LIMIT:-150} python3 $OLDPWD/benchmarks/sync_audit.py -- pretrain \
+          --data cache --out run --size base --crop 96 --batch-size 8 --num-crops 4 --steps 7 --workers 2 --no-progress \
+          --vis-every 0 --device cuda ${AUDIT_ARGS:-} > $OUT/audit.log 2>&1
+        grep -A 30 "steps audited" $OUT/audit.log || tail -20 $OUT/audit.log ) ;;
     ddp)
       for n in 1 2; do
         timeout 120 torchrun --standalone --nproc_per_node $n benchmarks/bench_ddp.py --steps 12 --warmup 4 \

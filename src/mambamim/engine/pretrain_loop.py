@@ -290,7 +290,10 @@ class TrainLoop:
         # after the backward pass, with the gradient norm, in the step's one host sync: a sync before the
         # backward pass would idle the GPU while the host launches it. The update comes after the checks.
         flag = 1.0 if self.stop is not None and self.stop.requested is not None else 0.0
-        packed = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag, dtype=torch.float32)])
+        # torch.full fills on the device; a tensor made from a Python number would be copied from the host,
+        # and that copy waits for the forward pass, before the backward pass is launched.
+        packed = torch.stack([loss.detach().float().reshape(()),
+                              torch.full((), flag, dtype=torch.float32, device=loss.device)])
         packed = D.all_reduce_mean(packed)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
