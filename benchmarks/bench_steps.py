@@ -26,19 +26,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, warmup: int, iters: int, peak_from_start: bool = False) -> tuple[float, float]:
+def timed(fn, device, warmup: int, iters: int, peak_after_first: bool = False) -> tuple[float, float]:
     """Median seconds per call and peak memory (GiB) over ``iters`` calls after ``warmup``.
 
-    ``peak_from_start`` counts the warm-up's allocations too: CUDA graphs allocate their memory pool while
-    they are captured, in the warm-up, so only then is the peak an upper bound (compile-time buffers included).
+    ``peak_after_first`` counts from the second warm-up call on: compiled with CUDA graphs, the first call
+    compiles and runs eagerly and the second records the graphs, whose memory pool is allocated then, so the
+    peak includes the recording (the pool's high-water mark) but not compile-time autotuning buffers.
     """
-    if device.type == "cuda" and peak_from_start:
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
+    if peak_after_first and warmup < 2:
+        raise ValueError("peak_after_first needs at least two warm-up calls")
+    for i in range(warmup):
         fn()
+        if device.type == "cuda" and i == 0 and peak_after_first:
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    if device.type == "cuda" and not peak_from_start:
+    if device.type == "cuda" and not peak_after_first:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
@@ -126,8 +129,8 @@ def pretrain_variants(args, device):
 
         try:
             graphs = mode == "reduce-overhead"
-            t, peak = timed(step, device, args.warmup + (3 if v["compile"] else 0), args.iters, peak_from_start=graphs)
-            rows.append((f"pretrain step, {label}" + (" (peak from the warm-up on)" if graphs else ""), t, peak))
+            t, peak = timed(step, device, args.warmup + (3 if v["compile"] else 0), args.iters, peak_after_first=graphs)
+            rows.append((f"pretrain step, {label}" + (" (peak from the graph recording on)" if graphs else ""), t, peak))
             if device.type == "cuda":  # a CUDA graph's private pool stays reserved: its real footprint
                 print(f"[mem] {label}: reserved peak {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB, "
                       f"reserved now {torch.cuda.memory_reserved(device) / 2**30:.2f} GiB", flush=True)
