@@ -110,9 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute the stem, the full-resolution encoder layer and the decoder skip projection "
                              "from the visible 16^3 cells only: same result, less work and memory (default: on "
                              "wherever it applies)")
+    parser.add_argument("--sparse-levels", type=int, choices=(1, 2, 3), default=None,
+                        help="with the sparse path: encoder levels computed on visible cells, 1 (full resolution) "
+                             "to 3 (default: 2 with --cuda-graphs, else 1, the faster of each on an H100)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --compile on one GPU: replay the compiled step as CUDA graphs, which removes the "
-                             "kernel-launch gaps (a base step took 0.149 s instead of 0.157 s on an H100)")
+                             "kernel-launch gaps (a base step took 0.146 s instead of 0.152 s on an H100)")
     parser.add_argument("--decoder-width", type=int, default=None,
                         help="light decoder width at the bottleneck, halving per level (default 768)")
     length = parser.add_mutually_exclusive_group()
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_training_command(args, "pretrain", lambda: PretrainConfig(
         **common_values(args), cuda_graphs=args.cuda_graphs, mask_ratio=args.mask_ratio, token=args.token, skip=not args.no_skip,
         bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width,
-        sparse_full_res=args.sparse_full_res, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
+        sparse_full_res=args.sparse_full_res, sparse_levels=args.sparse_levels, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
         steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
     ), pretrain)
     if isinstance(run_dir, int):

@@ -174,6 +174,8 @@ class PretrainConfig(_Config):
     kernel-launch gaps. ``sparse_full_res`` computes the stem, the full-resolution encoder layer and the
     decoder's skip projection from the visible cells only (same result, less work and memory); None
     (the default) turns it on wherever it applies (HyMamba or the CNN under bottom-up masking).
+    ``sparse_levels`` (1-3) is how many encoder levels it covers; None (the default) means 2 with
+    ``cuda_graphs`` and 1 without, the faster of each on an H100 (benchmarks/RESULTS.md).
     ``batch_size`` counts crops per optimiser step (per process): ``batch_size / num_crops``
     volumes, ``num_crops`` random crops each.
     Length: ``steps`` optimiser steps when given, else ``epochs`` passes over the data.
@@ -185,7 +187,7 @@ class PretrainConfig(_Config):
     """
 
     KIND: ClassVar[str] = "pretrain"
-    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = _Config.RESUME_OVERRIDABLE + ("cuda_graphs",)
+    RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = _Config.RESUME_OVERRIDABLE + ("cuda_graphs", "sparse_levels")
 
     in_channels: int = 1
     mask_ratio: float = 0.75
@@ -194,6 +196,7 @@ class PretrainConfig(_Config):
     bottom_up: bool = True
     decoder_width: int | None = None
     sparse_full_res: bool | None = None
+    sparse_levels: int | None = None
     cuda_graphs: bool = False
     epochs: int | None = 100
     steps: int | None = None
@@ -217,6 +220,8 @@ class PretrainConfig(_Config):
         if self.sparse_full_res and (self.model == "vim_unetr" or not self.bottom_up):
             raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
                              "with bottom_up)")  # fmt: skip
+        if self.sparse_levels is not None and (isinstance(self.sparse_levels, bool) or self.sparse_levels not in (1, 2, 3)):
+            raise ValueError(f"sparse_levels must be 1, 2 or 3 (or None: 2 with cuda_graphs, else 1), got {self.sparse_levels!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 0 or self.vis_every < 0:
