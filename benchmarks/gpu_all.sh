@@ -58,17 +58,20 @@ for part in "$@"; do
              --batch-size 4 --num-crops 2 --steps 6 --workers 2 --no-progress --compile --device cuda > $OUT/cli.log 2>&1
         echo "pretrain rc=$?"; quiet < $OUT/cli.log | tail -4 ) ;;
     engine)
-      # sixth session, runs 5 and 6: median sec_per_step of the steps that are neither the first of an epoch nor step 2
+      # median sec_per_step of the steps that are neither the first of an epoch nor step 2
       W=/tmp/we; rm -rf $W; mkdir -p $W
       ( cd $W && python3 -m mambamim data synth --out raw --num 8 --seed 0 >/dev/null \
         && python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 96 >/dev/null
         A="--data cache --size base --crop 96 --batch-size 8 --num-crops 4 --steps 16 --log-every 1 --workers 4 --no-progress --vis-every 0 --compile --device cuda"
-        for g in --cuda-graphs --no-cuda-graphs; do
+        for g in ${ENGINE_RUNS:---cuda-graphs --no-cuda-graphs}; do
           CUDA_VISIBLE_DEVICES=0 timeout -s KILL ${ENGINE_LIMIT:-270} python3 -m mambamim pretrain --out run$g $A \
             $([ $g = --cuda-graphs ] && echo --cuda-graphs) > $OUT/engine$g.log 2>&1
+          # peak_mem_gib: the first row holds compilation; under CUDA graphs the second row the recording
           python3 -c "import csv, statistics, sys; r = list(csv.DictReader(open(sys.argv[1]))); \
 s = [float(x['sec_per_step']) for i, x in enumerate(r) if i > 1 and r[i - 1]['epoch'] == x['epoch']]; \
-print(sys.argv[2], 'median', round(statistics.median(s), 4), 'over', len(s), 'steps')" run$g/metrics.csv "$g"
+m = [float(x['peak_mem_gib']) for x in r[1:] if x.get('peak_mem_gib')]; \
+print(sys.argv[2], 'median', round(statistics.median(s), 4), 'over', len(s), 'steps; peak after compile', \
+max(m) if m else '-', 'GiB; reserved', r[-1].get('reserved_gib', '-'), 'GiB')" run$g/metrics.csv "$g"
         done ) ;;
     audit)
       W=/tmp/wa; rm -rf $W; mkdir -p $W

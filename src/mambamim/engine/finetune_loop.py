@@ -44,6 +44,7 @@ from mambamim.engine.pretrain_loop import (
     build_train_loop,
     open_run,
     run_training,
+    window_peak_memory,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,6 +360,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
                        "lr": loop.lr, "sec_per_step": sec}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
+                row.update(window_peak_memory(ctx.device))
                 metrics.log(row, prefix="train/")
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['loss']:.4f}", best=f"{best_metric:.3f}" if best_step else "-")

@@ -4,7 +4,7 @@ Run folder::
 
     RUN/config.yaml            resolved PretrainConfig
     RUN/log.txt                log records of this package
-    RUN/metrics.csv            step, epoch, loss, lr, grad_norm, sec_per_step, ...
+    RUN/metrics.csv            step, epoch, loss, lr, grad_norm, sec_per_step, peak_mem_gib, reserved_gib (CUDA), ...
     RUN/tensorboard/           TensorBoard events
     RUN/checkpoints/last.pt    full training state (atomic); epoch_NNNN.pt every save_every epochs
     RUN/encoder.pt             encoder weights + model name/kwargs + config, for fine-tuning
@@ -428,6 +428,19 @@ class TrainLoop:
                     break
 
 
+def window_peak_memory(device: torch.device) -> dict[str, float]:
+    """GPU memory for a metrics row: ``peak_mem_gib``, the most allocated since the last call (or the start),
+    after which a new window begins, so later rows show the steady state without compile-time buffers;
+    and ``reserved_gib``, what the caching allocator holds now. CUDA graphs replay into a pool allocated
+    while they were recorded, so under them only the recording's window and ``reserved_gib`` show their
+    memory. Empty off CUDA. Reads allocator counters only: no device sync."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_mem_gib": round(peak, 3), "reserved_gib": round(torch.cuda.memory_reserved(device) / 2**30, 3)}
+
+
 def _fast_forward(
     model: nn.Module, device: torch.device, enabled: bool, memory_budget: float = 1.0, cuda_graphs: bool = False
 ) -> tuple[Callable, Callable]:
@@ -684,6 +697,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
                        "lr": loop.lr, "sec_per_step": sec, "crops_per_s": x.shape[0] * ctx.world_size / max(sec, 1e-9)}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
+                row.update(window_peak_memory(ctx.device))
                 metrics.log(row, prefix="train/")
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
