@@ -27,9 +27,10 @@ COMMON = ["--size", "tiny", "--crop", "32", "--batch-size", "1", "--num-crops", 
 def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
     run = tmp_path / "pre"
     args = ["pretrain", "--data", str(tiny_cache), "--out", str(run), *COMMON, "--steps", "2", "--warmup-steps", "1",
-            "--decoder-width", "16", "--vis-every", "1", "--stop-after", "1"]
+            "--decoder-width", "16", "--vis-every", "1", "--stop-after", "1", "--sparse-levels", "2"]
     assert main(args) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["sparse_levels"] == 2
     assert main(["pretrain", "--resume", str(run), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
     for name in ("config.yaml", "log.txt", "metrics.csv", "encoder.pt", "checkpoints/last.pt"):
         assert (run / name).is_file(), name
@@ -37,7 +38,9 @@ def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
     assert list((run / "reconstructions").glob("*.png"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["kind"] == "pretrain" and cfg["decoder_width"] == 16 and cfg["steps"] == 2 and cfg["size"] == "tiny"
+    assert cfg["sparse_levels"] is None  # a speed option: the resuming command's own (default: automatic)
     rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert "peak_mem_gib" not in rows[0]  # GPU memory columns come only on CUDA
     assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
     log = (run / "log.txt").read_text()
     assert "resumed" in log and "pre-training finished" in log

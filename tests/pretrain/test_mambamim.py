@@ -192,16 +192,17 @@ def whole_volume_layers(model, levels):
     return (enc.stem, *enc.widen[:levels], *dec.proj_skips[::-1][:levels])
 
 
-@pytest.mark.parametrize("name,norm,levels", [("hymamba", "group", 1), ("mednext_cnn", "batch", 1), ("hymamba", "layer", 2)])
+@pytest.mark.parametrize("name,norm,levels", [("hymamba", "group", 1), ("mednext_cnn", "batch", 1), ("hymamba", "layer", 2),
+                                              ("hymamba", "group", 3)])
 def test_sparse_full_res_is_the_same_computation(name, norm, levels):
-    """Computing the stem, the full-resolution (and with ``block_levels = 2`` the half-resolution) widening
-    layer and the decoder's skip projection there from the visible cells only changes nothing: loss,
+    """Computing the stem, the full-resolution (and with ``sparse_levels`` 2 or 3 the half- and quarter-
+    resolution) widening layers and the decoder's skip projections there from the visible cells only changes nothing: loss,
     reconstruction and every gradient equal the whole-volume path (float64)."""
     torch.manual_seed(0)
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
-    sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, **MICRO).double()
+    sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, sparse_levels=levels, **MICRO).double()
     sparse.load_state_dict(dense.state_dict())
-    sparse.encoder.block_levels = levels
+    assert sparse.encoder.block_levels == levels and sparse.config["sparse_levels"] == levels
     x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
     mask = mask_with_runs()
     outs = []
@@ -235,6 +236,9 @@ def test_sparse_full_res_is_the_same_computation(name, norm, levels):
     # and the encoder stays blind to masked voxels
     with pytest.raises(ValueError, match="sparse_full_res"):
         create_pretrainer("vim_unetr", sparse_full_res=True, **MICRO)
+    for bad in (0, 4, True, 1.5):
+        with pytest.raises(ValueError, match="sparse_levels"):
+            create_pretrainer(name, sparse_full_res=True, sparse_levels=bad, **MICRO)
     with torch.no_grad():
         r1, r2 = sparse(x, mask)["reconstruction"], sparse(masked_change(x, mask), mask)["reconstruction"]
     assert torch.equal(r1, r2)
