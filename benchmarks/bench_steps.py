@@ -92,7 +92,8 @@ def pretrain_variants(args, device):
             # recompute elementwise ops in the backward pass instead of keeping their outputs (--memory-budget)
             ("bf16 + channels_last + compile, activation memory budget 0.5",
              dict(amp=True, cl=True, compile=True, budget=0.5)),
-            # how many encoder levels run on visible cells (the default, HyMambaEncoder.block_levels, is 1)
+            # how many encoder levels run on visible cells (sparse_levels; 1 unless given; the engine takes 2
+            # under CUDA graphs: variant 11)
             ("bf16 + channels_last + compile + sparse, 3 levels on cells",
              dict(amp=True, cl=True, compile=True, sparse=True, levels=3)),
             ("bf16 + channels_last + compile + sparse, full resolution only on cells",
@@ -106,9 +107,8 @@ def pretrain_variants(args, device):
     for label, v in variants:
         torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         torch.manual_seed(0)
-        model = create_pretrainer("hymamba", size=args.size, sparse_full_res=v.get("sparse", False)).to(device)
-        if "levels" in v:
-            model.encoder.block_levels = v["levels"]
+        model = create_pretrainer("hymamba", size=args.size, sparse_full_res=v.get("sparse", False),
+                                  sparse_levels=v.get("levels", 1)).to(device)
         if v["cl"]:
             model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

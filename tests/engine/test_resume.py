@@ -106,12 +106,19 @@ def test_backward_step_checks_before_the_update_with_one_sync(clip, monkeypatch)
             loop.backward_step(model(x).sum())
         hook.remove()
         assert loop.step == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    loop.backward_step(model(x).pow(2).mean())  # the optimiser makes its state from host numbers, once
+    before = [p.detach().clone() for p in model.parameters()]
     reads.clear()
     loss = model(x).pow(2).mean()
     expected = torch.nn.utils.get_total_norm([g for g in torch.autograd.grad(loss, list(model.parameters()),
                                                                              retain_graph=True)]) if clip else None
+    # and no tensor is made from host numbers: on CUDA that copy would wait for the queued forward pass
+    real_tensor, real_new_tensor = torch.tensor, torch.Tensor.new_tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: reads.append("tensor") or real_tensor(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "new_tensor", lambda *a, **k: reads.append("new_tensor") or real_new_tensor(*a, **k))
     value, norm = loop.backward_step(loss)
-    assert len(reads) == 1 and loop.step == 1
+    monkeypatch.setattr(torch, "tensor", real_tensor)
+    assert reads == [1] and loop.step == 2
     assert value == pytest.approx(loss.item())
     assert (norm is None) if not clip else norm == pytest.approx(float(expected), rel=1e-6)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
