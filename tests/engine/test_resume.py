@@ -242,10 +242,10 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     with pytest.raises(ValueError, match="sparse_full_res"):
         _cfg(tmp_path, "z", model="vim_unetr", sparse_full_res=True).validate()
     # levels on cells: 2 under CUDA graphs (the faster there), else 1, unless given
-    assert _make_pretrainer(_cfg(tmp_path, "g", size="tiny")).encoder.block_levels == 1
-    assert _make_pretrainer(_cfg(tmp_path, "h", size="tiny", compile=True, cuda_graphs=True)).encoder.block_levels == 2
+    assert _make_pretrainer(_cfg(tmp_path, "g", size="tiny")).sparse_levels == 1
+    assert _make_pretrainer(_cfg(tmp_path, "h", size="tiny", compile=True, cuda_graphs=True)).sparse_levels == 2
     assert _make_pretrainer(_cfg(tmp_path, "i", size="tiny", compile=True, cuda_graphs=True,
-                                 sparse_levels=1)).encoder.block_levels == 1
+                                 sparse_levels=1)).sparse_levels == 1
     assert _make_pretrainer(_cfg(tmp_path, "j", size="tiny", sparse_levels=3)).config["sparse_levels"] == 3
     for bad in (0, 4, True):
         with pytest.raises(ValueError, match="sparse_levels"):

@@ -202,7 +202,7 @@ def test_sparse_full_res_is_the_same_computation(name, norm, levels):
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
     sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, sparse_levels=levels, **MICRO).double()
     sparse.load_state_dict(dense.state_dict())
-    assert sparse.encoder.block_levels == levels and sparse.config["sparse_levels"] == levels
+    assert sparse.sparse_levels == levels and sparse.config["sparse_levels"] == levels
     x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
     mask = mask_with_runs()
     outs = []

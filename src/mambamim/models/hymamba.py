@@ -50,9 +50,6 @@ class HyMambaEncoder(nn.Module):
     """
 
     num_levels = 4
-    # Levels computed on visible cells under ``visible_blocks`` (1: full resolution, 16^3 cells; 2: half
-    # resolution too, 8^3 cells); the pre-trainer sets it from its ``sparse_levels``.
-    block_levels = 1
 
     def __init__(
         self,
@@ -99,17 +96,20 @@ class HyMambaEncoder(nn.Module):
         x: torch.Tensor,
         masks: Sequence[torch.Tensor | None] | None = None,
         visible_blocks: tuple[torch.Tensor, int] | None = None,
+        block_levels: int = 1,
     ) -> list[torch.Tensor]:
         """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4.
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
-        stem, the widening layer and the pooling of the first ``block_levels`` levels (by default the full
-        resolution only) on the visible cells only, each gathered with the halo of context its kernels
-        read: the same result (masked voxels are zero either way) with about a quarter of their
+        stem, the widening layer and the pooling of the first ``block_levels`` levels (1: the full
+        resolution only; up to 3) on the visible cells only, each gathered with the halo of context its
+        kernels read: the same result (masked voxels are zero either way) with about a quarter of their
         convolution work. Those levels' features then come as the cells, (B * count, C, s, s, s) with
-        s = 16 at full resolution (8 at half), in the order of :func:`mambamim.masking.gather_blocks`;
-        they are never built as whole volumes.
+        s = 16 at full resolution (8 at half, 4 at quarter), in the order of
+        :func:`mambamim.masking.gather_blocks`; they are never built as whole volumes.
         """
+        if not 1 <= block_levels <= 3:
+            raise ValueError(f"block_levels must be 1, 2 or 3, got {block_levels}")
         if masks is None:
             masks = [None] * 5
         sparse = visible_blocks is not None and masks[0] is not None
@@ -123,7 +123,7 @@ class HyMambaEncoder(nn.Module):
                 feats.append(h)
                 break
             widen = self.widen[level]
-            if sparse and level < self.block_levels:
+            if sparse and level < block_levels:
                 visible, count = visible_blocks
                 halo = widen.conv.kernel_size[0] // 2
                 if level == 0:

@@ -223,6 +223,7 @@ class MambaMIM(nn.Module):
         self.bottom_up = bool(bottom_up)
         self.patch_size = patch_size
         self.sparse_full_res = bool(sparse_full_res)
+        self.sparse_levels = sparse_levels
         if decoder_width is None:
             decoder_width = DECODER_WIDTHS.get(size, 768)
         cfg = model_config(name, size, scan=scan, **encoder_kwargs)
@@ -236,7 +237,6 @@ class MambaMIM(nn.Module):
             if name == "mednext_cnn":
                 enc_cfg["mamba_depth"] = 0
             self.encoder = HyMambaEncoder(**enc_cfg)
-            self.encoder.block_levels = sparse_levels
             self.skip = bool(skip)
             widths = self.encoder.widths
             skip_channels = list(widths[::-1]) if self.skip else None
@@ -288,12 +288,12 @@ class MambaMIM(nn.Module):
         if self.bottom_up:
             if self.sparse_full_res:
                 blocks = (mask, num_visible if num_visible is not None else validate_mask(mask, grid))
-            feats = enc.forward_cnn(x * masks[0], masks, visible_blocks=blocks)
+            feats = enc.forward_cnn(x * masks[0], masks, visible_blocks=blocks, block_levels=self.sparse_levels)
         else:
             feats = enc.forward_cnn(x, None)
         skips: list[torch.Tensor | MaskedSkip] = []
         for level, (f, m, t) in enumerate(zip(feats[:4], masks[:4], self.mask_tokens)):
-            if blocks is not None and level < enc.block_levels:
+            if blocks is not None and level < self.sparse_levels:
                 # Skips that came as visible cells stay so: their projections skip the masked cells too.
                 skips.append(MaskedSkip(f, mask, blocks[1], t, m))
             else:
