@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamim.layers.sparse import SparseConv3d, apply_mask, make_norm
+from mambamim.layers.sparse import SparseConv3d, apply_mask, make_norm, norm_over_cells
 
 __all__ = ["MedNeXtBlock", "ConvNormAct"]
 
@@ -43,16 +43,22 @@ class MedNeXtBlock(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-    """k^3 conv (stride 1) -> norm -> GELU, mask-aware. (B, Cin, ...) -> (B, Cout, ...)."""
+    """k^3 conv (stride 1) -> norm -> GELU, mask-aware. (B, Cin, ...) -> (B, Cout, ...).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "group") -> None:
+    ``norm=None`` gives a plain convolution with bias and no activation (the authors' widening layer).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str | None = "group") -> None:
         super().__init__()
         self.conv = SparseConv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.norm = make_norm(norm, out_channels)
-        self.act = nn.GELU()
+        self.norm = make_norm(norm, out_channels) if norm is not None else None
+        self.act = nn.GELU() if norm is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return apply_mask(self.act(self.norm(self.conv(x, mask), mask)), mask)
+        y = self.conv(x, mask)
+        if self.norm is not None:
+            y = self.norm(y, mask)
+        return apply_mask(self.act(y), mask)
 
     def forward_blocks(self, blocks: torch.Tensor, batch: int) -> torch.Tensor:
         """The layer computed on visible blocks only.
@@ -63,9 +69,6 @@ class ConvNormAct(nn.Module):
         so this equals ``forward(x, mask)`` at the visible voxels with a fraction of the work.
         """
         z = F.conv3d(blocks, self.conv.weight, self.conv.bias)  # no padding: the halo is the context
-        n, c, s = z.shape[0], z.shape[1], z.shape[2]
-        k = n // batch
-        # A sample's K blocks stacked along depth: a dense (B, C, K*s, s, s) volume (a view when channels-last).
-        stacked = z.reshape(batch, k, c, s, s, s).transpose(1, 2).reshape(batch, c, k * s, s, s)
-        y = self.act(self.norm(stacked, None).to(z.dtype))
-        return y.reshape(batch, c, k, s, s, s).transpose(1, 2).reshape(n, c, s, s, s)
+        if self.norm is None:
+            return z
+        return self.act(norm_over_cells(self.norm, z, batch))

@@ -18,8 +18,10 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
                                                         "(its saved options are used; --device/--workers/--stop-after may change)")
     parser.add_argument("--model", default="hymamba", choices=["hymamba", "vim_unetr", "mednext_cnn"],
                         help="network (default hymamba)")
-    parser.add_argument("--size", default="base", choices=["tiny", "small", "base"],
-                        help="network size: base = the paper's configuration, tiny for tests and CPU demos")
+    parser.add_argument("--size", "--arch", dest="size", default="base", choices=["tiny", "small", "base", "authors"],
+                        help="network preset: base = the paper's configuration (ours), authors = the authors' "
+                             "released HyMamba exactly (loads `mambamim convert authors` checkpoints), tiny for "
+                             "tests and CPU demos")
     parser.add_argument("--scan", default="raster", choices=["raster", "zigzag", "hilbert", "shuffle"],
                         help="Mamba scan order (default raster)")
     parser.add_argument("--batch-size", type=int, default=batch_default,

@@ -29,7 +29,7 @@ __all__ = [
     "model_size_kwargs",
 ]
 
-SIZES = ("tiny", "small", "base")
+SIZES = ("tiny", "small", "base", "authors")  # "authors": the authors' released HyMamba, exactly
 TOKENS = ("toki", "learnable")
 SCANS = ("raster", "zigzag", "hilbert", "shuffle")
 AMP_MODES = ("auto", "bf16", "fp16", "none")

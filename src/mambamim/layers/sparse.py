@@ -30,6 +30,7 @@ __all__ = [
     "NORMS",
     "make_norm",
     "channels_last_instance_norms",
+    "norm_over_cells",
 ]
 
 
@@ -195,13 +196,31 @@ def channels_last_instance_norms(module: nn.Module) -> nn.Module:
 NORMS = ("group", "instance", "batch", "layer")
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def norm_over_cells(norm: nn.Module, cells: torch.Tensor, batch: int) -> torch.Tensor:
+    """Apply a sparse-aware ``norm`` to visible cells as if to the masked volume they come from.
+
+    ``cells`` (B*K, C, s, s, s) are each sample's K visible cells (:func:`mambamim.masking.gather_blocks`
+    order). A sample's K cells are stacked along depth into one dense (B, C, K*s, s, s) volume (a view when
+    channels-last), so per-sample statistics (group / instance), batch statistics and per-voxel norms all
+    see exactly the visible voxels. Returns (B*K, C, s, s, s) in ``cells``' dtype.
+    """
+    n, c, s = cells.shape[0], cells.shape[1], cells.shape[2]
+    if n % batch:
+        raise ValueError(f"{n} cells do not split into {batch} samples")
+    k = n // batch
+    stacked = cells.reshape(batch, k, c, s, s, s).transpose(1, 2).reshape(batch, c, k * s, s, s)
+    y = norm(stacked, None).to(cells.dtype)
+    return y.reshape(batch, c, k, s, s, s).transpose(1, 2).reshape(n, c, s, s, s)
+
+
+def make_norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
     """Sparse-aware norm by name: ``group`` (MedNeXt's default: one group per channel, affine),
-    ``instance`` (same statistics), ``batch`` or ``layer`` (per-voxel over channels)."""
+    ``instance`` (same statistics), ``batch`` or ``layer`` (per-voxel over channels, eps 1e-6).
+    ``affine=False`` is honoured by ``instance`` only (MONAI's default instance norm)."""
     if kind == "group":
         return SparseGroupNorm(channels, channels)
     if kind == "instance":
-        return SparseInstanceNorm3d(channels)
+        return SparseInstanceNorm3d(channels, affine=affine)
     if kind == "batch":
         return SparseBatchNorm3d(channels)
     if kind == "layer":

@@ -7,9 +7,10 @@ from typing import Any, Callable
 from torch import nn
 
 from mambamim.models.hymamba import HyMamba
+from mambamim.models.pretrained import convert_authors_state, load_pretrained_encoder
 from mambamim.models.vim_unetr import VimUNETR
 
-__all__ = ["create_model", "list_models", "model_config", "MODEL_REGISTRY", "MODEL_PRESETS"]
+__all__ = ["create_model", "load_pretrained_encoder", "convert_authors_state", "list_models", "model_config", "MODEL_REGISTRY", "MODEL_PRESETS"]
 
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "hymamba": HyMamba,
@@ -18,6 +19,11 @@ MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mednext_cnn": lambda **kw: HyMamba(**{**kw, "mamba_depth": 0}),
 }
 
+AUTHORS: dict[str, Any] = dict(
+    norm="layer", widen="conv", skip_norm="layer", skip_bias=True, final_norm=False, bidirectional=False,
+    scan="raster", final_channels=32,
+)
+
 # Size presets per model; "base" is the paper's configuration, "tiny" is for tests and CPU demos.
 MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "hymamba": {
@@ -25,6 +31,9 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(stem_channels=8, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), expansions=(2, 2, 2, 2),
                      mamba_depth=1),
         "small": dict(stem_channels=16, widths=(32, 64, 96, 192), depths=(1, 1, 2, 1), mamba_depth=2),
+        # The authors' released network (../shared/authors/): channel LayerNorm in MedNeXt and skip blocks,
+        # plain widening convs, one-directional Mamba in raster order, no final norm, a 64->32 last stage.
+        "authors": AUTHORS,
     },
     "vim_unetr": {
         "base": {},

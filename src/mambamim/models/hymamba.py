@@ -7,8 +7,9 @@ widen to 192 (1/4 skip); pool, 2 blocks at 192 (exp. 4), widen to 384 (1/8 skip)
 384 (exp. 4); 4 Vision-Mamba layers of width 384 (MLP ratio 2). Each skip is refined by a residual
 conv block; the decoder goes back up with transposed-conv up blocks and a 1x1x1 head.
 
-Size: 41.7 M parameters for 1 input channel and 14 classes (11.6 M of them in the encoder); the
-authors' fine-tuning network counts 41.8 M.
+Size: 41.7 M parameters for 1 input channel and 14 classes (22.7 M of them in the encoder, the skip
+blocks included); the authors' fine-tuning network counts 41.8 M (22.7 M encoder), and the ``authors``
+preset rebuilds it tensor for tensor (:data:`mambamim.models.MODEL_PRESETS`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
 from torch import nn
 
 from mambamim.blocks.mednext import ConvNormAct, MedNeXtBlock
+from mambamim.blocks.residual import ResidualBlock
 from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
 from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d, apply_mask, channels_last_instance_norms
@@ -28,11 +30,16 @@ from mambamim.masking import gather_blocks, scatter_blocks, stage_masks
 __all__ = ["HyMambaEncoder", "HyMamba"]
 
 
-class HyMambaEncoder(nn.Module):
-    """CNN stages + (optional) Mamba stage. Everything here is what pre-training trains.
+WIDEN_LAYERS = ("conv_norm_act", "conv")
 
-    ``forward(x, visible=None)`` returns the skip features [f0 (full), f1 (1/2), f2 (1/4), f3 (1/8)]
-    and the 1/16 output (B, C, d, h, w). With ``visible`` (B, D/16, H/16, W/16) bool, the CNN runs
+
+class HyMambaEncoder(nn.Module):
+    """CNN stages, skip blocks and (optional) Mamba stage. Everything here is what pre-training trains
+    and what fine-tuning loads.
+
+    ``forward(x, visible=None)`` returns the skip features [L0 (full), L1 (1/2), L2 (1/4), L3 (1/8)],
+    each the widening layer's output refined by its residual skip block (``skip_blocks``), and the 1/16
+    output L4 (B, C, d, h, w): the feature maps the segmentation decoder consumes, finest first. With ``visible`` (B, D/16, H/16, W/16) bool, the CNN runs
     sparse under the upsampled masks and the Mamba stage sees only visible tokens (masked tokens are
     zero in its output); use :meth:`forward_features` to get the Mamba stage's sequence output.
 
@@ -47,6 +54,12 @@ class HyMambaEncoder(nn.Module):
         scan: scan order of the Mamba stage.
         norm: norm of the CNN blocks.
         bidirectional: bidirectional Mamba mixers.
+        d_state: SSM state size of the mixers.
+        widen: ``conv_norm_act`` (conv k3 -> norm -> GELU, ours) or ``conv`` (a plain conv k3 with bias, the
+            authors').
+        skip_norm: norm of the skip blocks (``instance``: MONAI's UNETR block; ``layer``: the authors').
+        skip_bias: biases in the skip blocks' convolutions.
+        final_norm: LayerNorm after the Mamba stage (the authors' network has none).
     """
 
     num_levels = 4
@@ -64,8 +77,14 @@ class HyMambaEncoder(nn.Module):
         norm: str = "group",
         bidirectional: bool = True,
         d_state: int = 16,
+        widen: str = "conv_norm_act",
+        skip_norm: str = "instance",
+        skip_bias: bool = False,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
+        if widen not in WIDEN_LAYERS:
+            raise ValueError(f"widen must be one of {WIDEN_LAYERS}, got {widen!r}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         for name, seq in (("widths", widths), ("depths", depths), ("expansions", expansions)):
@@ -77,19 +96,22 @@ class HyMambaEncoder(nn.Module):
         self.widths = tuple(int(w) for w in widths)
         self.out_channels = self.widths[-1]
         self.stem = SparseConv3d(in_channels, stem_channels, 3, padding=1)
-        self.widen = nn.ModuleList([ConvNormAct(stem_channels, widths[0], norm=norm)])
+        widen_norm = norm if widen == "conv_norm_act" else None
+        self.widen = nn.ModuleList([ConvNormAct(stem_channels, widths[0], norm=widen_norm)])
         self.pool = SparseMaxPool3d(2)
         self.stages = nn.ModuleList()
         for level in range(4):
             ch = widths[level]
             self.stages.append(nn.ModuleList(MedNeXtBlock(ch, expansions[level], norm=norm) for _ in range(depths[level])))
             if level < 3:
-                self.widen.append(ConvNormAct(ch, widths[level + 1], norm=norm))
+                self.widen.append(ConvNormAct(ch, widths[level + 1], norm=widen_norm))
+        self.skip_blocks = nn.ModuleList(ResidualBlock(c, c, norm=skip_norm, bias=skip_bias) for c in self.widths)
         self.mamba = (
-            MambaStage(widths[-1], mamba_depth, mlp_ratio, scan, bidirectional, d_state=d_state)
+            MambaStage(widths[-1], mamba_depth, mlp_ratio, scan, bidirectional, final_norm=final_norm,
+                       d_state=d_state)
             if mamba_depth > 0
             else None
-        )
+        )  # fmt: skip
 
     def forward_cnn(
         self,
@@ -98,7 +120,8 @@ class HyMambaEncoder(nn.Module):
         visible_blocks: tuple[torch.Tensor, int] | None = None,
         block_levels: int = 1,
     ) -> list[torch.Tensor]:
-        """CNN stages. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns f0..f4.
+        """CNN stages and skip blocks. masks: float (B, 1, ...) per level 0..4 or None (dense). Returns
+        L0..L3 (skip-block outputs) and f4 (the input of the Mamba stage).
 
         ``visible_blocks = (bottleneck mask, visible count per sample)`` (with ``masks``) computes the
         stem, the widening layer and the pooling of the first ``block_levels`` levels (1: the full
@@ -140,7 +163,18 @@ class HyMambaEncoder(nn.Module):
                 f = widen(self.stem(h, masks[0]) if level == 0 else h, masks[level])
                 h = self.pool(f, masks[level + 1])
             feats.append(f)
-        return feats
+        return self._refine_skips(feats, masks, visible_blocks if sparse else None, block_levels)
+
+    def _refine_skips(
+        self, feats: list[torch.Tensor], masks: Sequence[torch.Tensor | None], visible_blocks, block_levels: int
+    ) -> list[torch.Tensor]:
+        out = []
+        for level, (f, block) in enumerate(zip(feats[:4], self.skip_blocks)):
+            if visible_blocks is not None and level < block_levels:
+                out.append(block.forward_cells(f, *visible_blocks))
+            else:
+                out.append(block(f, masks[level]))
+        return out + feats[4:]
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
@@ -164,7 +198,13 @@ class HyMamba(nn.Module):
     """HyMamba segmentation network. forward(x (B, C_in, D, H, W)) -> logits (B, num_classes, D, H, W);
     sides must be multiples of 16 (non-cubic is fine).
 
-    Args: see :class:`HyMambaEncoder`, plus ``num_classes`` and ``decoder_norm`` (MONAI norm name).
+    The encoder (:class:`HyMambaEncoder`, skip blocks included) is what pre-training trains; the decoder is
+    trained fresh: MONAI UNETR up blocks from 1/16 to full resolution, optionally a residual block to
+    ``final_channels`` (the authors' 64 -> 32 stage: channel LayerNorm, biases, 1x1x1 projection on the
+    residual), and a 1x1x1 head.
+
+    Args: see :class:`HyMambaEncoder`, plus ``num_classes``, ``decoder_norm`` (MONAI norm name of the up
+    blocks) and ``final_channels`` (None: the head reads the 64-channel full-resolution map).
     """
 
     def __init__(
@@ -182,18 +222,22 @@ class HyMamba(nn.Module):
         bidirectional: bool = True,
         d_state: int = 16,
         decoder_norm: str = "instance",
+        widen: str = "conv_norm_act",
+        skip_norm: str = "instance",
+        skip_bias: bool = False,
+        final_norm: bool = True,
+        final_channels: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if final_channels is not None and final_channels < 1:
+            raise ValueError(f"final_channels must be >= 1 or None, got {final_channels}")
         self.encoder = HyMambaEncoder(
             in_channels, stem_channels, widths, depths, expansions, mamba_depth, mlp_ratio, scan, norm,
-            bidirectional, d_state,
+            bidirectional, d_state, widen=widen, skip_norm=skip_norm, skip_bias=skip_bias, final_norm=final_norm,
         )  # fmt: skip
         w = tuple(widths)
-        self.skip_blocks = nn.ModuleList(
-            UnetrBasicBlock(3, c, c, kernel_size=3, stride=1, norm_name=decoder_norm, res_block=True) for c in w
-        )
         ups = []
         in_ch = w[-1]
         for level in (3, 2, 1, 0):
@@ -203,12 +247,17 @@ class HyMamba(nn.Module):
             )  # fmt: skip
             in_ch = w[level]
         self.up_blocks = nn.ModuleList(ups)
-        self.head = UnetOutBlock(3, w[0], num_classes)
+        self.final_block = None
+        if final_channels is not None:
+            self.final_block = ResidualBlock(w[0], final_channels, norm="layer", bias=True)
+        self.head = UnetOutBlock(3, final_channels or w[0], num_classes)
         channels_last_instance_norms(self)  # MONAI's blocks build nn.InstanceNorm3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)
         h = feats[4]
         for up, level in zip(self.up_blocks, (3, 2, 1, 0)):
-            h = up(h, self.skip_blocks[level](feats[level]))
+            h = up(h, feats[level])
+        if self.final_block is not None:
+            h = self.final_block(h)
         return self.head(h)

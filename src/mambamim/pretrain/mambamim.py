@@ -43,11 +43,11 @@ __all__ = ["MambaMIM", "LightDecoder", "MaskedSkip", "PRETRAINABLE"]
 PRETRAINABLE = ("hymamba", "vim_unetr", "mednext_cnn")
 TOKENS = ("toki", "learnable")
 # Light-decoder width at 1/16 per size preset (the paper's 768 for "base").
-DECODER_WIDTHS = {"base": 768, "small": 384, "tiny": 32}
+DECODER_WIDTHS = {"base": 768, "authors": 768, "small": 384, "tiny": 32}
 
 _HYMAMBA_ENCODER_KEYS = (
     "in_channels", "stem_channels", "widths", "depths", "expansions", "mamba_depth", "mlp_ratio", "scan", "norm",
-    "bidirectional", "d_state",
+    "bidirectional", "d_state", "widen", "skip_norm", "skip_bias", "final_norm",
 )  # fmt: skip
 _VIM_ENCODER_KEYS = ("in_channels", "dim", "depth", "mlp_ratio", "scan", "bidirectional", "d_state")
 
@@ -162,8 +162,9 @@ class MambaMIM(nn.Module):
         mask_ratio: fraction of bottleneck tokens masked (0.75).
         token: ``toki`` (state-space token interpolation) or ``learnable`` (one learnable vector).
         skip: use CNN skips in the decoder (HyMamba / CNN only).
-        bottom_up: sparse CNN under the upsampled masks (True) or dense CNN on the unmasked input with
-            only the Mamba stage dropping tokens (False; HyMamba only).
+        bottom_up: sparse CNN under the upsampled masks (True) or a dense CNN on the masked, zeroed input
+            with only the Mamba stage dropping tokens (False, the paper's Fig. 3c; HyMamba only). Either
+            way nothing depends on the voxels inside masked cells.
         scan: scan order of the Mamba stage / of TOKI.
         size: encoder preset (``base``, ``small``, ``tiny``) as in :func:`mambamim.models.create_model`.
         decoder_width: light decoder width at 1/16, halved per level (None: 768 for ``base``, 384 for
@@ -290,7 +291,8 @@ class MambaMIM(nn.Module):
                 blocks = (mask, num_visible if num_visible is not None else validate_mask(mask, grid))
             feats = enc.forward_cnn(x * masks[0], masks, visible_blocks=blocks, block_levels=self.sparse_levels)
         else:
-            feats = enc.forward_cnn(x, None)
+            # The paper's dense alternative (Fig. 3c): a dense CNN on the masked, zeroed input.
+            feats = enc.forward_cnn(x * masks[0], None)
         skips: list[torch.Tensor | MaskedSkip] = []
         for level, (f, m, t) in enumerate(zip(feats[:4], masks[:4], self.mask_tokens)):
             if blocks is not None and level < self.sparse_levels:
