@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("reconstruct", "reconstruct", "render masked input / reconstruction / original (paper Fig. 9) as PNG"),
     ("compare", "compare", "per-class means of two evaluations with paired t-test and Wilcoxon p-values"),
     ("demo", "demo", "the whole pipeline on synthetic data, on CPU in minutes"),
+    ("convert", "convert", "turn the authors' MambaMIM checkpoint into our encoder checkpoint"),
     ("info", "info", "build a network, run forward and backward on a synthetic volume, print size and time"),
 ]
 DATA_COMMANDS: list[tuple[str, str, str]] = [

@@ -105,16 +105,17 @@ class MambaMixer(nn.Module):
         x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        A = -torch.exp(a_log.float())
+        f32 = torch.promote_types(a_log.dtype, torch.float32)  # at least float32; float64 stays float64
+        A = -torch.exp(a_log.to(f32))
         return selective_scan(
             x,
             delta,
             A,
             b.transpose(1, 2),
             c.transpose(1, 2),
-            D=d_skip.float(),
+            D=d_skip.to(f32),
             z=z,
-            delta_bias=dt_proj.bias.float(),
+            delta_bias=dt_proj.bias.to(f32),
             delta_softplus=True,
         )
 

@@ -127,7 +127,7 @@ def convert_authors_state(
 
         encoder = create_model(AUTHORS_MODEL["name"], **AUTHORS_MODEL["kwargs"]).encoder
     own = encoder.state_dict()
-    report, out = ConversionReport(), {}
+    report, out, placed = ConversionReport(), {}, set()
     for name, value in _unwrap_authors(state).items():
         if not isinstance(value, torch.Tensor):
             continue  # e.g. a nested config dict
@@ -146,10 +146,11 @@ def convert_authors_state(
             report.unknown.append(name)
         elif tuple(value.shape) != tuple(own[ours].shape):
             report.mismatched.append((name, tuple(value.shape), tuple(own[ours].shape)))
+            placed.add(ours)
         else:
             out[ours] = value.detach().to("cpu", torch.float32).clone()
             report.converted[name] = ours
-    report.missing = [k for k in own if k not in out]
+    report.missing = [k for k in own if k not in out and k not in placed]
     return out, report
 
 
