@@ -56,6 +56,11 @@ def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
         assert (ft / name).is_file(), name
     report = json.loads((ft / "encoder_load_report.json").read_text())
     assert report["loaded"] > 0 and not report["missing"] and not report["unexpected"] and not report["mismatched"]
+    # Every encoder tensor, the skip blocks included, came from pre-training, and the log says so.
+    assert report["loaded"] == report["total"] and report["loaded_parameters"] == report["total_parameters"]
+    assert report["summary"].startswith(f"loaded {report['total']} of {report['total']} encoder tensors")
+    assert any(k.startswith("skip_blocks.") for k in enc["encoder"]) and not report["not_loaded_groups"]
+    assert report["summary"] in (ft / "log.txt").read_text()
     split = json.loads((ft / "split.json").read_text())
     assert len(split["validation"]) == 1 and len(split["train"]) == 2
     assert not set(split["train"]) & set(split["validation"])
@@ -96,3 +101,23 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "multiple of num_crops" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 1
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_an_encoder_without_skip_blocks_is_refused_unless_partial(tiny_cache, tmp_path, capsys):
+    from mambamim.engine.checkpoint import save_checkpoint
+
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(tiny_cache), "--out", str(run), *COMMON, "--steps", "1",
+                 "--warmup-steps", "0", "--decoder-width", "16", "--vis-every", "0"]) == 0
+    old = load_checkpoint(run / "encoder.pt")
+    old["encoder"] = {k: v for k, v in old["encoder"].items() if not k.startswith("skip_blocks.")}
+    save_checkpoint(tmp_path / "old_encoder.pt", old)  # what an encoder.pt from before this version holds
+    args = ["finetune", "--data", str(tiny_cache), *COMMON, "--pretrained", str(tmp_path / "old_encoder.pt"),
+            "--iterations", "1", "--val-every", "0", "--fold", "0", "--num-folds", "3"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) != 0
+    err = capsys.readouterr().err
+    assert "not loaded: skip_blocks.0, skip_blocks.1, skip_blocks.2, skip_blocks.3" in err
+    assert main([*args, "--out", str(tmp_path / "partial"), "--allow-partial"]) == 0
+    report = json.loads((tmp_path / "partial" / "encoder_load_report.json").read_text())
+    assert report["not_loaded_groups"] == ["skip_blocks.0", "skip_blocks.1", "skip_blocks.2", "skip_blocks.3"]
+    assert report["loaded"] < report["total"]

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -191,6 +192,24 @@ class EncoderLoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     source: str = ""
+    loaded_numel: int = 0
+    total_numel: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.loaded) + len(self.missing) + len(self.mismatched)
+
+    def not_loaded_groups(self) -> list[str]:
+        """Module groups of the encoder with at least one tensor not loaded (e.g. ``skip_blocks.3``)."""
+        keys = self.missing + [k for k, _, _ in self.mismatched]
+        return sorted({_group_of(k) for k in keys})
+
+    def headline(self) -> str:
+        """``loaded N of M encoder tensors (X M of Y M parameters)``, plus the groups left out."""
+        text = (f"loaded {len(self.loaded)} of {self.total} encoder tensors ({self.loaded_numel / 1e6:.2f} M of "
+                f"{self.total_numel / 1e6:.2f} M parameters)")
+        groups = self.not_loaded_groups()
+        return text + (f"; not loaded: {', '.join(groups)}" if groups else "")
 
     @property
     def ok(self) -> bool:
@@ -209,8 +228,7 @@ class EncoderLoadReport:
                 lines.append(f"    ... and {len(items) - max_keys} more")
             return lines
 
-        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
-        head = f"encoder weights{' from ' + self.source if self.source else ''}: loaded {len(self.loaded)}/{total} tensors"
+        head = f"encoder weights{' from ' + self.source if self.source else ''}: {self.headline()}"
         lines = [head]
         lines += listing("missing in checkpoint", self.missing)
         lines += listing("unexpected in checkpoint", self.unexpected)
@@ -224,13 +242,26 @@ class EncoderLoadReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "summary": self.headline(),
             "loaded": len(self.loaded),
+            "total": self.total,
+            "loaded_parameters": self.loaded_numel,
+            "total_parameters": self.total_numel,
+            "not_loaded_groups": self.not_loaded_groups(),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": [[k, list(a), list(b)] for k, a, b in self.mismatched],
             "ignored": len(self.ignored),
             "source": self.source,
         }
+
+
+def _group_of(key: str) -> str:
+    """The module group a tensor belongs to: ``skip_blocks.3.conv1.weight`` -> ``skip_blocks.3``,
+    ``mamba.layers.1.mixer.A_log`` -> ``mamba.layers.1``, ``stem.weight`` -> ``stem``."""
+    parts = key.split(".")[:-1]
+    depth = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts))
+    return ".".join(parts[:depth]) or key
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -303,11 +334,14 @@ def load_encoder_weights(
         to_load[key] = value
     report.unexpected += [k for k in weights if k not in own]
     report.loaded = sorted(to_load)
+    report.loaded_numel = sum(v.numel() for v in to_load.values())
+    report.total_numel = sum(v.numel() for v in own.values())
     refuse = bool(report.mismatched) or (strict and bool(report.missing or report.unexpected))
     if refuse and not allow_partial:
         raise EncoderMismatchError(
-            "pre-trained encoder does not match the model (pass allow_partial=True / --allow-partial to load "
-            "the matching tensors only):\n" + report.summary()
+            "pre-trained encoder does not match the model: " + report.headline() + " (pass allow_partial=True / "
+            "--allow-partial to load the matching tensors only; an encoder.pt from before version 0.5 lacks the "
+            "skip blocks, which are now part of the encoder):\n" + report.summary()
         )
     if not to_load:
         raise EncoderMismatchError("no pre-trained tensor matches the model's encoder:\n" + report.summary())
@@ -351,6 +385,20 @@ def load_pretrained_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     raise CheckpointError(f"{path} holds no encoder weights (keys: {sorted(ckpt)[:10]})")
 
 
+_LEGACY_SKIP = re.compile(r"skip_blocks\.(\d+)\.layer\.(conv1|conv2)\.conv\.weight")
+
+
+def migrate_legacy_keys(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A fine-tuned HyMamba from before the skip blocks joined the encoder (MONAI ``UnetrBasicBlock`` at
+    ``skip_blocks.i``) renamed onto ``encoder.skip_blocks.i`` (same weights: bias-free convs, a non-affine
+    instance norm); other state dicts come back unchanged."""
+    out = {}
+    for key, value in state.items():
+        match = _LEGACY_SKIP.fullmatch(key)
+        out[f"encoder.skip_blocks.{match[1]}.{match[2]}.weight" if match else key] = value
+    return out
+
+
 def model_from_checkpoint(
     ckpt: str | os.PathLike | Mapping[str, Any], map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -390,7 +438,7 @@ def model_from_checkpoint(
 
     kwargs = dict(model_config.get("kwargs", {}))
     model = create_model(model_config["name"], **kwargs)
-    state = _strip_prefix(ckpt["model"], "module.")
+    state = migrate_legacy_keys(_strip_prefix(ckpt["model"], "module."))
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
     labels = ckpt.get("labels")
