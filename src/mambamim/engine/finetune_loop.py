@@ -161,37 +161,38 @@ def validate(
     device: torch.device = torch.device("cpu"),
     amp: str = "none",
 ) -> list[tuple[str, list[float]]]:
-    """Sliding-window Dice of ``model`` on ``dataset[i]`` for i in ``indices``.
+    """Dice of ``model`` on ``dataset[i]`` for i in ``indices``, under the inference users run.
+
+    Each case goes through :func:`mambamim.engine.inference.predict_volume` (its Gaussian window
+    blending, softmax and argmax; no TTA) and is scored with
+    :func:`mambamim.evaluation.report.case_dice`, the Dice of ``mambamim evaluate``: so best.pt is
+    the best checkpoint for what ``evaluate`` / ``predict`` report at the same overlap.
 
     Args:
-        model: maps (B, C, roi, roi, roi) to logits (B, num_classes, roi, roi, roi).
+        model: maps (B, C, roi, roi, roi) to logits (B, num_classes, roi, roi, roi); put in eval
+            mode for the cases and given back in the mode it came in.
         dataset: items {"image": (C, X, Y, Z) float, "label": (1, X, Y, Z) int, "case_id"}.
+        amp: the training loop's precision ("bf16", "fp16", "none" or "auto"), used on CUDA only
+            (see :func:`mambamim.engine.inference.inference_amp`).
 
     Returns:
-        [(case id, Dice of classes 1..num_classes-1)], NaN where the class is absent from the
-        reference (MONAI ``DiceMetric(ignore_empty=True)``).
+        [(case id, Dice of classes 1..num_classes-1)], NaN where a class is in neither the
+        reference nor the prediction, 0 where it is in only one of them.
     """
-    from monai.inferers import sliding_window_inference
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
+    from mambamim.engine.inference import predict_volume
+    from mambamim.evaluation.report import case_dice
 
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     was_training = model.training
-    model.eval()
     out: list[tuple[str, list[float]]] = []
     try:
         for i in indices:
             item = dataset[i]
-            x = item["image"][None].to(device)
-            y = item["label"][None].to(device)
-            with torch.no_grad(), D.autocast_context(device, amp):
-                logits = sliding_window_inference(
-                    x, (roi, roi, roi), sw_batch_size, model, overlap=overlap, mode="constant"
-                )
-            pred = logits.argmax(1, keepdim=True)
-            dice = metric(one_hot(pred, num_classes), one_hot(y, num_classes))
-            metric.reset()
-            out.append((str(item.get("case_id", i)), [float(v) for v in dice[0].cpu()]))
+            # labels stay on the device: the Dice of a large volume is cheap there, slow on the host
+            pred = predict_volume(model, item["image"], roi=(roi, roi, roi), overlap=overlap,
+                                  sw_batch_size=sw_batch_size, device=device, amp=amp, output="labels",
+                                  to_cpu=False)
+            dice = case_dice(pred, item["label"][0], range(1, num_classes))
+            out.append((str(item.get("case_id", i)), dice))
     finally:
         model.train(was_training)
     return out

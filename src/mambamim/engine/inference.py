@@ -3,7 +3,8 @@
 :func:`predict_volume` runs a segmentation network over a whole preprocessed volume with
 :func:`monai.inferers.sliding_window_inference` (Gaussian blending of overlapping windows),
 under bf16 autocast on CUDA, and optionally averages the softmax over flipped copies of the
-input (each flipped back before averaging).
+input (each flipped back before averaging). The fine-tuning validation runs it too, so best.pt is
+chosen under the inference that ``predict`` and ``evaluate`` give.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from mambamim.engine import distributed as D
 from mambamim.engine.compiling import CompiledOrEager
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,21 @@ def _logits(out) -> torch.Tensor:
     return out
 
 
+def inference_amp(device: torch.device, amp: bool | str = True) -> str:
+    """The autocast mode ("bf16", "fp16" or "none") :func:`predict_volume` runs under on ``device``.
+
+    ``amp``: True / "auto": bf16 on CUDA; False / None / "none": fp32; "bf16" / "fp16": the training
+    loop's ``--amp`` (already resolved or not). Half precision only on CUDA: on CPU the prediction
+    always ran in fp32, so the validation of a CPU bf16 run scores what ``mambamim evaluate`` on CPU gets.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    mode = "auto" if amp is True else "none" if amp is False or amp is None else str(amp)
+    mode = D.resolve_amp(torch.device("cuda"), mode)  # checks the name; "auto" -> "bf16"
+    return mode if torch.device(device).type == "cuda" else "none"
+
+
 def predict_volume(
     model: nn.Module,
     image: torch.Tensor | np.ndarray,
@@ -99,42 +116,36 @@ def predict_volume(
     sw_batch_size: int = 4,
     tta_flips: bool | str = False,
     device: str | torch.device | None = None,
-    amp: bool = True,
+    amp: bool | str = True,
     output: Literal["probabilities", "labels"] = "probabilities",
     mode: str = "gaussian",
+    *,
+    to_cpu: bool = True,
 ) -> torch.Tensor:
-    """Segment one preprocessed volume.
+    """Segment one preprocessed volume: the one inference of ``predict``, ``evaluate`` and the
+    fine-tuning validation (which picks best.pt by it).
 
     Args:
-        model: network mapping (B, C, D, H, W) to logits (B, K, D, H, W); put in eval mode here.
+        model: network mapping (B, C, D, H, W) to logits (B, K, D, H, W); moved to ``device`` and put
+            in eval mode here (callers that train restore the mode).
         image: (C, X, Y, Z) preprocessed volume (any size; windows are padded as needed).
         roi: window size, each side a multiple of 16 for the MambaMIM networks.
         overlap: fraction of overlap between neighbouring windows, in [0, 1).
         sw_batch_size: windows per forward pass.
         tta_flips: see :func:`flip_sets` (False, "axes", True / "all").
         device: where to run; None = the model's device, "auto" = CUDA if available.
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: autocast, see :func:`inference_amp` (True: bf16 on CUDA; ignored on CPU).
         output: ``"probabilities"``: softmax (K, X, Y, Z) float32; ``"labels"``: argmax (X, Y, Z) int64.
         mode: window blending, ``"gaussian"`` (default) or ``"constant"``.
+        to_cpu: False leaves the result on the device it was computed on.
 
     Returns:
-        A CPU tensor, (K, X, Y, Z) float32 or (X, Y, Z) int64.
+        (K, X, Y, Z) float32 or (X, Y, Z) int64, on the CPU unless ``to_cpu`` is False.
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
-    if image.ndim != 4:
-        raise ValueError(f"image must be (C, X, Y, Z), got shape {tuple(image.shape)}")
-    roi = tuple(int(r) for r in roi)
-    if len(roi) != 3 or any(r <= 0 for r in roi):
-        raise ValueError(f"roi must be three positive sizes, got {roi}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-    if output not in ("probabilities", "labels"):
-        raise ValueError(f"output must be 'probabilities' or 'labels', got {output!r}")
+    roi = _check_predict_args(image, roi, overlap, sw_batch_size, output)
     flips = flip_sets(tta_flips)
-
     if device is None:
         try:
             dev = next(model.parameters()).device
@@ -144,11 +155,10 @@ def predict_volume(
         dev = resolve_device(device)
     model = model.to(dev).eval()
     x = image.to(dev, dtype=torch.float32)[None]
-    use_amp = bool(amp) and dev.type == "cuda"
+    precision = inference_amp(dev, amp)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-        with ctx:
+        with D.autocast_context(dev, precision):
             return _logits(model(window)).float()
 
     probs: torch.Tensor | None = None
@@ -164,10 +174,26 @@ def predict_volume(
             probs = p if probs is None else probs + p
     assert probs is not None
     probs = probs[0] / len(flips)
-    logger.debug("predicted %s with %d pass(es) on %s", tuple(image.shape), len(flips), dev)
-    if output == "labels":
-        return probs.argmax(0).cpu()
-    return probs.cpu()
+    logger.debug("predicted %s with %d pass(es) on %s (%s)", tuple(image.shape), len(flips), dev, precision)
+    result = probs.argmax(0) if output == "labels" else probs
+    return result.cpu() if to_cpu else result
+
+
+def _check_predict_args(image: torch.Tensor, roi: Sequence[int], overlap: float, sw_batch_size: int,
+                        output: str) -> tuple[int, int, int]:
+    """Validate :func:`predict_volume`'s arguments; returns ``roi`` as a tuple of ints."""
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, X, Y, Z), got shape {tuple(image.shape)}")
+    roi = tuple(int(r) for r in roi)
+    if len(roi) != 3 or any(r <= 0 for r in roi):
+        raise ValueError(f"roi must be three positive sizes, got {roi}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if output not in ("probabilities", "labels"):
+        raise ValueError(f"output must be 'probabilities' or 'labels', got {output!r}")
+    return roi  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------- whole-file segmentation

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,40 @@ def labeled_cases(cache_dir: str | os.PathLike, split: str | None = None,
             raise ValueError(f"case(s) not in cache {cache_dir}: {', '.join(unknown[:10])}")
         ids = [c for c in ids if c in wanted]
     return ids
+
+
+def case_dice(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray, labels: Iterable[int]) -> list[float]:
+    """Dice per class of one case: the numbers :func:`mambamim.evaluation.metrics.case_metrics` gives
+    (same conventions, same MONAI computation) without its costly surface metrics, on the tensors'
+    device. The fine-tuning validation scores with it, so its Dice is ``mambamim evaluate``'s.
+
+    Args:
+        pred, gt: integer label maps (X, Y, Z), same shape (``gt`` is moved to ``pred``'s device).
+        labels: the label values to score.
+
+    Returns:
+        Dice per label: NaN where neither map has the label, 0 where only one has it.
+    """
+    from monai.metrics import compute_dice
+
+    pred = torch.as_tensor(pred)
+    gt = torch.as_tensor(gt, device=pred.device)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction and reference differ in shape: {tuple(pred.shape)} vs {tuple(gt.shape)}")
+    out: list[float] = []
+    for c in labels:
+        p, g = pred == c, gt == c
+        has_p, has_g = bool(p.any()), bool(g.any())
+        if not has_p and not has_g:
+            out.append(math.nan)
+        elif has_p != has_g:
+            out.append(0.0)
+        else:
+            # case_metrics crops to the box of p | g first: the voxel counts, hence the Dice, are the same
+            dice = compute_dice(p[None, None].float(), g[None, None].float(), include_background=True,
+                                ignore_empty=False)
+            out.append(float(dice.item()))
+    return out
 
 
 def evaluate_on_cache(
