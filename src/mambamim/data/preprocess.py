@@ -3,7 +3,8 @@
 Forward (``preprocess_image`` / ``preprocess_label``), for every case:
 
 1. reorient to RAS (a pure axis permutation / flip, nibabel ``io_orientation``);
-2. resample to ``params.spacing`` keeping the first voxel centre fixed (image trilinear, labels nearest);
+2. resample to ``params.spacing`` keeping the first voxel centre fixed (image trilinear, labels nearest with
+   halfway ties split evenly, so both sit on the same voxel centres);
 3. clip intensities to ``[hu_min, hu_max]`` and scale to ``[0, 1]`` (image only);
 4. crop to the body's bounding box (resampled HU > ``hu_min``) plus ``crop_margin`` voxels;
 5. pad with zeros (both sides) to at least ``min_size`` per axis, with a warning naming the file.
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 META_VERSION = 1
 _AFFINE_ATOL_DIR = 1e-3  # mm, on the direction * spacing columns
 _AFFINE_ATOL_ORIGIN = 1e-2  # mm
+_TIE_ATOL = 1e-6  # input voxels: a nearest-neighbour sample this close to halfway is a tie (float noise)
 
 
 def _triple(value: Any, name: str, kind: type) -> tuple:
@@ -134,15 +136,46 @@ def _resample3d(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int]
                                     order=order, mode="nearest", prefilter=False)
 
 
+def _nearest_axis(vol: np.ndarray, axis: int, c: np.ndarray) -> np.ndarray:
+    """Nearest neighbour along ``axis`` at input coordinates ``c`` (already clipped to the volume).
+
+    A sample halfway between two voxels (within ``_TIE_ATOL``) is a tie: the true boundary runs through it.
+    Rounding every tie up (``floor(c + 0.5)``) moved every structure by half an output voxel on each axis
+    upsampled by 2 (3 mm -> 1.5 mm: -0.75 mm), off the trilinear image, which splits a tie evenly. Here a
+    row along ``axis`` sends all its ties to one side, alternating in a checkerboard over the other axes:
+    each row keeps its length (so volumes are kept) and half the rows go each way, so a structure's
+    centroid stays put whatever its neighbours (a box upsampled by 2 keeps it exactly). The checkerboard
+    ignores the index along ``axis``: one that used it correlated with the previous pass's and ate tie layers.
+    """
+    i0 = np.floor(c).astype(np.intp)
+    i1 = np.minimum(i0 + 1, vol.shape[axis] - 1)
+    frac = c - i0
+    out = np.take(vol, np.where(frac < 0.5, i0, i1), axis=axis)
+    t = np.flatnonzero(np.abs(frac - 0.5) <= _TIE_ATOL)
+    if t.size:
+        odd = _row_parity(vol.shape, axis)
+        where = (slice(None),) * axis + (t,)
+        out[where] = np.where(odd, np.take(vol, i1[t], axis=axis), np.take(vol, i0[t], axis=axis))
+    return out
+
+
+def _row_parity(shape: Sequence[int], axis: int) -> np.ndarray:
+    """Bool checkerboard over the axes other than ``axis`` (length 1 there): odd index sum."""
+    total = np.zeros([1] * len(shape), dtype=np.intp)
+    for j, n in enumerate(shape):
+        if j != axis:
+            total = total + np.arange(n).reshape([-1 if k == j else 1 for k in range(len(shape))])
+    return (total & 1).astype(bool)
+
+
 def _resample_axis(vol: np.ndarray, axis: int, scale: float, offset: float, n_out: int, order: int) -> np.ndarray:
     """1-D resampling along ``axis``: output index i samples input coordinate ``i * scale + offset``
-    (edge values beyond the ends; order 0 nearest, 1 linear)."""
+    (edge values beyond the ends; order 0 nearest, ties split by ``_nearest_axis``; order 1 linear). Both
+    orders use this one coordinate, so labels and images land on the same voxel centres."""
     n_in = vol.shape[axis]
-    c = np.arange(n_out, dtype=np.float64) * scale + offset
+    c = np.clip(np.arange(n_out, dtype=np.float64) * scale + offset, 0, n_in - 1)
     if order == 0:
-        idx = np.clip(np.floor(c + 0.5), 0, n_in - 1).astype(np.intp)
-        return np.take(vol, idx, axis=axis)
-    c = np.clip(c, 0, n_in - 1)
+        return _nearest_axis(vol, axis, c)
     i0 = np.floor(c).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_in - 1)
     shape = [1] * vol.ndim
