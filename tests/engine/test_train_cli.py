@@ -61,6 +61,7 @@ def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
     assert report["summary"].startswith(f"loaded {report['total']} of {report['total']} encoder tensors")
     assert any(k.startswith("skip_blocks.") for k in enc["encoder"]) and not report["not_loaded_groups"]
     assert report["summary"] in (ft / "log.txt").read_text()
+    assert load_checkpoint(ft / "checkpoints" / "best.pt")["encoder_load"]["summary"] == report["summary"]
     split = json.loads((ft / "split.json").read_text())
     assert len(split["validation"]) == 1 and len(split["train"]) == 2
     assert not set(split["train"]) & set(split["validation"])
@@ -121,3 +122,17 @@ def test_an_encoder_without_skip_blocks_is_refused_unless_partial(tiny_cache, tm
     report = json.loads((tmp_path / "partial" / "encoder_load_report.json").read_text())
     assert report["not_loaded_groups"] == ["skip_blocks.0", "skip_blocks.1", "skip_blocks.2", "skip_blocks.3"]
     assert report["loaded"] < report["total"]
+
+
+def test_resuming_a_run_of_an_older_layout_is_a_named_error(tiny_cache, tmp_path, capsys):
+    from mambamim.engine.checkpoint import save_checkpoint
+
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(tiny_cache), "--out", str(run), *COMMON, "--steps", "2",
+                 "--warmup-steps", "0", "--decoder-width", "16", "--vis-every", "0", "--stop-after", "1"]) == 0
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    last["pretrainer"] = {k: v for k, v in last["pretrainer"].items() if ".skip_blocks." not in k}
+    save_checkpoint(run / "checkpoints" / "last.pt", last)
+    assert main(["pretrain", "--resume", str(run), "--device", "cpu", "--workers", "0", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "last.pt" in err and "Traceback" not in err

@@ -233,6 +233,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         total = config.iterations
         spec = model_spec(config, in_channels, num_classes)
         model = _make_model(spec).to(ctx.device)
+        load_summary = None
         if config.pretrained and not resuming:
             weights, source = load_pretrained_encoder(config.pretrained)
             pre = source.get("model") or {}
@@ -248,8 +249,9 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
                 )
             except EncoderMismatchError as exc:
                 raise EncoderMismatchError(note + str(exc)) from None
+            load_summary = report.to_dict()
             if main:
-                write_json_atomic(run / "encoder_load_report.json", report.to_dict(), indent=1)
+                write_json_atomic(run / "encoder_load_report.json", load_summary, indent=1)
         loop, warmup = build_train_loop(model, config, ctx, total, session.stop)
         amp = loop.amp
         loss_fn = _make_loss()
@@ -259,6 +261,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         rng = None
         if resuming:
             state, rng = loop.resume_from(last_path, "model")
+            load_summary = state.get("encoder_load")
             best_metric = float(state.get("best_metric", -math.inf) if state.get("best_metric") is not None else -math.inf)
             best_step = state.get("best_step")
             logger.info("resumed %s at iteration %d", run, loop.step)
@@ -289,6 +292,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
             "preprocessing": meta.get("preprocessing"),
             "roi_size": [roi, roi, roi],
             "split": {"train": train_ids, "validation": val_ids},
+            "encoder_load": load_summary,  # what --pretrained loaded (None: from scratch)
         }
 
         def checkpoint() -> None:

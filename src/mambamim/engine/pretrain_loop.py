@@ -34,6 +34,7 @@ from torch import nn
 
 from mambamim.engine import distributed as D
 from mambamim.engine.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -429,7 +430,14 @@ class TrainLoop:
         """Load the checkpoint ``path`` into this loop (see :meth:`load_state_dict`) and count it
         as the last checkpoint; returns (the checkpoint dict, its per-rank RNG list)."""
         state = load_checkpoint(path, map_location="cpu")
-        rng = self.load_state_dict(state, module_key)
+        try:
+            rng = self.load_state_dict(state, module_key)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # e.g. a run from before the skip blocks joined the encoder, or before A_log / D left weight decay
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not fit this version's model or optimiser "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Start a new run; its encoder.pt "
+                "still fine-tunes with --allow-partial") from None
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
         return state, rng
 
