@@ -277,6 +277,7 @@ def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:
     return sum(k[0] for k in kept)
 
 
+@pytest.mark.slow
 def test_memory_budget_makes_the_compiled_step_keep_less(monkeypatch):
     import torch
 

@@ -68,6 +68,7 @@ def test_bad_arguments():
         predict_volume(Threshold(), torch.rand(1, 8, 8, 8), roi=(16, 16, 16), overlap=1.0)
 
 
+@pytest.mark.slow
 def test_compiled_segmenter_matches_eager_and_falls_back(monkeypatch, caplog):
     """``compile_segmenter`` (the ``--compile`` of predict / evaluate) gives the eager network's probabilities,
     through Dynamo for three window batch sizes (7 windows in passes of 3: 3, 3, 1), and keeps going eagerly

@@ -77,6 +77,7 @@ def test_registry_lists_models_and_configs_are_data():
     assert model_config("hymamba", "tiny", num_classes=3)["num_classes"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", ["raster", "hilbert"])
 def test_compiled_model_traces_once_and_matches_eager(scan):
     # The scan permutation and position embedding used to be cached on the module: filling the cache

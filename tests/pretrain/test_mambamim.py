@@ -290,6 +290,7 @@ def test_sparse_full_res_is_the_same_computation(name, norm, levels):
     assert torch.equal(r1, r2)
 
 
+@pytest.mark.slow
 def test_sparse_full_res_under_torch_compile():
     """The sparse full-resolution path compiles without graph breaks (its block copies are opaque custom
     ops): one graph for the training path (random masks; a given mask is first validated on the host).
@@ -331,6 +332,7 @@ def test_sparse_full_res_under_torch_compile():
     assert len(graphs) == count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
 def test_compiled_pretrainer_takes_a_second_batch_size(sparse):
     """The last batch of an epoch is often smaller: Dynamo then retraces with a symbolic batch size, which
