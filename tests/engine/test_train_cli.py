@@ -136,3 +136,21 @@ def test_resuming_a_run_of_an_older_layout_is_a_named_error(tiny_cache, tmp_path
     assert main(["pretrain", "--resume", str(run), "--device", "cpu", "--workers", "0", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "cannot resume from" in err and "last.pt" in err and "Traceback" not in err
+
+
+def test_finetune_loads_a_converted_authors_checkpoint_in_full(tiny_cache, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from authors_reference import random_authors_state
+
+    torch.save(random_authors_state(), tmp_path / "authors.pth")
+    assert main(["convert", "authors", str(tmp_path / "authors.pth"), str(tmp_path / "encoder.pt")]) == 0
+    args = [a for a in COMMON if a not in ("--size", "tiny")]
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--data", str(tiny_cache), "--out", str(ft), *args, "--arch", "authors",
+                 "--pretrained", str(tmp_path / "encoder.pt"), "--iterations", "1", "--val-every", "0",
+                 "--fold", "0", "--num-folds", "3"]) == 0
+    report = json.loads((ft / "encoder_load_report.json").read_text())
+    assert report["loaded"] == report["total"] == 166 and report["loaded_parameters"] == 22_326_016
