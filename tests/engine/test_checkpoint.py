@@ -16,7 +16,7 @@ from mambamim.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_encoder_weights,
-    load_pretrained_encoder,
+    read_pretrained_weights,
     restore_rng_state,
     save_checkpoint,
 )
@@ -116,16 +116,16 @@ def test_pretrained_encoder_from_files(tmp_path):
     pre = TinyPretrainer()
     save_checkpoint(tmp_path / "encoder.pt", {"format": "mambamim-encoder", "encoder": pre.encoder.state_dict(),
                                               "model": {"name": "tiny", "kwargs": {}}})
-    weights, meta = load_pretrained_encoder(tmp_path)  # run folder -> encoder.pt
+    weights, meta = read_pretrained_weights(tmp_path)  # run folder -> encoder.pt
     assert meta["model"]["name"] == "tiny" and meta["path"].endswith("encoder.pt")
     assert load_encoder_weights(TinySegNet(), weights).ok
     # a DDP-prefixed full pre-training checkpoint works too
     save_checkpoint(tmp_path / "last.pt", {"pretrainer": {f"module.{k}": v for k, v in pre.state_dict().items()}})
-    weights, _ = load_pretrained_encoder(tmp_path / "last.pt")
+    weights, _ = read_pretrained_weights(tmp_path / "last.pt")
     assert load_encoder_weights(TinySegNet(), weights).ok
     save_checkpoint(tmp_path / "other.pt", {"format": "x", "note": "no weights"})
     with pytest.raises(CheckpointError, match="other.pt"):
-        load_pretrained_encoder(tmp_path / "other.pt")
+        read_pretrained_weights(tmp_path / "other.pt")
 
 
 def test_model_from_checkpoint_rebuilds_network(tmp_path):

@@ -45,7 +45,7 @@ __all__ = [
     "numpy_state_from_dict",
     "extract_encoder_state",
     "load_encoder_weights",
-    "load_pretrained_encoder",
+    "read_pretrained_weights",
     "model_from_checkpoint",
 ]
 
@@ -353,8 +353,9 @@ def load_encoder_weights(
     return report
 
 
-def load_pretrained_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read encoder weights from ``encoder.pt``, a pre-training or a fine-tuning checkpoint, or a
+def read_pretrained_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(For the encoder itself as a module, see :func:`mambamim.models.load_pretrained_encoder`.) Read encoder
+    weights from ``encoder.pt``, a pre-training or a fine-tuning checkpoint, or a
     pre-training run folder.
 
     Returns:

@@ -32,7 +32,7 @@ from mambamim.atomic import write_json_atomic
 from mambamim.engine.checkpoint import (
     EncoderMismatchError,
     load_encoder_weights,
-    load_pretrained_encoder,
+    read_pretrained_weights,
     save_checkpoint,
 )
 from mambamim.engine.config import FinetuneConfig, model_size_kwargs
@@ -235,7 +235,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         model = _make_model(spec).to(ctx.device)
         load_summary = None
         if config.pretrained and not resuming:
-            weights, source = load_pretrained_encoder(config.pretrained)
+            weights, source = read_pretrained_weights(config.pretrained)
             pre = source.get("model") or {}
             pre_name, pre_size = pre.get("name"), (pre.get("kwargs") or {}).get("size")
             note = ""
