@@ -5,6 +5,10 @@ orientation and affine (the exact inverse of preprocessing). A case that fails i
 the file it concerns and the others are still written; the exit status is non-zero only when
 every case failed (or the checkpoint cannot be loaded).
 
+An output file that already exists is never replaced silently: that case is refused (named on
+stderr, the others still run, exit status 1) unless ``--overwrite`` replaces it or
+``--skip-existing`` skips it (listed as skipped, exit status 0).
+
 The small argument / progress helpers below are shared by the other evaluation subcommands.
 """
 
@@ -98,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     add_compile_argument(parser)
     parser.add_argument("--suffix", default="_seg.nii.gz", help="output name suffix (default _seg.nii.gz)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace output files that already exist (default: refuse those cases, exit status 1)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="skip inputs whose output file already exists (listed as skipped)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -115,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         return error("predict", f"no NIfTI files or DICOM series found in {', '.join(args.input)}")
     os.makedirs(args.output, exist_ok=True)
-    ok, failed = [], []
+    ok, failed, skipped, refused = [], [], [], []
+    overwrite, skip_existing = getattr(args, "overwrite", False), getattr(args, "skip_existing", False)
     t0 = time.perf_counter()
     for cid, paths, err, where in progress(cases, "predict", total=len(cases), enabled=args.progress):
         if err is not None:
@@ -123,6 +133,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"FAILED {where}: {err}", file=sys.stderr)
             continue
         out_path = os.path.join(args.output, f"{cid}{args.suffix}")
+        if os.path.lexists(out_path) and not overwrite:
+            if skip_existing:
+                skipped.append(out_path)
+                print(f"skipped {where}: {out_path} already exists", file=sys.stderr)
+            else:
+                refused.append(out_path)
+                print(f"REFUSED {where}: {out_path} already exists (pass --overwrite to replace it or "
+                      f"--skip-existing to skip it)", file=sys.stderr)
+            continue
         try:
             inference.segment_image(model, info, paths, out_path, roi=roi, overlap=args.overlap,
                                     sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp)
@@ -134,7 +153,15 @@ def run(args: argparse.Namespace) -> int:
         ok.append(out_path)
     dt = time.perf_counter() - t0
     print(f"wrote {len(ok)} of {len(cases)} label map(s) to {args.output} in {dt:.1f} s"
+          + (f"; {len(skipped)} skipped (output exists)" if skipped else "")
+          + (f"; {len(refused)} refused (output exists; --overwrite replaces, --skip-existing skips)"
+             if refused else "")
           + (f"; {len(failed)} failed:" if failed else ""))
     for cid, msg in failed:
         print(f"  {cid}: {msg}")
-    return 1 if not ok else 0
+    if skipped:
+        print("  skipped: " + ", ".join(skipped))
+    if refused:
+        print("  refused: " + ", ".join(refused))
+        return 1
+    return 1 if failed and not ok else 0

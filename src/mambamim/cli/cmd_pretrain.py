@@ -13,9 +13,14 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     """Options shared by ``pretrain`` and ``finetune``."""
     parser.add_argument("--data", help="a prepared cache folder (or its dataset.json), a Decathlon dataset.json, "
                                        "or a folder of NIfTI / DICOM (prepared into RUN/cache)")
-    parser.add_argument("--out", help="run folder (created)")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped "
-                                                        "(its saved options are used; --device/--workers/--stop-after may change)")
+    parser.add_argument("--out", help="run folder (created; one that already holds a run is refused unless "
+                                      "--resume or --overwrite)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped "
+                                                       "(its saved options are used; --device/--workers/--stop-after may change)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that already holds a run: its files are moved into "
+                            "OUT/.overwritten-<timestamp>/ first")
     parser.add_argument("--model", default="hymamba", choices=["hymamba", "vim_unetr", "mednext_cnn"],
                         help="network (default hymamba)")
     parser.add_argument("--size", "--arch", dest="size", default="base", choices=["tiny", "small", "base", "authors"],
@@ -57,7 +62,7 @@ def common_values(args: argparse.Namespace) -> dict:
         amp=args.amp, compile=args.compile, memory_budget=args.memory_budget, device=args.device, seed=args.seed,
         workers=args.workers, log_every=args.log_every,
         checkpoint_steps=args.checkpoint_steps, stop_after=args.stop_after, progress=not args.no_progress,
-        resume=args.resume,
+        resume=args.resume, overwrite=args.overwrite,
     )
 
 

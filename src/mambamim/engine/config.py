@@ -42,7 +42,7 @@ class _Config:
     KIND: ClassVar[str] = ""
     # Options that may differ when a run is resumed (they do not change the maths).
     RESUME_OVERRIDABLE: ClassVar[tuple[str, ...]] = ("device", "workers", "stop_after", "progress", "resume",
-                                                     "memory_budget")
+                                                     "memory_budget", "overwrite")
 
     # Options shared by pre-training and fine-tuning (subclasses add their own and may change defaults).
     data: str = ""
@@ -70,6 +70,9 @@ class _Config:
     find_unused_parameters: str = "auto"
     progress: bool = True
     resume: str | None = None
+    # A new run refuses an ``out`` that already holds a run (config.yaml, metrics.csv, checkpoints, encoder.pt)
+    # unless this is set: then the earlier run's files are moved into ``out/.overwritten-<timestamp>/``.
+    overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML / JSON serialisable)."""
@@ -119,6 +122,8 @@ class _Config:
             raise ValueError("data is required (a cache folder, a dataset.json or a folder of NIfTI / DICOM)")
         if not self.out and not self.resume:
             raise ValueError("out (the run folder) is required")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other (resume continues the run, overwrite starts over)")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
         if self.scan not in SCANS:

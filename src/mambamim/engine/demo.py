@@ -201,7 +201,8 @@ def run_demo(
     # 3. pre-training on every case (labels unused)
     pre_run = out / "pretrain"
     common = dict(model=s.model, size=s.size, crop=s.crop, batch_size=s.batch_size, num_crops=s.num_crops,
-                  device=dev, seed=s.seed, workers=0, progress=progress, log_every=1)
+                  device=dev, seed=s.seed, workers=0, progress=progress, log_every=1,
+                  overwrite=True)  # documented: a rerun replaces the earlier demo (its runs are moved aside)
     with stage("pre-training"):
         pretrain(PretrainConfig(data=str(cache), out=str(pre_run), mask_ratio=s.mask_ratio,
                                 decoder_width=s.decoder_width, steps=s.pretrain_steps,

@@ -9,6 +9,7 @@ import csv
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,9 +17,80 @@ from mambamim.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunLog", "MetricsWriter"]
+__all__ = ["RunLog", "MetricsWriter", "RunExistsError", "run_files", "check_run_folder", "move_run_aside"]
 
 _PACKAGE_LOGGER = "mambamim"
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+# What a training run writes into its folder. Any of _RUN_MARKERS means "a run is there"; on overwrite
+# every entry of _RUN_ENTRIES present is moved aside. RUN/cache (data prepared from raw --data) stays: it
+# is data, not results, and is reused as before.
+_RUN_MARKERS = ("config.yaml", "metrics.csv", "encoder.pt")
+_RUN_ENTRIES = ("config.yaml", "metrics.csv", "encoder.pt", "log.txt", "split.json", "encoder_load_report.json",
+                "checkpoints", "tensorboard", "reconstructions")
+OVERWRITTEN_PREFIX = ".overwritten-"
+
+
+def run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The files of an earlier run in ``run_dir`` (relative names, checkpoints first); empty when the
+    folder does not exist, is empty or holds only unrelated files."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    ckpt = run / "checkpoints"
+    found = sorted(f"checkpoints/{p.name}" for p in ckpt.glob("*.pt")) if ckpt.is_dir() else []
+    found.sort(key=lambda name: (name not in ("checkpoints/last.pt", "checkpoints/best.pt"), name))
+    return found + [name for name in _RUN_MARKERS if (run / name).is_file()]
+
+
+def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> list[str]:
+    """Refuse to start a new run over an earlier one.
+
+    Returns:
+        The earlier run's files (empty: the folder is free, or ``resume`` continues it).
+
+    Raises:
+        RunExistsError (a ValueError): ``run_dir`` holds a run and neither ``resume`` nor
+            ``overwrite`` is set; the one-line message names what is there.
+    """
+    if resume:
+        return []
+    found = run_files(run_dir)
+    if found and not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            how = f"pass --resume {run_dir} to continue it or --overwrite to start over"
+        else:
+            how = "pass --overwrite to start over (it cannot be resumed: no checkpoints/last.pt)"
+        raise RunExistsError(f"{run_dir} already holds a run ({shown}): {how}")
+    return found
+
+
+def move_run_aside(run_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier run's files (config, metrics, log, checkpoints, TensorBoard events, ...) into
+    ``RUN/.overwritten-<timestamp>/`` so that a new run starts clean and nothing is lost.
+
+    Returns:
+        The folder they went to, or None when there was nothing to move.
+    """
+    run = Path(run_dir)
+    entries = [name for name in _RUN_ENTRIES if (run / name).exists()]
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run / f"{OVERWRITTEN_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run / f"{OVERWRITTEN_PREFIX}{stamp}-{n}"
+    dest.mkdir()
+    for name in entries:
+        os.replace(run / name, dest / name)
+    return dest
 
 
 class RunLog:

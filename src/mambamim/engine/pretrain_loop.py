@@ -42,7 +42,7 @@ from mambamim.engine.checkpoint import (
 )
 from mambamim.engine.compiling import CompiledOrEager
 from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
-from mambamim.engine.logging_utils import MetricsWriter, RunLog
+from mambamim.engine.logging_utils import MetricsWriter, RunExistsError, RunLog, check_run_folder, move_run_aside
 from mambamim.engine.schedule import (
     DataPosition,
     capture_loader_rng,
@@ -264,14 +264,22 @@ class RunSession:
 def open_run(config: Any, ctx: D.DistContext) -> Iterator[RunSession]:
     """The common start of a run: run folder and ``config.yaml`` (rank 0), log file, signal
     handling, seeding, and the data resolved to a cache whose index is read. On exit (normal or
-    not) the signal handlers, progress bar, metrics writer and log are released."""
+    not) the signal handlers, progress bar, metrics writer and log are released.
+
+    A new run (not ``config.resume``) refuses a folder that already holds a run unless
+    ``config.overwrite``, which moves the earlier run's files into ``RUN/.overwritten-<timestamp>/``
+    first. Rank 0 looks; every rank raises the same :class:`RunExistsError` (a ValueError).
+    """
     run = Path(config.out)
     main = ctx.is_main
+    moved = _claim_run_folder(run, config, main)
     if main:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         config.save_yaml(run / "config.yaml")
     D.barrier()
     session = RunSession(run, main, bool(config.resume), StopSignal().__enter__(), RunLog(run, enabled=main))
+    if moved is not None:
+        logger.warning("--overwrite: the earlier run in %s was moved aside to %s", run, moved)
     try:
         seed_everything(config.seed + ctx.rank)
         session.cache = resolve_data(config.data, run, workers=config.workers, progress=config.progress and main,
@@ -286,6 +294,26 @@ def open_run(config: Any, ctx: D.DistContext) -> Iterator[RunSession]:
         if session.metrics is not None:
             session.metrics.close()
         session.log.close()
+
+
+def _claim_run_folder(run: Path, config: Any, main: bool) -> Path | None:
+    """Rank 0 checks ``run`` for an earlier run (and moves it aside with ``config.overwrite``); the
+    verdict goes to every rank so that all raise together. Returns where the earlier run went."""
+    problem, moved = None, None
+    if main:
+        overwrite = bool(getattr(config, "overwrite", False))
+        try:
+            check_run_folder(run, resume=bool(config.resume), overwrite=overwrite)
+            if overwrite and not config.resume:
+                moved = move_run_aside(run)
+        except RunExistsError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot move the earlier run in {run} aside: {exc}"
+    problem = D.broadcast_object(problem)
+    if problem:
+        raise RunExistsError(problem)
+    return moved
 
 
 def build_train_loop(model: nn.Module, config: Any, ctx: D.DistContext, total: int,
