@@ -11,11 +11,14 @@ import time
 
 from mambamim.cli.cmd_predict import error
 
+# The defaults of mambamim.engine.demo.DemoSettings, written out so that building the parser does not
+# import the engine (and torch); tests/cli/test_fast_help.py checks that they match.
+DEFAULTS = dict(num_cases=10, num_test=3, crop=32, pretrain_steps=100, finetune_iterations=300, model="hymamba",
+                size="tiny", seed=0)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mambamim.engine.demo import DemoSettings
-
-    d = DemoSettings()
+    d = argparse.Namespace(**DEFAULTS)
     parser.add_argument("--out", default="mambamim-demo", help="output folder (default ./mambamim-demo)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     parser.add_argument("--quick", action="store_true", help="the smallest setting that runs every stage (smoke test)")

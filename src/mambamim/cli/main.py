@@ -4,6 +4,10 @@ Each subcommand lives in its own module ``mambamim.cli.cmd_<name>`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``. A subcommand whose module is
 not there yet is still listed (with its help) and says plainly that it is not
 built, exiting with status 2.
+
+Building the parser must stay cheap (``mambamim --help`` answers at once): the command modules
+import torch, MONAI, numpy, matplotlib, nibabel ... only inside their ``run`` functions
+(tests/cli/test_fast_help.py checks it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("compare", "compare", "per-class means of two evaluations with paired t-test and Wilcoxon p-values"),
     ("demo", "demo", "the whole pipeline on synthetic data, on CPU in minutes"),
     ("convert", "convert", "turn the authors' MambaMIM checkpoint into our encoder checkpoint"),
-    ("info", "info", "build a network, run forward and backward on a synthetic volume, print size and time"),
+    ("info", "info", "build a network, print its parameter counts per module group and time a small crop "
+                     "(--benchmark: the training crop)"),
 ]
 DATA_COMMANDS: list[tuple[str, str, str]] = [
     ("synth", "data_synth", "write a synthetic CT phantom set (NIfTI, labels, dataset.json)"),
@@ -42,8 +47,18 @@ def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, with ``(required)`` after the help of every required option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if action.required and action.option_strings and text and "required" not in text:
+            text = f"{text} (required)"
+        return text
+
+
 def _register(subparsers, name: str, module: str, help_text: str) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
     try:
         mod = importlib.import_module(f"mambamim.cli.cmd_{module}")
     except ModuleNotFoundError as exc:
@@ -59,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mambamim",
         description="MambaMIM pre-training, fine-tuning and inference for 3D medical image segmentation.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mambamim {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    data = sub.add_parser("data", help="data tools: synthetic phantoms and preprocessing", description="data tools")
+    data = sub.add_parser("data", help="data tools: synthetic phantoms and preprocessing", description="data tools",
+                          formatter_class=HelpFormatter)
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     for name, module, help_text in DATA_COMMANDS:
         _register(data_sub, name, module, help_text)
