@@ -7,7 +7,7 @@ widen to 192 (1/4 skip); pool, 2 blocks at 192 (exp. 4), widen to 384 (1/8 skip)
 384 (exp. 4); 4 Vision-Mamba layers of width 384 (MLP ratio 2). Each skip is refined by a residual
 conv block; the decoder goes back up with transposed-conv up blocks and a 1x1x1 head.
 
-Size: 41.7 M parameters for 1 input channel and 14 classes (22.7 M of them in the encoder, the skip
+Size: 41.7 M parameters for 1 input channel and 14 classes (22.6 M of them in the encoder, the skip
 blocks included); the authors' fine-tuning network counts 41.8 M (22.7 M encoder), and the ``authors``
 preset rebuilds it tensor for tensor (:data:`mambamim.models.MODEL_PRESETS`).
 """
@@ -39,8 +39,8 @@ class HyMambaEncoder(nn.Module):
 
     ``forward(x, visible=None)`` returns the skip features [L0 (full), L1 (1/2), L2 (1/4), L3 (1/8)],
     each the widening layer's output refined by its residual skip block (``skip_blocks``), and the 1/16
-    output L4 (B, C, d, h, w): the feature maps the segmentation decoder consumes, finest first. With ``visible`` (B, D/16, H/16, W/16) bool, the CNN runs
-    sparse under the upsampled masks and the Mamba stage sees only visible tokens (masked tokens are
+    output L4 (B, C, d, h, w): the feature maps the segmentation decoder consumes, finest first. With
+    ``visible`` (B, D/16, H/16, W/16) bool, the CNN runs sparse under the upsampled masks and the Mamba stage sees only visible tokens (masked tokens are
     zero in its output); use :meth:`forward_features` to get the Mamba stage's sequence output.
 
     Args:
