@@ -80,18 +80,65 @@ def load_cache_index(root: str | os.PathLike) -> dict:
     return index
 
 
+def _rerun(case_id: str) -> str:
+    return f"case {case_id!r} must be prepared again: re-run `mambamim data prepare` with the same --input and --out"
+
+
+def check_cached_array(path: str | os.PathLike, case_id: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Check that a cached ``.npy`` file exists and is complete, by its header and size (the data is not read).
+
+    Returns ``(shape, dtype)``. Raises DataError naming the file and the case when the file is missing,
+    truncated or not a ``.npy`` file, saying to re-run ``mambamim data prepare``.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _fortran, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise DataError(path, f"cached file is missing; {_rerun(case_id)}") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read cached file ({exc.strerror or exc}); {_rerun(case_id)}") from None
+    except Exception as exc:  # bad magic / header: numpy raises ValueError and friends
+        raise DataError(path, f"cached file is not a valid .npy file ({exc}); {_rerun(case_id)}") from None
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need:
+        raise DataError(path, f"cached file is truncated ({size} of {need} bytes); {_rerun(case_id)}")
+    return tuple(int(s) for s in shape), dtype
+
+
+def load_cached_array(path: str | os.PathLike, case_id: str, mmap: bool = True) -> np.ndarray:
+    """``np.load`` of a cached array (read-only memory map when ``mmap``) after ``check_cached_array``;
+    any problem is a DataError naming the file and the case."""
+    check_cached_array(path, case_id)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(path, f"cannot load cached file ({type(exc).__name__}: {exc}); {_rerun(case_id)}") from None
+
+
 def load_case(root: str | os.PathLike, case_id: str, mmap: bool = True) -> dict[str, Any]:
     """One cached case: ``{"id", "image": float32 (C, X, Y, Z), "label": uint8/16 (X, Y, Z) or None,
-    "meta": dict}``; arrays are read-only memory maps when ``mmap``."""
+    "meta": dict}``; arrays are read-only memory maps when ``mmap``.
+
+    Raises DataError naming the file and the case when its meta.json, image.npy or (for a labeled case)
+    label.npy is missing, truncated or corrupt.
+    """
     root = Path(root)
     d = case_dir(root, case_id)
     meta_path = d / "meta.json"
     if not meta_path.is_file():
-        raise DataError(meta_path, f"case {case_id!r} is not in the cache (or was never finished)")
-    meta = read_json(meta_path)
-    mode = "r" if mmap else None
-    image = np.load(d / "image.npy", mmap_mode=mode, allow_pickle=False)
-    label_file = d / "label.npy"
+        raise DataError(meta_path, f"case {case_id!r} is not in the cache (or was never finished); "
+                                   "re-run `mambamim data prepare` with the same --input and --out")
+    try:
+        meta = read_json(meta_path)
+    except Exception as exc:
+        raise DataError(meta_path, f"cannot parse ({type(exc).__name__}: {exc}); {_rerun(case_id)}") from None
+    image = load_cached_array(d / "image.npy", case_id, mmap)
     has_label = meta.get("source", {}).get("label") is not None
-    label = np.load(label_file, mmap_mode=mode, allow_pickle=False) if has_label and label_file.is_file() else None
+    label = load_cached_array(d / "label.npy", case_id, mmap) if has_label else None
     return {"id": case_id, "image": image, "label": label, "meta": meta}

@@ -29,7 +29,7 @@ import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset as TorchDataset
 
-from mambamim.data.cache import INDEX_NAME, load_cache_index
+from mambamim.data.cache import INDEX_NAME, check_cached_array, load_cache_index
 from mambamim.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ def _select_cases(cache_dir: str | os.PathLike, case_ids: Sequence[str] | None) 
             "label": os.path.join(root, c["label"]) if c.get("label") else None,
             "meta": os.path.join(root, c["meta"]) if c.get("meta") else None,
         })
+        for key in ("image", "label"):  # a missing / truncated .npy is named here, not in a worker
+            if out[-1][key]:
+                check_cached_array(out[-1][key], i)
     return out
 
 
