@@ -46,8 +46,8 @@ def messy(tmp_path, dh, make_json):
     bad["shape"] = (add("shape", img, lab[:, :, 1:])[1], "label shape")
     shifted = a.copy()
     shifted[:3, 3] = 5.0
-    bad["affine"] = (add("affine", img, lab, a, shifted)[1], "label affine differs")
-    bad["orient"] = (add("orient", img, lab, a, a @ np.diag([1.0, -1, 1, 1]))[1], "orientation")
+    bad["affine"] = (add("affine", img, lab, a, shifted)[1], "not on the image's voxel grid")
+    bad["orient"] = (add("orient", img, lab, a, a @ np.diag([1.0, -1, 1, 1]))[1], "origin")
     bad["values"] = (add("values", img, np.where(lab == 2, 9, lab).astype(np.uint8))[1], "not declared")
     nan = img.astype(np.float32)
     nan[5, 5, 5] = np.inf

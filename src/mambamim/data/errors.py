@@ -11,7 +11,9 @@ class DataError(ValueError):
     ``path`` names the file, ``problem`` says what is wrong; ``str(err)`` gives both.
     """
 
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None) -> None:
+        if problem is None:  # DataError("message"), as torch's DataLoader re-raises a worker's error
+            path, problem = None, str(path)
         self.path = str(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)

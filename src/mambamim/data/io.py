@@ -175,9 +175,11 @@ def _dicom_file_series(path: str) -> str | None:
     return str(ds.SeriesInstanceUID)
 
 
-def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """Files directly inside ``folder`` that are DICOM images, grouped by SeriesInstanceUID."""
+def _scan_dicom_folder(folder: str | os.PathLike) -> tuple[dict[str, list[str]], list[str]]:
+    """``(series, unreadable)``: DICOM image files directly inside ``folder`` grouped by SeriesInstanceUID,
+    and the files that could be DICOM (no known other extension) but do not parse as DICOM."""
     series: dict[str, list[str]] = {}
+    unreadable: list[str] = []
     try:
         names = sorted(os.listdir(folder))
     except OSError as exc:
@@ -189,10 +191,18 @@ def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
         if os.path.splitext(name)[1].lower() in _NON_DICOM_EXT or name.upper() == "DICOMDIR":
             continue
         ds = _read_dicom_header(full)
-        if ds is None or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+        if ds is None:
+            unreadable.append(full)
+            continue
+        if "Rows" not in ds or "SeriesInstanceUID" not in ds:
             continue
         series.setdefault(str(ds.SeriesInstanceUID), []).append(full)
-    return series
+    return series, unreadable
+
+
+def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Files directly inside ``folder`` that are DICOM images, grouped by SeriesInstanceUID."""
+    return _scan_dicom_folder(folder)[0]
 
 
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
@@ -207,7 +217,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
     label = f"{folder}#{series_uid}" if series_uid else folder
     if not os.path.isdir(folder):
         raise DataError(label, "DICOM folder does not exist")
-    groups = scan_dicom_folder(folder)
+    groups, unreadable = _scan_dicom_folder(folder)
     if not groups:
         raise DataError(label, "no DICOM image files found in folder")
     if series_uid is None:
@@ -251,6 +261,11 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
         dup = slices[int(np.argmin(gaps)) + 1][0]
         raise DataError(dup, "duplicate slice position in DICOM series")
     if gaps.max() - gaps.min() > max(0.01, 0.01 * float(np.median(gaps))):
+        if unreadable:  # a corrupt file is the likely missing slice: name it
+            more = f" (and {len(unreadable) - 1} more: {', '.join(unreadable[1:4])})" if len(unreadable) > 1 else ""
+            raise DataError(unreadable[0], f"not a readable DICOM file (corrupt or not DICOM){more}, and the series "
+                                           f"{label} has a gap in its slices ({gaps.min():.3f} to {gaps.max():.3f} mm "
+                                           "apart) where a slice is missing: restore the file or re-export the series")
         raise DataError(label, f"irregular slice spacing in DICOM series ({gaps.min():.3f} to {gaps.max():.3f} mm): "
                                "missing slices?")
     ps = [float(v) for v in first.PixelSpacing]  # [between rows, between columns]
@@ -272,7 +287,11 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
     lps[:3, 2] = (pos[-1] - pos[0]) / (n - 1)
     lps[:3, 3] = pos[0]
     affine = _check_affine(label, _LPS_TO_RAS @ lps)
+    if unreadable:
+        logger.warning("%s: %d file(s) in the series folder are not readable DICOM and were left out: %s", label,
+                       len(unreadable), ", ".join(unreadable[:5]))
     info = {"format": "dicom", "path": label, "folder": folder, "series_uid": series_uid, "n_slices": n,
+            "unreadable_files": unreadable,
             "shape": list(vol.shape), "spacing": _spacing(affine), "axcodes": _axcodes(affine),
             "files": [f for f, _ in slices], "modality": str(getattr(first, "Modality", "")),
             "series_description": str(getattr(first, "SeriesDescription", ""))}

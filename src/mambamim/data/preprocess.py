@@ -317,7 +317,11 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     data = np.stack(vols)  # (C, X, Y, Z)
     meta: dict[str, Any] = {"format": "mambamim-case-meta", "version": META_VERSION,
                             "case_id": case_id, "source": {"images": paths, "label": None},
-                            "input_format": infos[0]["format"]}
+                            "input_format": infos[0]["format"],
+                            "input_range": [float(data.min()), float(data.max())]}
+    warnings = [{"file": f, "problem": f"not a readable DICOM file (corrupt or not DICOM): left out of the "
+                                      f"series {info['path']}"}
+                for info in infos for f in info.get("unreadable_files", [])]
     if infos[0]["format"] == "dicom":
         meta["dicom"] = {"series_uid": infos[0].get("series_uid"), "folder": infos[0].get("folder"),
                          "n_slices": infos[0].get("n_slices")}
@@ -341,7 +345,6 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     for n, want in zip(sizes, params.min_size):
         extra = max(0, want - n)
         pad.append([extra // 2, extra - extra // 2])
-    warnings = []
     if any(p != [0, 0] for p in pad):
         msg = (f"volume {'x'.join(map(str, sizes))} (after resampling{' and cropping' if crop_applied else ''}) "
                f"is smaller than min_size {'x'.join(map(str, params.min_size))}: zero-padded")
@@ -361,25 +364,64 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     return data, meta
 
 
+def _direction(affine: np.ndarray) -> np.ndarray:
+    return affine[:3, :3] / _spacing_of(affine)
+
+
+def label_to_image_grid(label: np.ndarray, affine: np.ndarray, image_affine: np.ndarray,
+                        image_shape: Sequence[int], label_path: str, image_name: str = "the image") -> np.ndarray:
+    """Put a label map ``(X', Y', Z')`` onto its image's voxel grid ``image_shape`` (X, Y, Z), comparing the two
+    in world space, not by axis codes.
+
+    The label's axes are permuted / flipped to the image's array order (a LAS label of an LPS image, or one
+    stored with its axes in another order, is fine when its voxels are the image's voxels); then shape,
+    spacing, direction and origin must agree within ``affines_match``'s tolerance. Returns the reordered
+    label ``(X, Y, Z)``; raises DataError naming ``label_path`` and what differs.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    image_affine = np.asarray(image_affine, dtype=np.float64)
+    image_shape = [int(n) for n in image_shape]
+    if sorted(label.shape) != sorted(image_shape):
+        raise DataError(label_path, f"label shape {list(label.shape)} differs from image shape {image_shape} "
+                                    f"({image_name})")
+    t = nio.ornt_transform(nio.io_orientation(affine), nio.io_orientation(image_affine))
+    if not np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
+        moved = nio.apply_orientation(label, t)
+        affine = affine @ nio.inv_ornt_aff(t, label.shape)
+        label = np.ascontiguousarray(moved)
+    if list(label.shape) != image_shape:
+        raise DataError(label_path, f"label shape {list(label.shape)} (in the image's axis order) differs from "
+                                    f"image shape {image_shape} ({image_name})")
+    if affines_match(affine, image_affine):
+        return label
+    what = []
+    ls, is_ = _spacing_of(affine), _spacing_of(image_affine)
+    if not np.allclose(ls, is_, atol=_AFFINE_ATOL_DIR, rtol=0):
+        what.append(f"spacing {'x'.join(f'{v:g}' for v in ls)} mm vs the image's {'x'.join(f'{v:g}' for v in is_)}")
+    angle = np.degrees(np.arccos(np.clip((_direction(affine) * _direction(image_affine)).sum(0), -1, 1))).max()
+    if angle > 0.01:
+        what.append(f"axis directions differ by up to {angle:.2f} degrees")
+    shift = float(np.linalg.norm(affine[:3, 3] - image_affine[:3, 3]))
+    if shift > _AFFINE_ATOL_ORIGIN:
+        what.append(f"origin {shift:.3g} mm away from the image's")
+    if not what:
+        what.append(f"affines differ by up to {float(np.abs(affine - image_affine).max()):.3g}")
+    raise DataError(label_path, f"label is not on the image's voxel grid ({'; '.join(what)}) ({image_name}); "
+                                "a label map must cover exactly the image's voxels")
+
+
 def preprocess_label(label_path: str, meta: dict, declared: dict[str, str] | None = None) -> np.ndarray:
     """Read a label map and bring it to cache space with the image's ``meta`` (nearest neighbour).
 
-    Checks it against the image (shape, orientation, affine) and, when ``declared`` (id string -> name) is
+    Checks it against the image in world space (``label_to_image_grid``: reordered to the image's axis
+    order, then same shape, spacing, direction and origin) and, when ``declared`` (id string -> name) is
     given, that every value is a declared class. Returns uint8 ``(X, Y, Z)`` (uint16 above 255).
     Records ``source.label`` and ``label_values`` in ``meta``.
     """
     label, affine, _ = read_label(label_path)
     orig = meta["original"]
-    if list(label.shape) != list(orig["shape"]):
-        raise DataError(label_path, f"label shape {list(label.shape)} differs from image shape {orig['shape']} "
-                                    f"({meta['source']['images'][0]})")
-    codes = [str(c) for c in nib.aff2axcodes(affine)]
-    if codes != list(orig["axcodes"]):
-        raise DataError(label_path, f"label orientation {''.join(codes)} differs from image orientation "
-                                    f"{''.join(orig['axcodes'])}")
-    if not affines_match(affine, np.asarray(orig["affine"])):
-        diff = float(np.abs(affine - np.asarray(orig["affine"])).max())
-        raise DataError(label_path, f"label affine differs from the image's (max difference {diff:.4g})")
+    label = label_to_image_grid(label, affine, np.asarray(orig["affine"]), orig["shape"], str(label_path),
+                                meta["source"]["images"][0])
     values = np.unique(label)
     if declared is not None:
         allowed = {int(k) for k in declared}
