@@ -278,3 +278,76 @@ def test_data_package_import_is_light():
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert d.split_cases is split_cases and d.build_train_loader is build_train_loader  # lazy names resolve
+
+
+def test_items_are_a_function_of_seed_epoch_index(coded_cache):
+    """Crops and augmentation of an item depend on (seed, epoch, index, repeat) only: not on the worker
+    that loads it nor on what was loaded before (issue 18.2: exact resume with workers)."""
+    from mambamim.data.loaders import ItemKey, item_seed
+
+    root, _ = coded_cache
+    ds = build_train_dataset(root, crop_size=16, num_crops=2, augment=True, seed=5)
+    first = ds[ItemKey(1, epoch=2)]
+    ds[0], ds[ItemKey(2, epoch=7)]  # other draws in between change nothing
+    again = ds[ItemKey(1, epoch=2)]
+    assert all(np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+               for a, b in zip(first, again))
+    differ = [ds[ItemKey(1, epoch=3)], ds[ItemKey(1, epoch=2, repeat=1)],
+              build_train_dataset(root, crop_size=16, num_crops=2, augment=True, seed=6)[ItemKey(1, epoch=2)]]
+    for other in differ:
+        assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    ds.set_epoch(2)  # a plain int takes the dataset's epoch
+    assert np.array_equal(ds[1][0]["image"], first[0]["image"])
+    assert item_seed(5, 2, 1) == item_seed(5, 2, 1) != item_seed(5, 2, 1, 1)
+    key = ItemKey(4, epoch=3, repeat=1)
+    import pickle
+
+    back = pickle.loads(pickle.dumps(key))
+    assert back == 4 and (back.epoch, back.repeat) == (3, 1) and hash(back) == hash(4)
+
+
+def test_loader_same_batches_with_any_workers_and_mid_epoch_start(coded_cache):
+    root, _ = coded_cache
+
+    def epochs(workers, start=None):
+        loader = build_train_loader(root, crop_size=16, num_crops=2, batch_size=2, num_workers=workers, seed=2)
+        out = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            if start is not None and epoch == 1:
+                loader.sampler.skip_next(start * loader.batch_size)
+            out.append([b["image"] for b in loader])
+        return out
+
+    ref = epochs(0)
+    assert [len(e) for e in ref] == [2, 2] and not torch.equal(ref[0][0], ref[1][0])
+    for workers in (1, 2):
+        got = epochs(workers)
+        assert all(torch.equal(a, b) for ea, eb in zip(ref, got) for a, b in zip(ea, eb))
+    resumed = epochs(2, start=1)  # epoch 1 from its second batch: exactly the uninterrupted one's
+    assert len(resumed[1]) == 1 and torch.equal(resumed[1][0], ref[1][1])
+
+
+def test_epoch_sampler_matches_distributed_sampler_and_skips_once(tmp_path):
+    from torch.utils.data.distributed import DistributedSampler
+
+    from mambamim.data.loaders import EpochSampler
+
+    data = list(range(7))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ours, theirs = EpochSampler(data, world, rank, seed=4), DistributedSampler(data, world, rank, seed=4)
+            for epoch in (0, 3):
+                ours.set_epoch(epoch)
+                theirs.set_epoch(epoch)
+                keys = list(ours)
+                assert keys == list(theirs) and len(ours) == len(theirs)
+                assert all(k.epoch == epoch for k in keys)
+                assert sum(k.repeat for k in keys) == sum(1 for p in range(rank, ours.total_size, world) if p >= 7)
+    s = EpochSampler(data, seed=1)
+    full = list(s)
+    s.skip_next(3)
+    assert list(s) == full[3:] and len(s) == 7
+    assert list(s) == full  # the skip applies to one pass only
+    with pytest.raises(ValueError):
+        s.skip_next(-1)

@@ -14,6 +14,11 @@ small) and kept in a small LRU. Centre sampling follows MONAI ``RandCropByPosNeg
 (pos:neg ratio, background restricted to ``image > image_threshold``, centres moved inside the
 volume, volumes smaller than the crop padded symmetrically with zeros); augmentations are MONAI
 transforms.
+
+Reproducibility: the training order is a function of (seed, epoch) and every item's crops and
+augmentation a function of (seed, epoch, index), not of worker processes or of what was loaded
+before, so a run resumed mid-epoch (``EpochSampler.skip_next``) sees exactly the batches an
+uninterrupted run sees, with any number of workers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from mambamim.data.cache import INDEX_NAME, check_cached_array, load_cache_index
 from mambamim.data.errors import DataError
@@ -137,8 +143,8 @@ class CacheCropSampled(Randomizable):
     uniform over the volume. Centres are moved so the
     crop lies inside the volume; axes shorter than the crop are zero-padded symmetrically.
 
-    Random draws use ``self.R`` (a ``numpy.random.RandomState``), so MONAI's ``set_rnd`` /
-    worker seeding make it reproducible.
+    Random draws use ``self.R`` (a ``numpy.random.RandomState``); :class:`CropDataset` seeds it
+    (through ``Compose.set_random_state``) for every item.
     """
 
     def __init__(self, crop_size: int | Sequence[int] = 96, num_crops: int = 4, labeled: bool = True,
@@ -322,6 +328,98 @@ def train_transforms(crop_size: int | Sequence[int] = 96, num_crops: int = 4, la
 # ---------------------------------------------------------------------------------------------
 # loaders
 # ---------------------------------------------------------------------------------------------
+class ItemKey(int):
+    """A dataset index that also names its ``epoch`` and ``repeat`` (0, or how many times the index
+    already came up in the epoch's padded order): what :class:`EpochSampler` yields. It compares
+    and hashes as the plain index; it reaches worker processes with the index, so persistent workers
+    need no epoch bookkeeping of their own."""
+
+    epoch: int
+    repeat: int
+
+    def __new__(cls, index: int, epoch: int = 0, repeat: int = 0) -> "ItemKey":
+        key = super().__new__(cls, index)
+        key.epoch, key.repeat = int(epoch), int(repeat)
+        return key
+
+    def __reduce__(self) -> tuple:
+        return ItemKey, (int(self), self.epoch, self.repeat)
+
+    def __repr__(self) -> str:
+        return f"ItemKey({int(self)}, epoch={self.epoch}, repeat={self.repeat})"
+
+
+def item_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The 32-bit seed of one training item's random draws (crop centres, augmentation), from
+    (seed, epoch, index, repeat) through NumPy's ``SeedSequence`` (well mixed, any ints >= 0)."""
+    words = [int(v) % 2**64 for v in (seed, epoch, index, repeat)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+class CropDataset(TorchDataset):
+    """Training items of cache cases: item ``i`` is ``transform(cases[i])`` (a list of crop dicts)
+    with every random draw of the transform seeded from (``seed``, epoch, ``i``, repeat).
+
+    The key may be an :class:`ItemKey` (epoch and repeat travel with it, as :class:`EpochSampler`
+    yields them) or a plain int (epoch from :meth:`set_epoch`, repeat 0). The same key always gives
+    the same crops, in the main process or in any worker.
+    """
+
+    def __init__(self, data: Sequence[dict], transform: Any, seed: int = 0) -> None:
+        if not data:
+            raise ValueError("no cases")
+        if not hasattr(transform, "set_random_state"):
+            raise ValueError("transform must be a MONAI Randomizable (e.g. Compose) with set_random_state")
+        self.data = list(data)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain int keys."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, key: int) -> Any:
+        i = int(key)
+        epoch, repeat = getattr(key, "epoch", self.epoch), getattr(key, "repeat", 0)
+        self.transform.set_random_state(seed=item_seed(self.seed, epoch, i, repeat))
+        return self.transform(self.data[i])
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (same shuffle from ``seed + epoch``, same padding and sharding) whose
+    indices are :class:`ItemKey` s carrying the epoch, and which can start a pass mid-epoch.
+
+    ``skip_next(k)``: the next pass leaves out this rank's first ``k`` items (a resumed run skips
+    the batches it had consumed without loading them). ``len()`` stays the full per-rank length.
+    The order is built when ``iter()`` is called, so later ``set_epoch`` calls do not touch a pass
+    already started.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._skip = 0
+
+    def skip_next(self, items: int) -> None:
+        """Leave out the first ``items`` items of this rank in the next pass only."""
+        if items < 0:
+            raise ValueError(f"items must be >= 0, got {items}")
+        self._skip = int(items)
+
+    def __iter__(self) -> Iterator[ItemKey]:
+        n = len(self.dataset)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        # DistributedSampler pads by cycling through the order: padded position p holds order[p % n]
+        mine = [ItemKey(order[p % n], self.epoch, p // n) for p in range(self.rank, self.total_size, self.num_replicas)]
+        skip, self._skip = self._skip, 0
+        return iter(mine[skip:])
+
+
 def _dist_info(distributed: tuple[int, int] | bool | None) -> tuple[int, int]:
     """(rank, world) from an explicit pair, or from torch.distributed when initialised."""
     if distributed is False:
@@ -340,15 +438,15 @@ def _dist_info(distributed: tuple[int, int] | bool | None) -> tuple[int, int]:
 
 def build_train_dataset(cache_dir: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
                         crop_size: int | Sequence[int] = (96, 96, 96), num_crops: int = 4,
-                        labeled: bool | None = None, augment: bool = True, **sampler_kwargs: Any):
-    """MONAI ``Dataset`` over cache cases; item i is a list of ``num_crops`` crop dicts of case i.
+                        labeled: bool | None = None, augment: bool = True, seed: int = 0,
+                        **sampler_kwargs: Any) -> CropDataset:
+    """:class:`CropDataset` over cache cases; item i is a list of ``num_crops`` crop dicts of case i.
 
     Each dict: ``image`` float32 (C, *crop_size), ``label`` int64 (1, *crop_size) when labeled.
     ``labeled=None``: labeled if every selected case has a label; ``labeled=False`` ignores labels
-    (pre-training). Extra keyword arguments go to ``CacheCropSampled`` (pos, neg, thresholds...).
+    (pre-training). The crops and augmentation of an item are a function of (``seed``, epoch,
+    index). Extra keyword arguments go to ``CacheCropSampled`` (pos, neg, thresholds...).
     """
-    from monai.data import Dataset
-
     cases = _select_cases(cache_dir, case_ids)
     with_label = [c["label"] is not None for c in cases]
     if labeled is None:
@@ -359,8 +457,8 @@ def build_train_dataset(cache_dir: str | os.PathLike, case_ids: Sequence[str] | 
     elif labeled and not all(with_label):
         missing = [c["id"] for c, w in zip(cases, with_label) if not w]
         raise ValueError(f"labeled=True but cases {missing[:10]} have no label")
-    return Dataset(data=cases, transform=train_transforms(crop_size, num_crops, bool(labeled), augment,
-                                                          **sampler_kwargs))
+    return CropDataset(cases, train_transforms(crop_size, num_crops, bool(labeled), augment, **sampler_kwargs),
+                       seed=seed)
 
 
 def build_train_loader(cache_dir: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
@@ -375,15 +473,16 @@ def build_train_loader(cache_dir: str | os.PathLike, case_ids: Sequence[str] | N
     (``label`` only when labeled; the last batch may hold fewer volumes unless ``drop_last``).
 
     Sharding: with torch.distributed initialised (or ``distributed=(rank, world)``) each rank
-    reads its shard through a ``DistributedSampler`` (padded to equal length, so every rank runs
-    the same number of steps); otherwise a one-replica ``DistributedSampler`` shuffles. Call
-    ``loader.sampler.set_epoch(epoch)`` every epoch (``infinite_batches`` does it).
+    reads its shard through an :class:`EpochSampler` (a ``DistributedSampler``, padded to equal
+    length, so every rank runs the same number of steps); otherwise a one-replica sampler shuffles.
+    Call ``loader.sampler.set_epoch(epoch)`` every epoch (``infinite_batches`` does it).
 
-    Reproducible for a given ``seed``: the shuffle uses ``seed`` + epoch, and the crop / augmentation
-    random state of every worker comes from a generator seeded with ``seed`` and the rank.
+    Reproducible for a given ``seed`` whatever ``num_workers``: the shuffle uses ``seed`` + epoch,
+    and each item's crops and augmentation are seeded from (``seed``, epoch, index), so they do not
+    depend on which worker loads them or on what was loaded before. A resumed run starts mid-epoch
+    with ``loader.sampler.skip_next(batches * batch_size)``.
     """
-    from monai.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
+    from torch.utils.data import DataLoader
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -391,8 +490,10 @@ def build_train_loader(cache_dir: str | os.PathLike, case_ids: Sequence[str] | N
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     rank, world = _dist_info(distributed)
     dataset = build_train_dataset(cache_dir, case_ids, crop_size=crop_size, num_crops=num_crops, labeled=labeled,
-                                  augment=augment, **sampler_kwargs)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+                                  augment=augment, seed=seed, **sampler_kwargs)
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=seed)
+    # the loader draws its workers' base seed from this generator, not from the global one (which the
+    # model's masks use); items seed themselves, so the value does not matter
     generator = torch.Generator()
     generator.manual_seed(int(seed) * 1_000_003 + rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

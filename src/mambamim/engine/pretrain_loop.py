@@ -497,8 +497,10 @@ class TrainLoop:
         interrupted run had them: at an epoch boundary before the epoch's iterator is created;
         mid-epoch, the epoch-start state is restored, the epoch's iterator recreated and the
         consumed batches replayed, then the checkpoint-time state restored. This is exact whatever
-        randomness the sampler and dataset use (with ``num_workers=0``; with workers, as exact as
-        the loader's per-epoch seeding).
+        randomness the sampler and dataset use with ``num_workers=0``. The cache loader
+        (:func:`mambamim.data.loaders.build_train_loader`) makes its order a function of (seed,
+        epoch) and each item a function of (seed, epoch, index): its consumed batches are skipped
+        without loading them (``sampler.skip_next``), and resume is exact with any number of workers.
         """
         first = True
         self.loader = loader
@@ -517,7 +519,7 @@ class TrainLoop:
                 self.epoch_rng = self.capture_rng()
             elif world_size == len(rng):
                 self.epoch_rng = rng[rank].get("epoch_start")
-            iterator = open_epoch(loader, self.position.epoch, self.position.batch)
+            iterator = _open_epoch(loader, self.position.epoch, self.position.batch)
             if first and rng and self.position.batch > 0:
                 self.restore_rng(rng, "now", rank, world_size)
             first = False
@@ -525,6 +527,18 @@ class TrainLoop:
                 yield batch
                 if self.position.batch >= n:
                     break
+
+
+def _open_epoch(loader: Any, epoch: int, skip: int) -> Iterator[Any]:
+    """Epoch ``epoch`` of ``loader`` from batch ``skip`` on: a sampler with ``skip_next`` (whose items
+    do not depend on what was loaded before) leaves the consumed items out; any other loader loads
+    and drops them (see :func:`mambamim.engine.schedule.open_epoch`)."""
+    sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if skip and hasattr(sampler, "skip_next") and batch_size:
+        sampler.skip_next(skip * batch_size)  # the skipped batches are full: only an epoch's last may be short
+        return open_epoch(loader, epoch, 0)
+    return open_epoch(loader, epoch, skip)
 
 
 def window_peak_memory(device: torch.device) -> dict[str, float]:
