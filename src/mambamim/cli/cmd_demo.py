@@ -1,7 +1,8 @@
 """``mambamim demo``: the whole pipeline on synthetic data, on CPU in minutes.
 
-Synthetic phantoms -> cache -> MambaMIM pre-training of a tiny HyMamba -> fine-tuning from scratch
-and from the pre-trained encoder -> evaluation of both -> paired comparison -> ``OUT/report.md``.
+Unlabelled and labelled synthetic phantoms -> cache -> MambaMIM pre-training of a tiny HyMamba ->
+fine-tuning on a few labelled cases from scratch and from the pre-trained encoder (best checkpoint by
+validation Dice) -> evaluation of both on held-out test cases -> paired comparison -> ``OUT/report.md``.
 """
 
 from __future__ import annotations
@@ -13,23 +14,23 @@ from mambamim.cli.cmd_predict import error
 
 # The defaults of mambamim.engine.demo.DemoSettings, written out so that building the parser does not
 # import the engine (and torch); tests/cli/test_fast_help.py checks that they match.
-DEFAULTS = dict(num_cases=10, num_test=3, crop=32, pretrain_steps=100, finetune_iterations=300, model="hymamba",
-                size="tiny", seed=0)
+DEFAULTS = dict(num_unlabeled=48, num_train=3, num_val=2, num_test=8, crop=32, pretrain_steps=300,
+                finetune_iterations=300, model="hymamba", size="tiny", seed=0)
+_HELP = dict(num_unlabeled="unlabelled phantoms (pre-training only)", num_train="labelled cases that fine-tune",
+             num_val="labelled cases that pick the best checkpoint", num_test="labelled held-out test cases",
+             crop="crop side, multiple of 16", pretrain_steps="pre-training steps",
+             finetune_iterations="fine-tuning iterations per run", model="network", size="network size preset",
+             seed="seed of data, masks and weights")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = argparse.Namespace(**DEFAULTS)
     parser.add_argument("--out", default="mambamim-demo", help="output folder (default ./mambamim-demo)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     parser.add_argument("--quick", action="store_true", help="the smallest setting that runs every stage (smoke test)")
-    parser.add_argument("--num-cases", type=int, default=None, help=f"synthetic volumes (default {d.num_cases})")
-    parser.add_argument("--num-test", type=int, default=None, help=f"held-out cases (default {d.num_test})")
-    parser.add_argument("--crop", type=int, default=None, help=f"crop side, multiple of 16 (default {d.crop})")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help=f"default {d.pretrain_steps}")
-    parser.add_argument("--finetune-iterations", type=int, default=None, help=f"default {d.finetune_iterations}")
-    parser.add_argument("--model", default=None, help=f"network (default {d.model})")
-    parser.add_argument("--size", default=None, help=f"network size preset (default {d.size})")
-    parser.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    for name, default in DEFAULTS.items():
+        kind = str if isinstance(default, str) else int
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{_HELP[name]} (default {default})")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamim.engine.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    for name in ("num_cases", "num_test", "crop", "pretrain_steps", "finetune_iterations", "model", "size", "seed"):
+    for name in DEFAULTS:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_demo(args.out, device=args.device, settings=settings, progress=args.progress)
     dt = time.perf_counter() - t0
-    print("mean Dice on held-out cases: " + ", ".join(f"{k} {v:.4f}" for k, v in result.mean_dice.items()))
+    print("mean Dice on held-out test cases: " + ", ".join(f"{k} {v:.4f}" for k, v in result.mean_dice.items()))
+    print(result.verdict)
     print("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     print(f"demo finished in {dt:.0f} s; report: {result.report}")
     return 0

@@ -218,6 +218,26 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     return _save_png(fig, out_png)
 
 
+def plot_curve_panels(panels: Sequence[tuple[str, str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+                      out_png: str | os.PathLike, xlabel: str = "step", title: str | None = None) -> Path:
+    """Side-by-side line plots: each panel is ``(title, ylabel, {label: (x, y)})``. Returns the PNG path."""
+    fig = _figure(5.0 * max(1, len(panels)), 3.6)
+    for k, (panel_title, ylabel, curves) in enumerate(panels):
+        ax = fig.add_subplot(1, max(1, len(panels)), k + 1)
+        for label, (x, y) in curves.items():
+            if len(x):
+                ax.plot(list(x), list(y), label=label, marker="o" if len(x) < 20 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, out_png)
+
+
 def plot_dice_bars(tables: dict[str, MetricTable], out_png: str | os.PathLike,
                    title: str = "Dice per class") -> Path:
     """Grouped bar chart of the per-class mean Dice of one or more evaluations. Returns the PNG path."""
