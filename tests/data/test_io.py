@@ -156,7 +156,9 @@ def test_plain_folders_and_pairs(tmp_path, dh):
     dh.write_nifti(tmp_path / "flat" / "lonely_seg.nii.gz", lab, a)
     cases = {c.case_id: c for c in discover_cases(tmp_path / "flat")}
     assert set(cases) == {"ct1", "ct2", "patient7", "lonely_seg"}
-    assert "looks like a label map" in cases["lonely_seg"].error
+    # named like a label, nothing to pair with: an image candidate, checked by its values when prepared
+    assert cases["lonely_seg"].error is None and cases["lonely_seg"].label_named
+    assert not cases["ct1"].label_named and not cases["patient7"].label_named
     assert cases["ct1"].label_path.endswith("ct1_seg.nii.gz") and cases["ct2"].label_path is None
     assert cases["patient7"].label_path.endswith("patient7/label.nii.gz")
     dh.write_nifti(tmp_path / "pairs" / "images" / "x1.nii.gz", img, a)

@@ -43,7 +43,9 @@ class CaseSpec:
 
     ``image_paths`` has one entry per channel (a NIfTI file or a DICOM series ``folder#uid``);
     ``split`` is a hint from the layout ("train", "val", "test" or None); ``error`` is set when
-    discovery already found a problem (missing file, orphan label), with ``error_path`` naming the file.
+    discovery already found a problem (missing file, orphan label), with ``error_path`` naming the file;
+    ``label_named`` marks an image whose file name looks like a label's (``x_seg.nii.gz`` with no ``x.nii.gz``
+    beside it): it is read as an image unless its values look like a label map (``looks_like_label_map``).
     """
 
     case_id: str
@@ -53,10 +55,12 @@ class CaseSpec:
     source: str | None = None
     error: str | None = None
     error_path: str | None = None
+    label_named: bool = False  # an image whose name looks like a label's, with no image to pair with
 
     def to_dict(self) -> dict[str, Any]:
         return {"case_id": self.case_id, "image_paths": list(self.image_paths), "label_path": self.label_path,
-                "split": self.split, "source": self.source, "error": self.error, "error_path": self.error_path}
+                "split": self.split, "source": self.source, "error": self.error, "error_path": self.error_path,
+                "label_named": self.label_named}
 
 
 @dataclass
@@ -64,7 +68,7 @@ class DatasetSpec:
     """What ``discover_dataset`` found: the cases, the declared classes (id string -> name) if any."""
 
     root: str
-    kind: str  # "nifti", "dicom", "mixed", "nnunet", "decathlon", "pairs"
+    kind: str  # "nifti", "dicom", "mixed", "nnunet", "decathlon", "pairs", "manifest"
     cases: list[CaseSpec] = field(default_factory=list)
     labels: dict[str, str] | None = None
     channel_names: dict[str, str] | None = None
@@ -344,7 +348,9 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _safe_id(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+    """A case id that is also a safe folder name: letters and digits of any script, ``.``, ``_`` and ``-`` are
+    kept as given (``Müller_01``, ``患者_7``); runs of anything else (spaces, ``:``, slashes) become ``_``."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "case"
 
 
 def _dedupe(cases: list[CaseSpec]) -> list[CaseSpec]:
@@ -513,40 +519,162 @@ def _label_partner(stem: str, stems: set[str]) -> str | None:
     return None
 
 
+def _is_label_name(stem: str) -> bool:
+    low = stem.lower()
+    return low in _LABEL_STEMS or low.endswith(_LABEL_SUFFIXES)
+
+
+def looks_like_label_map(data: np.ndarray, max_values: int = 32) -> bool:
+    """True when ``data`` (any shape) holds only non-negative integers with at most ``max_values`` distinct
+    values, as a label map does and a CT (negative Hounsfield units) or an MR (many grey levels) does not."""
+    if data.size == 0:
+        return False
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            return False
+    if data.min() < 0:
+        return False
+    return len(np.unique(data)) <= max_values
+
+
+@dataclass
+class _Folder:
+    path: Path
+    rel: Path
+    niftis: dict[str, str]  # stem -> path
+    series: dict[str, list[str]]  # SeriesInstanceUID -> files
+
+
+def _dicom_label_pairs(folders: list[_Folder]) -> dict[tuple[Path, str], tuple[str, str, Path]]:
+    """DICOM series paired with a NIfTI label map in a case folder.
+
+    A folder holding exactly one label-named NIfTI (``label.nii.gz``, ``seg.nii.gz``, ``segmentation.nii.gz``,
+    ``mask.nii.gz`` ...), no image NIfTI, and exactly one DICOM series (in the folder itself or, when it has
+    none, in its direct subfolders) pairs the two. Returns ``{(series folder, uid): (label stem, label path,
+    case folder)}``.
+    """
+    by_path = {f.path: f for f in folders}
+    pairs: dict[tuple[Path, str], tuple[str, str, Path]] = {}
+    for f in folders:
+        labels = [s for s in f.niftis if s.lower() in _LABEL_STEMS]
+        others = [s for s in f.niftis if s not in labels]
+        if len(labels) != 1 or others:
+            continue
+        cands = [(f.path, uid) for uid in f.series]
+        if not cands:
+            for sub in sorted(p for p in by_path if p.parent == f.path):
+                if not by_path[sub].niftis:
+                    cands += [(sub, uid) for uid in by_path[sub].series]
+        if len(cands) == 1:
+            pairs[cands[0]] = (labels[0], f.niftis[labels[0]], f.path)
+    return pairs
+
+
 def _generic(root: Path) -> DatasetSpec:
-    cases: list[CaseSpec] = []
-    kinds = set()
+    folders: list[_Folder] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         d = Path(dirpath)
-        rel = d.relative_to(root)
-        prefix = "_".join(rel.parts) if rel.parts else root.name
         niftis = {strip_nifti_ext(f): str(d / f) for f in sorted(filenames) if is_nifti(f) and not f.startswith(".")}
-        stems = set(niftis)
+        others = [f for f in filenames if not is_nifti(f) and not f.startswith(".")]
+        folders.append(_Folder(d, d.relative_to(root), niftis, scan_dicom_folder(d) if others else {}))
+    dicom_labels = _dicom_label_pairs(folders)
+    label_of_folder = {case_dir: stem for stem, _, case_dir in dicom_labels.values()}
+
+    def prefix_of(rel: Path) -> str:
+        return "_".join(rel.parts) if rel.parts else root.name
+
+    cases: list[CaseSpec] = []
+    kinds = set()
+    for f in folders:
+        d, rel, niftis = f.path, f.rel, f.niftis
+        prefix = prefix_of(rel)
+        stems = set(niftis) - ({label_of_folder[d]} if d in label_of_folder else set())
         partners = {s: _label_partner(s, stems) for s in stems}
         label_of = {img: s for s, img in partners.items() if img is not None}
         for s in sorted(stems):
             if partners[s] is not None:
                 continue
-            low = s.lower()
-            if low in _LABEL_STEMS or low.endswith(_LABEL_SUFFIXES):
-                cases.append(CaseSpec(f"{prefix}_{s}" if rel.parts else s, [], niftis[s], None, str(root),
-                                      "looks like a label map (by its name) but no image of the same name is "
-                                      "next to it", niftis[s]))
-                continue
             kinds.add("nifti")
             cid = prefix if (s.lower() in _IMAGE_STEMS) else (f"{prefix}_{s}" if rel.parts else s)
             lbl = niftis[label_of[s]] if s in label_of else None
-            cases.append(CaseSpec(cid, [niftis[s]], lbl, None, str(root)))
-        others = [f for f in filenames if not is_nifti(f) and not f.startswith(".")]
-        if others:
-            series = scan_dicom_folder(d)
-            for i, uid in enumerate(sorted(series, key=lambda u: series[u][0])):
-                kinds.add("dicom")
-                cid = prefix if len(series) == 1 else f"{prefix}_series{i + 1}"
-                cases.append(CaseSpec(cid, [f"{d}#{uid}"], None, None, str(root)))
+            cases.append(CaseSpec(cid, [niftis[s]], lbl, None, str(root), label_named=_is_label_name(s)))
+        for i, uid in enumerate(sorted(f.series, key=lambda u: f.series[u][0])):
+            kinds.add("dicom")
+            paired = dicom_labels.get((d, uid))
+            if paired is not None:
+                _, label_path, case_dir = paired
+                cases.append(CaseSpec(prefix_of(case_dir.relative_to(root)), [f"{d}#{uid}"], label_path, None,
+                                      str(root)))
+                continue
+            cid = prefix if len(f.series) == 1 else f"{prefix}_series{i + 1}"
+            cases.append(CaseSpec(cid, [f"{d}#{uid}"], None, None, str(root)))
     kind = "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "nifti")
     return DatasetSpec(str(root), kind, _dedupe(cases), _sidecar_labels(root))
+
+
+_MANIFEST_SUFFIXES = (".csv", ".tsv")
+_MANIFEST_ID_COLUMNS = ("case", "case_id", "id")
+
+
+def _manifest(path: Path, rows: list[dict[str, Any]] | None = None) -> DatasetSpec:
+    """Cases listed in a manifest: a CSV / TSV file with a header, or a JSON list of objects.
+
+    Columns (keys): ``image`` (required; a NIfTI file, a DICOM series folder, ``folder#SeriesInstanceUID`` or
+    one DICOM file; several channels separated by ``;``), ``label`` (optional NIfTI label map), ``case``
+    (optional id, default the image's file or folder name) and ``split`` (optional: train, val or test).
+    Relative paths are relative to the manifest's folder.
+    """
+    import csv
+
+    base = path.parent
+    if rows is None:
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+                columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+                rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(path, f"cannot read manifest ({type(exc).__name__}: {exc})") from exc
+    else:
+        columns = sorted({str(k).lower() for r in rows if isinstance(r, dict) for k in r})
+    if "image" not in columns:
+        raise DataError(path, f"manifest has no 'image' column (columns: {', '.join(columns) or 'none'}); "
+                              "give a header line 'case,image,label,split' (case, label and split are optional)")
+
+    def resolve(p: str) -> str:
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else str((base / p).resolve())
+
+    cases: list[CaseSpec] = []
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            cases.append(CaseSpec(f"row{n}", [], None, None, str(path), f"manifest entry {n} is not an object",
+                                  str(path)))
+            continue
+        row = {str(k).lower(): ("" if v is None else str(v).strip()) for k, v in row.items()}
+        if not any(row.values()):
+            continue
+        images = [resolve(p.strip()) for p in row.get("image", "").split(";") if p.strip()]
+        label = resolve(row["label"]) if row.get("label") else None
+        cid = next((row[k] for k in _MANIFEST_ID_COLUMNS if row.get(k)), "")
+        if not cid and images:
+            cid = strip_nifti_ext(os.path.basename(_split_series(images[0])[0].rstrip("/")))
+        split = (row.get("split") or "").lower() or None
+        spec = CaseSpec(cid or f"row{n}", images, label, split, str(path))
+        if not images:
+            spec.error, spec.error_path = f"manifest row {n} has no image", str(path)
+        elif split not in (None, "train", "val", "test"):
+            spec.error, spec.error_path = f"manifest row {n}: split {split!r} is not train, val or test", str(path)
+        else:
+            for p in images + ([label] if label else []):
+                if not os.path.exists(_split_series(p)[0]):
+                    spec.error, spec.error_path = "file listed in the manifest does not exist", p
+                    break
+        cases.append(spec)
+    if not cases:
+        raise DataError(path, "manifest lists no case")
+    return DatasetSpec(str(base), "manifest", _dedupe(cases), _sidecar_labels(base))
 
 
 def discover_dataset(path: str | os.PathLike) -> DatasetSpec:
@@ -562,8 +690,14 @@ def discover_dataset(path: str | os.PathLike) -> DatasetSpec:
     if not p.exists():
         raise DataError(p, "input does not exist")
     if p.is_file():
+        if p.suffix.lower() in _MANIFEST_SUFFIXES:
+            return _manifest(p)
         if p.name.lower().endswith(".json"):
             meta = _load_json(p)
+            if isinstance(meta, list):
+                return _manifest(p, meta)
+            if not isinstance(meta, dict):
+                raise DataError(p, "JSON is neither a list of cases nor a Decathlon / nnU-Net dataset.json")
             if isinstance(meta.get("training"), list) or isinstance(meta.get("test"), list):
                 return _decathlon(p, meta)
             if (p.parent / "imagesTr").is_dir():
@@ -579,6 +713,9 @@ def discover_dataset(path: str | os.PathLike) -> DatasetSpec:
             return DatasetSpec(str(p.parent), "dicom", [CaseSpec(_safe_id(p.parent.name), [f"{p.parent}#{uid}"],
                                                                  None, None, str(p))])
         raise DataError(p, "unsupported input file: expected .nii/.nii.gz, a DICOM file, a dataset.json or a folder")
+    for name in ("manifest.csv", "manifest.tsv"):
+        if (p / name).is_file():
+            return _manifest(p / name)
     ds_json = p / "dataset.json"
     if ds_json.is_file():
         meta = _load_json(ds_json)

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mambamim.data.cache import (CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, REPORT_NAME, case_dir, case_paths,
                                  read_json, save_npy_atomic, write_json_atomic)
 from mambamim.data.errors import DataError
-from mambamim.data.io import CaseSpec, discover_dataset
+from mambamim.data.io import CaseSpec, discover_dataset, looks_like_label_map, read_image
 from mambamim.data.preprocess import PreprocessParams, preprocess_image, preprocess_label
 
 logger = logging.getLogger(__name__)
@@ -22,13 +24,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PrepareReport:
-    """Outcome of ``prepare_dataset``. ``failed`` / ``warnings`` entries: {"case", "file", "problem"}."""
+    """Outcome of ``prepare_dataset``. ``failed`` / ``excluded`` / ``warnings`` entries: {"case", "file",
+    "problem"}; ``excluded`` cases were readable but are left out of the cache (constant images)."""
 
     out: str
     prepared: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] | None = None
     seconds: float = 0.0
 
@@ -44,12 +48,19 @@ class PrepareReport:
         return 0
 
     def summary(self) -> str:
+        excluded = f"{len(self.excluded)} left out (constant), " if self.excluded else ""
         return (f"{len(self.prepared)} prepared, {len(self.skipped)} skipped (already done), "
-                f"{len(self.failed)} failed, {len(self.warnings)} warnings in {self.seconds:.1f} s -> {self.out}")
+                f"{len(self.failed)} failed, {excluded}{len(self.warnings)} warnings in {self.seconds:.1f} s "
+                f"-> {self.out}")
+
+    def problems(self) -> str:
+        """The failed and left-out cases, one ``case: file: problem`` line each (empty when none)."""
+        return "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in self.failed + self.excluded)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "prepared": self.prepared, "skipped": self.skipped, "failed": self.failed,
-                "warnings": self.warnings, "labels": self.labels, "seconds": round(self.seconds, 3)}
+                "excluded": self.excluded, "warnings": self.warnings, "labels": self.labels,
+                "seconds": round(self.seconds, 3)}
 
 
 def _source_stat(spec: CaseSpec) -> list[list[float]]:
@@ -83,20 +94,59 @@ def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict 
     return meta
 
 
+def _constant_problem(meta: dict, image: np.ndarray) -> str | None:
+    """Why a case's image holds nothing to learn from (every voxel equal, before or after the HU window)."""
+    lo, hi = meta.get("input_range", [None, None])
+    if lo is not None and lo == hi:
+        return f"constant image (every voxel is {lo:g}): nothing to learn from"
+    if image.size and float(image.min()) == float(image.max()):
+        inten = meta.get("intensity", {})
+        return (f"constant image after the intensity window [{inten.get('hu_min', 0):g}, "
+                f"{inten.get('hu_max', 0):g}] (input values {lo:g} to {hi:g}): nothing to learn from")
+    return None
+
+
+def _check_not_a_label(spec: CaseSpec) -> None:
+    """An image named like a label (``x_seg.nii.gz`` with no ``x.nii.gz``) is an image unless its values
+    look like a label map: then it is a label whose image is missing."""
+    path = spec.image_paths[0]
+    data, _, _ = read_image(path, dtype=None)
+    if looks_like_label_map(data):
+        values = np.unique(data)
+        raise DataError(path, f"looks like a label map (its name, and its values: {len(values)} integers "
+                              f"{int(values.min())}..{int(values.max())}) but no image of the same name is beside "
+                              "it: name the pair x.nii.gz + x_seg.nii.gz (or image.nii.gz + label.nii.gz), or list "
+                              "them in a manifest (docs/DATA.md)")
+
+
 def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParams,
-                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+                 labels: dict[str, str] | None = None, keep_constant: bool = False) -> dict[str, Any]:
     """Preprocess one case and write it into the cache at ``out`` (image, label, then meta.json last).
 
-    Returns ``{"id", "status": "ok"|"failed", "shape", "has_label", "label_values", "warnings", "error"}``;
-    never raises for data problems (they come back as ``error = {"case", "file", "problem"}``).
+    Returns ``{"id", "status": "ok"|"failed"|"excluded", "shape", "has_label", "label_values", "warnings",
+    "error"}``; never raises for data problems (they come back as ``error = {"case", "file", "problem"}``).
+    A constant image is ``excluded`` (nothing written) unless ``keep_constant``, which keeps it with a warning.
     """
     result: dict[str, Any] = {"id": spec.case_id, "status": "failed", "warnings": [], "error": None}
     try:
+        if spec.label_named:
+            _check_not_a_label(spec)
         image, meta = preprocess_image(spec.image_paths, params, case_id=spec.case_id)
-        label = preprocess_label(spec.label_path, meta, labels) if spec.label_path else None
+        constant = _constant_problem(meta, image)
         d = case_dir(out, spec.case_id)
-        d.mkdir(parents=True, exist_ok=True)
         meta_path = d / "meta.json"
+        if constant and not keep_constant:
+            if meta_path.exists():  # an earlier version of this case is no longer valid
+                meta_path.unlink()
+            result.update(status="excluded", error={
+                "case": spec.case_id, "file": spec.image_paths[0],
+                "problem": f"{constant}; left out of the cache (prepare with --keep-constant to keep it)"})
+            return result
+        if constant:
+            meta.setdefault("warnings", []).append({"file": spec.image_paths[0],
+                                                    "problem": f"{constant}; kept (--keep-constant)"})
+        label = preprocess_label(spec.label_path, meta, labels) if spec.label_path else None
+        d.mkdir(parents=True, exist_ok=True)
         if meta_path.exists():  # stale case being redone: unfinished until the new meta lands
             meta_path.unlink()
         save_npy_atomic(d / "image.npy", image)
@@ -113,12 +163,36 @@ def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParam
                       warnings=[{"case": spec.case_id, **w} for w in meta.get("warnings", [])])
     except DataError as exc:
         result["error"] = {"case": spec.case_id, "file": exc.path, "problem": exc.problem}
+    except OSError as exc:  # writing the cache: disk full, permissions
+        result["error"] = {"case": spec.case_id, "file": exc.filename or str(out),
+                           "problem": f"cannot write the cache ({exc.strerror or exc})"}
     except Exception as exc:  # keep going with the other cases; the traceback goes to the debug log
         logger.debug("case %s failed:\n%s", spec.case_id, traceback.format_exc())
         first = spec.image_paths[0] if spec.image_paths else spec.label_path
         result["error"] = {"case": spec.case_id, "file": first,
                            "problem": f"unexpected error ({type(exc).__name__}: {exc})"}
     return result
+
+
+def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
+    """Create the output folder ``out`` (parents too) after checking that it can be: raises DataError naming
+    it when it is a file, lies under a file, or is not writable. Returns the resolved path."""
+    out_p = Path(out).expanduser().resolve()
+    if out_p.exists() and not out_p.is_dir():
+        raise DataError(out_p, f"{option} is a file, not a folder; give a folder (it is created if missing)")
+    anc = out_p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DataError(out_p, f"{option} cannot be created: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        where = "" if anc == out_p else f" ({anc} is read-only, so the folder cannot be created)"
+        raise DataError(out_p, f"{option} is not writable{where}; give a folder you can write to")
+    try:
+        out_p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(out_p, f"{option} cannot be created ({exc.strerror or exc})") from None
+    return out_p
 
 
 def _mp_context():
@@ -140,20 +214,22 @@ def _labels_from_values(values: set[int]) -> dict[str, str] | None:
 
 
 def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: PreprocessParams | None = None,
-                    workers: int = 1, strict: bool = False, progress: bool = True) -> PrepareReport:
+                    workers: int = 1, strict: bool = False, progress: bool = True, keep_constant: bool = False,
+                    log_problems: bool = True) -> PrepareReport:
     """Discover the cases under ``input``, check and preprocess them into the cache ``out``.
 
     Finished cases (meta.json present, same sources and parameters) are skipped, so an interrupted run can
-    be restarted. Bad inputs are collected in ``out/report.json`` while the good ones are prepared.
-    ``strict`` only affects ``PrepareReport.exit_code``. Raises DataError when ``input`` holds no cases.
+    be restarted. Bad inputs are collected in ``out/report.json`` while the good ones are prepared; with
+    ``log_problems`` one warning lists every failed case with its file and reason. A constant image is left
+    out (``report.excluded``) unless ``keep_constant``. ``strict`` only affects ``PrepareReport.exit_code``.
+    Raises DataError when ``input`` holds no cases or ``out`` cannot be written.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     params = params or PreprocessParams()
     t0 = time.perf_counter()
-    out_p = Path(out).expanduser().resolve()
     ds = discover_dataset(input)
-    out_p.mkdir(parents=True, exist_ok=True)
+    out_p = check_out_dir(out)
     report = PrepareReport(out=str(out_p))
     old_index = out_p / INDEX_NAME
     if old_index.is_file():
@@ -197,9 +273,11 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
             has_label[res["id"]] = res["has_label"]
             label_values.update(res["label_values"])
             report.warnings.extend(res["warnings"])
+        elif res["status"] == "excluded":
+            report.excluded.append(res["error"])
         else:
             report.failed.append(res["error"])
-            logger.warning("%s: %s", res["error"]["file"], res["error"]["problem"])
+            logger.debug("%s: %s", res["error"]["file"], res["error"]["problem"])
 
     from tqdm.auto import tqdm
 
@@ -208,11 +286,12 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
         if workers == 1 or len(todo) <= 1:
             for spec in todo:
                 bar.set_postfix_str(spec.case_id, refresh=False)
-                collect(prepare_case(spec, out_p, params, ds.labels))
+                collect(prepare_case(spec, out_p, params, ds.labels, keep_constant))
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context()) as pool:
-                futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels) for spec in todo]
+                futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels, keep_constant)
+                           for spec in todo]
                 for fut in as_completed(futures):
                     collect(fut.result())
                     bar.update(1)
@@ -221,6 +300,8 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
 
     order = {c.case_id: i for i, c in enumerate(ds.cases)}
     report.prepared.sort(key=order.__getitem__)
+    for entries in (report.failed, report.excluded):
+        entries.sort(key=lambda e: order.get(e["case"], len(order)))
     ready = [c for c in ds.cases if c.case_id in shapes]
     report.labels = ds.labels if ds.labels is not None else (
         _labels_from_values(label_values) if any(has_label.values()) else None)
@@ -236,5 +317,12 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
     report.seconds = time.perf_counter() - t0
     report_dict = {k: v for k, v in report.to_dict().items() if k != "labels"}
     write_json_atomic(out_p / REPORT_NAME, {**report_dict, "input": str(input), "strict": strict})
+    if log_problems and report.failed:
+        logger.warning("%d of %d cases failed and are not in the cache (also in %s):\n%s", len(report.failed),
+                       len(ds.cases), out_p / REPORT_NAME,
+                       "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in report.failed))
+    if log_problems and report.excluded:
+        logger.warning("%d case(s) left out of the cache:\n%s", len(report.excluded),
+                       "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in report.excluded))
     logger.info("%s", report.summary())
     return report
