@@ -25,28 +25,48 @@ def _mask_fraction(png):
     return float((np.abs(rgb - MASK_RGB).max(-1) < 2 / 255).mean())
 
 
+def _column_mask_fraction(png, column):
+    """Share of mask-coloured pixels in one of the four image columns (panel_inches=1, dpi=50: 50 px each)."""
+    rgb = imread(png)[..., :3]
+    left, right = 0.045 * rgb.shape[1], 4 / 5.0 * rgb.shape[1]  # the image grid's margins (see _draw)
+    step = (right - left) / 4
+    part = rgb[:, int(left + step * column) + 4: int(left + step * (column + 1)) - 4]
+    return float((np.abs(part - MASK_RGB).max(-1) < 2 / 255).mean())
+
+
 def test_png_written_with_expected_size(tmp_path):
     img = _volume()
     rec = patch_normalize(img[None], 16)[0]
     visible = torch.tensor([[[True, False], [False, True]], [[False, False], [True, False]]])
     out = render_reconstruction(img, rec, visible, tmp_path / "sub" / "fig.png", panel_inches=1.0, dpi=50)
     assert out == tmp_path / "sub" / "fig.png"
-    assert imread(out).shape[:2] == (150, 150)
-    assert 0.05 < _mask_fraction(out) < 0.8  # the masked-input column shows masked patches
+    assert imread(out).shape[:2] == (150, 250)
+    assert 0.05 < _mask_fraction(out) < 0.8  # masked input and target columns show masked patches
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["fig.png"]  # no temp file left behind
-    # numpy / batched inputs, a title and explicit slices
+    # numpy / batched inputs, a title, explicit slices and a HU window
     out2 = render_reconstruction(
         img[None].numpy(), rec[None].numpy(), visible[None].numpy(), tmp_path / "fig2.png",
-        slices=(3, 20, 31), title="t", panel_inches=1.0, dpi=50,
+        slices=(3, 20, 31), title="t", panel_inches=1.0, dpi=50, window=(-175.0, 250.0),
     )
-    assert imread(out2).shape[:2] == (170, 150)
+    assert imread(out2).shape[:2] == (170, 250)
 
 
-def test_all_visible_shows_no_mask(tmp_path):
+def test_masked_input_and_target_columns_are_complementary(tmp_path):
+    img = _volume(2)
+    visible = torch.zeros(2, 2, 2, dtype=torch.bool)
+    visible[0] = True  # the x < 16 half is visible
+    out = render_reconstruction(img, torch.zeros_like(img), visible, tmp_path / "f.png", panel_inches=1.0, dpi=50)
+    masked_in, target = _column_mask_fraction(out, 1), _column_mask_fraction(out, 3)
+    assert _column_mask_fraction(out, 0) == 0.0 and _column_mask_fraction(out, 2) == 0.0
+    assert masked_in > 0.1 and target > 0.1
+
+
+def test_all_visible_shows_no_mask_in_the_input_columns(tmp_path):
     img = _volume(1)
     visible = torch.ones(2, 2, 2, dtype=torch.bool)
     out = render_reconstruction(img, torch.zeros_like(img), visible, tmp_path / "f.png", panel_inches=1.0, dpi=50)
-    assert _mask_fraction(out) == 0.0
+    assert _column_mask_fraction(out, 1) == 0.0  # nothing masked: the encoder sees everything
+    assert _column_mask_fraction(out, 3) > 0.5  # and the loss has no target
 
 
 def test_bad_inputs(tmp_path):

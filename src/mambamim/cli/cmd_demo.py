@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = str if isinstance(default, str) else int
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{_HELP[name]} (default {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other DemoSettings field, e.g. --set lr_finetune=0.005 --set spacing=4 (repeatable)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(settings, name, value)
     try:
+        for item in args.overrides:
+            settings.set_from_text(item)
         settings.validate()
     except ValueError as exc:
         return error("demo", str(exc))

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,19 @@ class DemoSettings:
             raise ValueError("batch sizes count crops and must be multiples of the crops per volume")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+    def set_from_text(self, item: str) -> None:
+        """Apply ``"name=value"``, the value converted to the field's type; ValueError names bad input."""
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in {f.name for f in fields(self)}:
+            raise ValueError(f"--set needs NAME=VALUE with NAME a demo setting ({', '.join(f.name for f in fields(self))}), "
+                             f"got {item!r}")
+        kind = type(getattr(self, name))
+        try:
+            setattr(self, name, kind(text.strip()))
+        except ValueError:
+            raise ValueError(f"--set {name}: expected a {kind.__name__}, got {text!r}") from None
 
     @property
     def num_labeled(self) -> int:

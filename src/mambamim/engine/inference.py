@@ -455,7 +455,8 @@ def reconstruct_image(
     if side < 16 or side % 16:
         raise ValueError(f"crop must be a positive multiple of 16, got {side}")
     paths = [str(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [str(p) for p in image_paths]
-    image, _ = preprocess_image(paths, PreprocessParams.from_dict(info.get("preprocessing")))
+    params = PreprocessParams.from_dict(info.get("preprocessing"))
+    image, _ = preprocess_image(paths, params)
     x = centre_crop(torch.from_numpy(image), (side,) * 3)[None]
     if device is None:
         try:
@@ -473,7 +474,8 @@ def reconstruct_image(
         out = pretrainer(x, mask=mask)
     png = render_reconstruction(
         x.float().cpu(), out["reconstruction"].float().cpu(), out["mask"].cpu(), out_png,
-        title=f"{os.path.basename(paths[0])}: mask ratio {ratio:.2f}, seed {seed}",
+        title=f"{os.path.basename(paths[0])}: MambaMIM reconstruction, mask ratio {ratio:.2f}, seed {seed}",
+        window=(params.hu_min, params.hu_max),
     )
     visible = int(out["mask"].sum().item())
     return {"png": str(png), "loss": float(out["loss"].float().item()), "visible": visible,

@@ -1,4 +1,4 @@
-"""Paper Fig. 9 for one volume: masked input / reconstruction / original, in three planes.
+"""Paper Fig. 9 for one volume: input / masked input / reconstruction / target, in three planes.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch).
 Volume axes are taken as RAS ``(x, y, z)`` as the cache stores them: ``D = x`` (right-left),
@@ -25,6 +25,7 @@ __all__ = ["render_reconstruction"]
 logger = logging.getLogger(__name__)
 
 _MASK_COLOUR = "#2b3a5c"  # masked patches: dark blue, distinct from black air
+_BAR_INCHES = 1.0  # room for the colour bar and its label right of the panels
 
 
 def _to_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -63,14 +64,19 @@ def render_reconstruction(
     channel: int = 0,
     panel_inches: float = 3.0,
     dpi: int = 100,
+    window: tuple[float, float] | None = None,
 ) -> Path:
-    """Write a 3x3 PNG: columns masked input / reconstruction / original; rows axial / coronal / sagittal.
+    """Write a 3x4 PNG: columns input / masked input / reconstruction / target; rows axial / coronal /
+    sagittal, all four columns on one intensity scale with a colour bar.
+
+    The masked input is what the encoder sees (masked patches drawn in a dark blue); the
+    reconstruction shows the network's prediction in the masked patches (mapped back to intensities
+    with each patch's mean and standard deviation, the loss's normalisation) and the input in the
+    visible ones; the target shows the masked patches the loss compares against (visible ones blue).
 
     Args:
         image: ``(C, D, H, W)`` or ``(1, C, D, H, W)`` input intensities.
-        reconstruction: same shape, in per-patch normalised units (the pre-trainer's output);
-            it is mapped back with the image's patch statistics, and visible patches are
-            pasted from the original.
+        reconstruction: same shape, in per-patch normalised units (the pre-trainer's output).
         visible: ``(d, h, w)`` or ``(1, d, h, w)`` bool bottleneck mask, True = visible,
             ``(d, h, w) = (D, H, W) / patch_size``.
         out_png: output path; written atomically (temp file + ``os.replace``).
@@ -78,12 +84,43 @@ def render_reconstruction(
             coronal y, the axial z. Default: the centre.
         title: optional figure title.
         channel: which channel to show.
-        panel_inches, dpi: the PNG is ``3 * panel_inches * dpi`` pixels wide and as high
-            (plus ``0.4 * dpi`` with a title).
+        panel_inches, dpi: the PNG is ``(4 * panel_inches + 1) * dpi`` pixels wide and
+            ``3 * panel_inches * dpi`` high (plus ``0.4 * dpi`` with a title).
+        window: ``(lo, hi)`` Hounsfield units that intensities 0 and 1 stand for (the preprocessing
+            window): the colour bar is then labelled in HU; None labels it in normalised intensity.
 
     Returns:
         the path written.
     """
+    img, rec, vis, idx = _check_inputs(image, reconstruction, visible, patch_size, slices, channel)
+    rec_int = denormalize_patches(rec[None], img[None], patch_size)[0]
+    vis_vox = vis
+    for axis in range(3):
+        vis_vox = vis_vox.repeat_interleave(patch_size, dim=axis)
+    orig = img[channel].numpy()
+    vis_np = vis_vox.numpy()
+    pasted = np.where(vis_np, orig, rec_int[channel].numpy())
+    lo, hi = np.percentile(orig, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    planes = _slices(vis_np, idx)
+    columns = {
+        "input": _slices(orig, idx),
+        "masked input (encoder sees)": [np.ma.masked_array(s, ~m) for s, m in zip(_slices(orig, idx), planes)],
+        "reconstruction": _slices(pasted, idx),
+        "target (masked patches)": [np.ma.masked_array(s, m) for s, m in zip(_slices(orig, idx), planes)],
+    }
+    rows = [f"axial z={idx[2]}", f"coronal y={idx[1]}", f"sagittal x={idx[0]}"]
+    fig = _draw(columns, rows, (float(lo), float(hi)), window, title, panel_inches, dpi)
+    out = Path(out_png)
+    with atomic_write(out) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    logger.debug("wrote %s", out)
+    return out
+
+
+def _check_inputs(image, reconstruction, visible, patch_size: int, slices, channel: int):
+    """Validated (image (C, D, H, W), reconstruction, visible (d, h, w) bool, slice indices)."""
     img = _volume(image, "image")
     rec = _volume(reconstruction, "reconstruction")
     if img.shape != rec.shape:
@@ -102,56 +139,49 @@ def render_reconstruction(
             f"visible must be (D, H, W) / patch_size = {grid} for a ({D}, {H}, {W}) volume, got {tuple(vis.shape)}"
         )
     if slices is None:
-        idx = (D // 2, H // 2, W // 2)
-    else:
-        idx = tuple(int(i) for i in slices)
-        if len(idx) != 3 or not all(0 <= i < s for i, s in zip(idx, (D, H, W))):
-            raise ValueError(f"slices must be 3 indices within {(D, H, W)}, got {slices!r}")
+        return img, rec, vis, (D // 2, H // 2, W // 2)
+    idx = tuple(int(i) for i in slices)
+    if len(idx) != 3 or not all(0 <= i < s for i, s in zip(idx, (D, H, W))):
+        raise ValueError(f"slices must be 3 indices within {(D, H, W)}, got {slices!r}")
+    return img, rec, vis, idx
 
-    rec_int = denormalize_patches(rec[None], img[None], patch_size)[0]
-    vis_vox = vis
-    for axis in range(3):
-        vis_vox = vis_vox.repeat_interleave(patch_size, dim=axis)
-    orig = img[channel].numpy()
-    vis_np = vis_vox.numpy()
-    pasted = np.where(vis_np, orig, rec_int[channel].numpy())
 
-    lo, hi = np.percentile(orig, [0.5, 99.5])
-    if hi <= lo:
-        hi = lo + 1.0
-
+def _draw(columns: dict[str, list], rows: list[str], scale: tuple[float, float], window, title: str | None,
+          panel_inches: float, dpi: int):
+    """The figure: one column per entry, one row per plane, a shared colour bar on the right."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     cmap = colormaps["gray"].with_extremes(bad=_MASK_COLOUR)
     header = 0.4 if title else 0.0
-    side = 3 * panel_inches
-    fig = Figure(figsize=(side, side + header), dpi=dpi)
-    top = side / (side + header)
-    axes = fig.subplots(3, 3, gridspec_kw=dict(left=0.06, right=0.995, bottom=0.005, top=top - 0.035,
+    width, height = 4 * panel_inches + _BAR_INCHES, 3 * panel_inches
+    fig = Figure(figsize=(width, height + header), dpi=dpi)
+    top = height / (height + header)
+    right = 4 * panel_inches / width
+    axes = fig.subplots(3, 4, gridspec_kw=dict(left=0.045, right=right, bottom=0.005, top=top - 0.035,
                                                wspace=0.02, hspace=0.02))
-    columns = [
-        [np.ma.masked_array(s, ~m) for s, m in zip(_slices(orig, idx), _slices(vis_np, idx))],
-        _slices(pasted, idx),
-        _slices(orig, idx),
-    ]
-    col_titles = ["masked input", "reconstruction", "original"]
-    row_titles = [f"axial z={idx[2]}", f"coronal y={idx[1]}", f"sagittal x={idx[0]}"]
-    for c, planes in enumerate(columns):
+    lo, hi = scale
+    for c, (name, planes) in enumerate(columns.items()):
         for r, plane in enumerate(planes):
             ax = axes[r, c]
-            ax.imshow(plane, cmap=cmap, vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+            shown = ax.imshow(plane, cmap=cmap, vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(col_titles[c], fontsize=10)
+                ax.set_title(name, fontsize=9)
             if c == 0:
-                ax.set_ylabel(row_titles[r], fontsize=9)
+                ax.set_ylabel(rows[r], fontsize=9)
+    cax = fig.add_axes((right + 0.01, 0.1, 0.012, 0.75))
+    bar = fig.colorbar(shown, cax=cax)
+    if window is not None:
+        hu_lo, hu_hi = window
+        ticks = np.linspace(lo, hi, 5)
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([f"{hu_lo + t * (hu_hi - hu_lo):.0f}" for t in ticks])
+        bar.set_label("HU (same scale in every panel)", fontsize=8)
+    else:
+        bar.set_label("intensity (same scale in every panel)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if title:
-        fig.suptitle(title, fontsize=11, y=1 - 0.1 / (side + header))
-
-    out = Path(out_png)
-    with atomic_write(out) as handle:
-        fig.savefig(handle, format="png", dpi=dpi)
-    logger.debug("wrote %s", out)
-    return out
+        fig.suptitle(title, fontsize=11, y=1 - 0.1 / (height + header))
+    return fig
