@@ -497,8 +497,8 @@ def _organs(cv: _Canvas, below: np.ndarray, organ_ok: np.ndarray) -> None:
         cv.label[s.box][sel] = lab
         if base is None:  # one level per organ and volume, shared by its parts
             base = level.setdefault(lab, ORGAN_HU[lab] + cv.jit(6))
-        f = _TEXTURE_HU[lab] if fine is None else fine
-        cv.fill(sel, base, fine=f, coarse=0.6 * f, box=s.box)
+        f, c = _TEXTURE_HU[lab] if fine is None else (fine, 0.0)
+        cv.fill(sel, base, fine=f, coarse=c, box=s.box)
 
     _liver(cv, paint, below)
     paint(1, _ellipsoid(cv.grid, rng, (-82.0, -40.0, 55.0 + 0.6 * cv.masks["apex_shift"]), (25.0, 50.0, 45.0),
@@ -526,9 +526,10 @@ def _organs(cv: _Canvas, below: np.ndarray, organ_ok: np.ndarray) -> None:
                          vary=0.12), below)
 
 
-# Texture amplitude (HU per unit of the fine field; 0.6 of it on the coarse field) of each organ.
-_TEXTURE_HU: Mapping[int, float] = MappingProxyType({1: 5.0, 2: 6.0, 3: 6.0, 4: 2.0, 5: 5.0, 6: 5.0, 7: 8.0, 8: 3.0,
-                                                    9: 4.0, 10: 4.0, 11: 9.0, 12: 5.0, 13: 5.0})
+# Texture amplitudes (HU per unit of the fine ~6 mm and the coarse ~16 mm field) of each organ.
+_TEXTURE_HU: Mapping[int, tuple[float, float]] = MappingProxyType({
+    1: (4.0, 4.0), 2: (5.0, 5.0), 3: (5.0, 5.0), 4: (2.0, 2.0), 5: (4.0, 3.0), 6: (4.0, 7.0), 7: (8.0, 4.0),
+    8: (3.0, 2.0), 9: (3.0, 2.0), 10: (3.0, 2.0), 11: (8.0, 4.0), 12: (4.0, 3.0), 13: (4.0, 3.0)})
 
 
 def _finish(cv: _Canvas) -> np.ndarray:
