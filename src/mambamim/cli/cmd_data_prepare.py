@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, nargs="+", default=[96], metavar="N",
                         help="pad each axis to at least this size: one value or X Y Z (default 96)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    parser.add_argument("--keep-constant", action="store_true",
+                        help="keep images whose voxels are all equal (left out by default: nothing to learn from)")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any input has a problem")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -46,12 +48,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         report = prepare_dataset(args.input, args.out, params=params, workers=args.workers, strict=args.strict,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, keep_constant=args.keep_constant,
+                                 log_problems=False)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"mambamim data prepare: {exc}", file=sys.stderr)
         return 1
     for bad in report.failed:
         print(f"FAILED {bad['case']}: {bad['file']}: {bad['problem']}", file=sys.stderr)
+    for left in report.excluded:
+        print(f"LEFT OUT {left['case']}: {left['file']}: {left['problem']}", file=sys.stderr)
     for w in report.warnings:
         who = f" {w['case']}" if w.get("case") else ""
         print(f"warning{who}: {w['file']}: {w['problem']}", file=sys.stderr)

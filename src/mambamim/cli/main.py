@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -90,7 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The option naming each command's output folder: checked before the command runs, so a file or a read-only
+# folder there is one line, not a traceback from deep inside.
+OUTPUT_FOLDERS: dict[str, str] = {
+    "pretrain": "out", "finetune": "out", "evaluate": "out", "compare": "out", "demo": "out",
+    "predict": "output", "data prepare": "out", "data synth": "out",
+}
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an input / output error: ``path: problem``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mambamim`` command. Input and output errors (``DataError``, ``OSError``) that a command does
+    not handle itself become one line ``mambamim <command>: <path>: <problem>`` and exit status 1 (``-vv``
+    shows the traceback instead)."""
+    from mambamim.data.errors import DataError, output_dir_problem
+
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
@@ -98,7 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    name = " ".join(n for n in (args.command, getattr(args, "data_command", None)) if n)
+    option = OUTPUT_FOLDERS.get(name)
+    out = getattr(args, option, None) if option else None
+    if out:
+        problem = output_dir_problem(out, f"--{option}")
+        if problem:
+            print(f"mambamim {name}: {os.path.abspath(os.path.expanduser(out))}: {problem}", file=sys.stderr)
+            return 1
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, OSError) as exc:
+        if args.verbose >= 2:
+            raise
+        print(f"mambamim {name}: {_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ import numpy as np
 
 from mambamim.data.cache import (CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, REPORT_NAME, case_dir, case_paths,
                                  read_json, save_npy_atomic, write_json_atomic)
-from mambamim.data.errors import DataError
+from mambamim.data.errors import DataError, output_dir_problem
 from mambamim.data.io import CaseSpec, discover_dataset, looks_like_label_map, read_image
 from mambamim.data.preprocess import PreprocessParams, preprocess_image, preprocess_label
 
@@ -178,16 +178,9 @@ def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
     """Create the output folder ``out`` (parents too) after checking that it can be: raises DataError naming
     it when it is a file, lies under a file, or is not writable. Returns the resolved path."""
     out_p = Path(out).expanduser().resolve()
-    if out_p.exists() and not out_p.is_dir():
-        raise DataError(out_p, f"{option} is a file, not a folder; give a folder (it is created if missing)")
-    anc = out_p
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise DataError(out_p, f"{option} cannot be created: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        where = "" if anc == out_p else f" ({anc} is read-only, so the folder cannot be created)"
-        raise DataError(out_p, f"{option} is not writable{where}; give a folder you can write to")
+    problem = output_dir_problem(out_p, option)
+    if problem:
+        raise DataError(out_p, problem)
     try:
         out_p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
