@@ -173,6 +173,18 @@ def test_constant_image_is_flagged_and_left_out(tmp_path, dh):
     assert any(w["case"] == "flat_grey" and "constant image" in w["problem"] for w in rep3.warnings)
 
 
+def test_num_training_mismatch_is_a_warning(tmp_path, dh, make_json):
+    img, lab = dh.phantom((12, 10, 8))
+    root = tmp_path / "Dataset002_X"
+    dh.write_nifti(root / "imagesTr" / "a_0000.nii.gz", img, dh.AFFINES["RAS"])
+    dh.write_nifti(root / "labelsTr" / "a.nii.gz", lab, dh.AFFINES["RAS"])
+    make_json(root / "dataset.json", {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "b": 2},
+                                      "numTraining": 3, "file_ending": ".nii.gz"})
+    rep = prepare_dataset(root, tmp_path / "cache", PARAMS, progress=False)
+    assert rep.prepared == ["a"]
+    assert any("numTraining is 3 but 1 training cases were found" in w["problem"] for w in rep.warnings)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # case ids and the pairing rule
 

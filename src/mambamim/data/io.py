@@ -72,6 +72,17 @@ class DatasetSpec:
     cases: list[CaseSpec] = field(default_factory=list)
     labels: dict[str, str] | None = None
     channel_names: dict[str, str] | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # {"case": None, "file", "problem"}
+
+
+def _check_num_training(spec: DatasetSpec, meta: dict, source: str) -> DatasetSpec:
+    """nnU-Net's integrity check: dataset.json's numTraining must match the training cases found."""
+    declared = meta.get("numTraining")
+    found = sum(1 for c in spec.cases if c.split == "train" and c.image_paths)
+    if isinstance(declared, int) and declared != found:
+        spec.warnings.append({"case": None, "file": source, "problem": f"numTraining is {declared} but "
+                                                                       f"{found} training cases were found"})
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,8 +434,10 @@ def _decathlon(json_path: Path, meta: dict) -> DatasetSpec:
             cid = strip_nifti_ext(os.path.basename(imgs[0])) if imgs else f"{split}_{len(cases)}"
             cases.append(_check_exists(CaseSpec(cid, imgs, lbl, split, str(json_path)), str(json_path)))
     channels = meta.get("modality") or meta.get("channel_names")
-    return DatasetSpec(str(root), "decathlon", _dedupe(cases), normalize_labels(meta.get("labels")),
-                       {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None)
+    return _check_num_training(
+        DatasetSpec(str(root), "decathlon", _dedupe(cases), normalize_labels(meta.get("labels")),
+                    {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None),
+        meta, str(json_path))
 
 
 def _nnunet(root: Path, meta: dict | None) -> DatasetSpec:
@@ -468,8 +481,10 @@ def _nnunet(root: Path, meta: dict | None) -> DatasetSpec:
             cases.append(spec)
         for cid, lbl in sorted(label_files.items()):
             cases.append(CaseSpec(cid, [], lbl, split, source, f"label has no image in {img_dir}", lbl))
-    return DatasetSpec(str(root), "nnunet", _dedupe(cases), normalize_labels(meta.get("labels")),
-                       {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None)
+    return _check_num_training(
+        DatasetSpec(str(root), "nnunet", _dedupe(cases), normalize_labels(meta.get("labels")),
+                    {str(k): str(v) for k, v in channels.items()} if isinstance(channels, dict) else None),
+        meta, source)
 
 
 def _pairs(root: Path) -> DatasetSpec:

@@ -234,6 +234,9 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
         except Exception:
             pass
 
+    for w in ds.warnings:
+        logger.warning("%s: %s", w["file"], w["problem"])
+        report.warnings.append(w)
     non_ct = {k: v for k, v in (ds.channel_names or {}).items() if str(v).strip().upper() not in ("CT", "")}
     if non_ct:
         msg = (f"channels {non_ct} are declared as not CT; the HU window [{params.hu_min:g}, {params.hu_max:g}] "
