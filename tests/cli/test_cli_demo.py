@@ -24,26 +24,45 @@ def demo_out(tmp_path_factory):
 def test_demo_quick_report(demo_out, capsys):
     out = demo_out
     report = (out / "report.md").read_text()
-    for section in ("## Mean over classes", "## Paired comparison", "## Pre-training", "## Fine-tuning",
-                    "## Evaluation", "## Timings"):
+    for section in ("## What was run", "## Result", "## Pre-training", "## Fine-tuning", "## Timings"):
         assert section in report
-    for png in ("reconstruction", "pretrain_loss", "finetune_loss", "dice_per_class", "overlay"):
+    assert "no significant difference" in report  # 2 test cases: the Wilcoxon test cannot reach 0.05
+    for png in ("reconstruction", "pretrain_loss", "finetune", "dice_per_class", "overlay"):
         path = out / "figures" / f"{png}.png"
         assert path.read_bytes()[:4] == b"\x89PNG", png
         assert f"figures/{png}.png" in report
     tables = {n: MetricTable.from_csv(out / f"eval_{n}" / "per_case.csv") for n in ("scratch", "pretrained")}
+    meta = json.loads((out / "demo.json").read_text())
+    ids = meta["cases"]
     test_ids = (out / "test_cases.txt").read_text().split()
+    assert test_ids == ids["test"] and len(ids["unlabeled"]) == 2
     for t in tables.values():
         assert t.case_ids == test_ids
         assert len(t.class_names) == 13
         assert all(0.0 <= r["dice_mean"] <= 1.0 for r in t.rows if not math.isnan(r["dice_mean"]))
     cmp = json.loads((out / "compare" / "comparison.json").read_text())
     assert cmp["shared_cases"] == test_ids
-    split = json.loads((out / "finetune_pretrained" / "split.json").read_text())
-    assert not set(split["train"]) & set(test_ids)  # held-out cases never fine-tune
-    assert (out / "finetune_pretrained" / "encoder_load_report.json").exists()
-    meta = json.loads((out / "demo.json").read_text())
+    for arm in ("scratch", "pretrained"):
+        split = json.loads((out / f"finetune_{arm}" / "split.json").read_text())
+        assert split["train"] == ids["train"] and split["validation"] == ids["val"]  # test cases never fine-tune
+        assert (out / f"finetune_{arm}" / "checkpoints" / "best.pt").exists()  # validation picked a checkpoint
+    pre_cfg = (out / "pretrain" / "config.yaml").read_text()
+    assert all(t not in pre_cfg for t in test_ids)  # nor pre-train
+    load = json.loads((out / "finetune_pretrained" / "encoder_load_report.json").read_text())
+    assert load["summary"].startswith("loaded 84 of 84 encoder tensors")
     assert meta["seconds"]["total"] > 0
+
+
+def test_demo_settings_from_text():
+    from mambamim.engine.demo import DemoSettings
+
+    s = DemoSettings()
+    s.set_from_text("lr_finetune=0.01")
+    s.set_from_text("num-train=5")
+    assert s.lr_finetune == 0.01 and s.num_train == 5
+    for bad in ("lr_finetune=abc", "nope=1", "crop"):
+        with pytest.raises(ValueError):
+            s.set_from_text(bad)
 
 
 def test_commands_on_real_checkpoints(demo_out, tmp_path, capsys):
