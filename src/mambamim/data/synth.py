@@ -148,7 +148,8 @@ def _perturbed_inside(rng: np.random.Generator, r: np.ndarray, coords: Sequence[
     return inside
 
 
-def _smooth_field(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], corr_mm: float) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float],
+                  corr_mm: float) -> np.ndarray:
     """Stationary smooth Gaussian random field, float32 ``shape``, correlation length about ``corr_mm``.
 
     White noise on a lattice is interpolated with a separable Gaussian kernel by three small matrix
@@ -318,7 +319,8 @@ def _body(cv: _Canvas) -> None:
     cav3 = cv.full(cavity2 & ~paraspinal2)
     cv.fill(cav3, -95.0 + cv.jit(8), fine=6.0)
     cv.fill(cav3 & septa, 20.0 + cv.jit(15), fine=10.0)  # mesenteric vessels and septa
-    psoas = ((np.abs(cv.X) - 38.0) / 16.0) ** 2 + ((cv.Y + 48.0) / 16.0) ** 2 < (1.0 + 0.3 * np.clip(-cv.Z / 150.0, 0, 1)) ** 2
+    widen = 1.0 + 0.3 * np.clip(-cv.Z / 150.0, 0, 1)  # psoas grows caudally
+    psoas = ((np.abs(cv.X) - 38.0) / 16.0) ** 2 + ((cv.Y + 48.0) / 16.0) ** 2 < widen ** 2
     psoas = psoas & (cv.Z < 10.0)
     cv.fill(psoas, 50.0 + cv.jit(5), fine=5.0)
     cv.masks.update(cav3=cav3, psoas=psoas, paraspinal=cv.full(paraspinal2), theta=theta,
@@ -438,8 +440,8 @@ def _liver(cv: _Canvas, paint, below: np.ndarray) -> None:
     """Right and left lobes (moving with the diaphragm), brighter intrahepatic vessels."""
     rng, dz = cv.rng, cv.masks["apex_shift"]
     size = rng.uniform(0.88, 1.15)
-    paint(6, _ellipsoid(cv.grid, rng, (70.0, 0.0, 55.0 + dz), (75.0, 85.0, 75.0), deform=0.2, jitter=8.0, size=size), below)
-    paint(6, _ellipsoid(cv.grid, rng, (-5.0, 45.0, 65.0 + dz), (50.0, 32.0, 35.0), deform=0.2, jitter=8.0, size=size), below)
+    for center, semi in (((70.0, 0.0, 55.0 + dz), (75.0, 85.0, 75.0)), ((-5.0, 45.0, 65.0 + dz), (50.0, 32.0, 35.0))):
+        paint(6, _ellipsoid(cv.grid, rng, center, semi, deform=0.2, jitter=8.0, size=size), below)
     liver = cv.label == 6
     vessels = liver & (cv.tubes(rng.uniform(0.06, 0.09)) < 1.0)
     cv.hu[vessels] += rng.uniform(40.0, 70.0)
