@@ -95,6 +95,10 @@ def test_cached_npy_truncated_or_deleted_is_named(small_cache, what, damage):
     for build in (lambda: build_train_dataset(small_cache, labeled=True), lambda: build_eval_dataset(small_cache)):
         with pytest.raises(DataError, match="'c2'.*mambamim data prepare"):
             build()
+    # and the advice works: a rerun of prepare redoes that case only
+    rep = prepare_dataset(small_cache.parent / "raw", small_cache, PARAMS, progress=False)
+    assert rep.prepared == ["c2"] and rep.skipped == ["c1"]
+    assert f.read_bytes() == raw and load_case(small_cache, "c2")["label"] is not None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mambamim.data.cache import (CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, REPORT_NAME, case_dir, case_paths,
-                                 read_json, save_npy_atomic, write_json_atomic)
+                                 check_cached_array, read_json, save_npy_atomic, write_json_atomic)
 from mambamim.data.errors import DataError, output_dir_problem
 from mambamim.data.io import CaseSpec, discover_dataset, looks_like_label_map, read_image
 from mambamim.data.preprocess import PreprocessParams, preprocess_image, preprocess_label
@@ -89,7 +89,13 @@ def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict 
     if (meta.get("preprocessing") != params.to_dict() or src.get("images") != list(spec.image_paths)
             or src.get("label") != spec.label_path or meta.get("source_stat") != _source_stat(spec)):
         return None
-    if not (case_dir(out, spec.case_id) / "image.npy").is_file():
+    d = case_dir(out, spec.case_id)
+    try:  # a missing / truncated .npy (the error message says to re-run prepare): redo the case
+        check_cached_array(d / "image.npy", spec.case_id)
+        if spec.label_path:
+            check_cached_array(d / "label.npy", spec.case_id)
+    except DataError as exc:
+        logger.info("%s; redoing it", exc)
         return None
     return meta
 
