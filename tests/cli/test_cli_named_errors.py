@@ -128,12 +128,11 @@ def test_prepare_cli_lists_each_bad_case(raw_and_cache, tmp_path, capsys):
 
 
 def test_finetune_on_a_raw_folder_lists_each_bad_case(tmp_path, caplog, capsys):
+    # the good cases are unlabeled, so fine-tuning stops (with its own one-line error) right after preparing
     src = tmp_path / "raw"
     src.mkdir()
     for k in range(2):
-        img = phantom_hu((12, 12, 10), seed=k)
-        write_nifti(src / f"p{k}.nii.gz", img, AFF)
-        write_nifti(src / f"p{k}_seg.nii.gz", (img > 100).astype(np.uint8), AFF)
+        write_nifti(src / f"p{k}.nii.gz", phantom_hu((12, 12, 10), seed=k), AFF)
     (src / "broken.nii.gz").write_bytes(b"\x1f\x8b not really")
     write_nifti(src / "thin.nii.gz", np.zeros((12, 12, 1), np.int16), AFF)
     with caplog.at_level(logging.WARNING, logger="mambamim.data.prepare"):
@@ -141,7 +140,8 @@ def test_finetune_on_a_raw_folder_lists_each_bad_case(tmp_path, caplog, capsys):
                      "--val-every", "0", "--fold", "-1"])
     listing = [r.getMessage() for r in caplog.records if "cases failed" in r.getMessage()]
     assert len(listing) == 1, caplog.text
-    assert f"  broken: {src / 'broken.nii.gz'}: " in listing[0]
+    assert listing[0].startswith("2 of 4 cases failed")
+    assert f"  broken: {src / 'broken.nii.gz'}: cannot read NIfTI header" in listing[0]
     assert f"  thin: {src / 'thin.nii.gz'}: 2D image" in listing[0]
-    assert code in (0, 1)  # training itself is another test's business; no traceback either way
-    assert "Traceback" not in capsys.readouterr().err
+    assert code == 1
+    _one_line(capsys.readouterr().err)
