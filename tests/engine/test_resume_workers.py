@@ -111,3 +111,107 @@ def test_finetune_resume_with_workers_is_bit_exact(cache, tmp_path, tiny_models)
     finetune(FinetuneConfig(resume=str(part), device="cpu", workers=2, progress=False))
     assert _losses(part) == _losses(full) and len(_losses(full)) == 5
     _assert_same_weights(full, part, "model")
+
+
+def _cli(cache, run, *extra):
+    return ["pretrain", "--data", str(cache), "--out", str(run), "--crop", "16", "--batch-size", "2", "--num-crops",
+            "2", "--steps", "7", "--warmup-steps", "2", "--workers", "2", "--device", "cpu", "--no-progress",
+            "--vis-every", "0", "--log-every", "1", "--save-every", "1", "--lr", "1e-2", "--seed", "3", *extra]
+
+
+@pytest.fixture
+def loader_workers(monkeypatch):
+    """The ``workers`` each training session built its loader with."""
+    from mambamim.engine import pretrain_loop
+
+    seen, real = [], pretrain_loop._make_loader
+
+    def spy(cache, config, *a, **k):
+        seen.append(config.workers)
+        return real(cache, config, *a, **k)
+
+    monkeypatch.setattr(pretrain_loop, "_make_loader", spy)
+    return seen
+
+
+def test_cli_resume_keeps_the_saved_options_unless_given(cache, tmp_path, tiny_models, loader_workers, capsys,
+                                                         full_pretrain):
+    import yaml
+
+    from mambamim.cli.main import main
+
+    run = tmp_path / "run"
+    assert main(_cli(cache, run, "--stop-after", "2")) == 0
+    # no option given: the saved ones (workers 2, not the CLI default 4; device cpu, not auto), and the run
+    # goes on to its end (--stop-after belongs to the session)
+    assert main(["pretrain", "--resume", str(run), "--stop-after", "1"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["workers"], cfg["device"], cfg["log_every"], cfg["progress"]) == (2, "cpu", 1, True)
+    assert main(["pretrain", "--resume", str(run), "--no-progress", "--workers", "1", "--log-every", "2"]) == 0
+    assert loader_workers == [2, 2, 1]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["workers"], cfg["log_every"], cfg["stop_after"], cfg["progress"]) == (1, 2, None, False)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 7
+    _assert_same_weights(full_pretrain, run, "pretrainer")  # three sessions, 2 + 1 workers: still exact
+    # an option that would change the training is refused, naming it, in one line
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--lr", "0.5", "--crop", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "lr (saved 0.01, given 0.5)" in err and "crop" not in err
+    assert "Traceback" not in err
+
+
+def _stopped_run(cache, tmp_path, name="part"):
+    from mambamim.cli.main import main
+
+    run = tmp_path / name
+    assert main(_cli(cache, run, "--stop-after", "5")) == 0  # epoch_0001.pt at step 3, last.pt at step 5
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+    assert names == ["epoch_0001.pt", "last.pt"]
+    return run
+
+
+def test_truncated_last_pt_falls_back_to_the_newest_epoch_checkpoint(cache, tmp_path, tiny_models, caplog,
+                                                                     full_pretrain):
+    from mambamim.cli.main import main
+
+    run = _stopped_run(cache, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        assert main(["pretrain", "--resume", str(run)]) == 0
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "epoch_0001.pt" in r.getMessage()]
+    assert len(warning) == 1 and str(last) in warning[0] and "unreadable" in warning[0] and "step 3" in warning[0]
+    assert load_checkpoint(last)["step"] == 7
+    assert _losses(run) == _losses(full_pretrain)  # steps 4 and 5 trained again, the same way
+    _assert_same_weights(full_pretrain, run, "pretrainer")
+
+
+def test_deleted_last_pt_is_reported_and_the_epoch_checkpoint_used(cache, tmp_path, tiny_models, caplog):
+    from mambamim.cli.main import main
+
+    run = _stopped_run(cache, tmp_path)
+    (run / "checkpoints" / "last.pt").unlink()
+    with caplog.at_level("WARNING"):
+        assert main(["pretrain", "--resume", str(run), "--stop-after", "1"]) == 0
+    text = caplog.text
+    assert "last.pt is missing (deleted?)" in text and "epoch_0001.pt (step 3)" in text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_no_valid_checkpoint_is_a_one_line_error_naming_the_run(cache, tmp_path, tiny_models, capsys):
+    from mambamim.cli.main import main
+
+    run = _stopped_run(cache, tmp_path)
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"cannot resume {run}: no valid checkpoint" in err and "epoch_0001.pt" in err
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.unlink()
+    assert main(["pretrain", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot resume {run}: no checkpoint" in err

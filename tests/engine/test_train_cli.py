@@ -38,7 +38,7 @@ def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
     assert list((run / "reconstructions").glob("*.png"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["kind"] == "pretrain" and cfg["decoder_width"] == 16 and cfg["steps"] == 2 and cfg["size"] == "tiny"
-    assert cfg["sparse_levels"] is None  # a speed option: the resuming command's own (default: automatic)
+    assert cfg["sparse_levels"] == 2  # --resume keeps the saved options that its command line does not give
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert "peak_mem_gib" not in rows[0]  # GPU memory columns come only on CUDA
     assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from mambamim.cli.cmd_pretrain import add_common_training_arguments, common_values, run_training_command
+from mambamim.cli.cmd_pretrain import (add_common_training_arguments, common_values, run_training_command,
+                                       explicit_fields, track_explicit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass in validation")
     parser.add_argument("--no-augment", action="store_true", help="no flips / rotations / intensity jitter")
+    track_explicit(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations, val_every=args.val_every, fold=args.fold, num_folds=args.num_folds,
         val_cases=args.val_cases, roi=args.roi, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
         augment=not args.no_augment,
-    ), finetune)
+    ), finetune, explicit_fields(args))
     if isinstance(run_dir, int):
         return run_dir
     best = run_dir / "checkpoints" / "best.pt"

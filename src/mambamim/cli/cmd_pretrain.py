@@ -16,8 +16,10 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     parser.add_argument("--out", help="run folder (created; one that already holds a run is refused unless "
                                       "--resume or --overwrite)")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped "
-                                                       "(its saved options are used; --device/--workers/--stop-after may change)")
+    start.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped: its saved "
+                                                       "options are kept; options given here may change the device, "
+                                                       "workers, --stop-after, logging and speed settings, not the "
+                                                       "training")
     start.add_argument("--overwrite", action="store_true",
                        help="start over in an --out that already holds a run: its files are moved into "
                             "OUT/.overwritten-<timestamp>/ first")
@@ -54,6 +56,42 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_EXPLICIT = "explicit_options"  # namespace attribute: the dests of the options typed on the command line
+
+
+def _recording(cls: type) -> type:
+    class Recording(cls):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+            setattr(namespace, _EXPLICIT, frozenset(getattr(namespace, _EXPLICIT, None) or ()) | {self.dest})
+            super().__call__(parser, namespace, values, option_string)
+
+    Recording.__name__ = f"Recording{cls.__name__}"
+    return Recording
+
+
+def track_explicit(parser: argparse.ArgumentParser) -> None:
+    """Call after the last ``add_argument``: every option of ``parser`` records that the command line
+    gave it (in ``args.explicit_options``; see :func:`explicit_fields`), so that ``--resume`` keeps the
+    run's saved value of every other option. The namespace keeps the plain values and defaults."""
+    for action in parser._actions:  # argparse keeps no public list of a parser's actions
+        if action.option_strings and action.dest != "help":
+            action.__class__ = _recording(type(action))
+    parser.set_defaults(**{_EXPLICIT: frozenset()})
+
+
+# options whose flag is the negation of the configuration field
+_NEGATED = {"no_progress": "progress", "no_skip": "skip", "no_bottom_up": "bottom_up", "no_augment": "augment"}
+
+
+def explicit_fields(args: argparse.Namespace) -> set[str] | None:
+    """The configuration fields given on the command line (None: ``args`` was not parsed by a
+    :func:`track_explicit` parser, so it is unknown)."""
+    given = getattr(args, _EXPLICIT, None)
+    if given is None:
+        return None
+    return {_NEGATED.get(name, name) for name in given}
+
+
 def common_values(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data or "", out=args.out or "", model=args.model, size=args.size, scan=args.scan,
@@ -75,16 +113,18 @@ def check_paths(args: argparse.Namespace, command: str) -> str | None:
 
 
 def run_training_command(args: argparse.Namespace, command: str, make_config: Callable[[], Any],
-                         train: Callable[[Any], Path]) -> Path | int:
+                         train: Callable[[Any], Path], explicit: set[str] | None = None) -> Path | int:
     """What ``pretrain`` and ``finetune`` share: check --data/--out, build the configuration
-    (validated unless resuming), train, and turn known errors into a message and an exit code.
+    (validated; with --resume, the run's saved one with the ``explicit`` options merged in, see
+    :func:`mambamim.engine.pretrain_loop.resolve_resume`), train, and turn known errors into a
+    message and an exit code.
 
     Returns:
         The run folder, or the exit code to return: 2 missing paths, 1 bad options / data /
         checkpoint or a non-finite loss, 130 interrupted (resumable).
     """
     from mambamim.engine.checkpoint import CheckpointError
-    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted
+    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted, resolve_resume
 
     problem = check_paths(args, command)
     if problem:
@@ -92,7 +132,9 @@ def run_training_command(args: argparse.Namespace, command: str, make_config: Ca
         return 2
     try:
         config = make_config()
-        if not args.resume:
+        if args.resume:
+            config = resolve_resume(config, type(config), explicit=explicit)
+        else:
             config.validate()
         return train(config)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as exc:  # EncoderMismatchError too
@@ -131,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=10, help="keep a checkpoint every N epochs (default 10, 0: none)")
     parser.add_argument("--vis-every", type=int, default=5, help="reconstruction PNG every N epochs (default 5, 0: none)")
     parser.add_argument("--cases", nargs="+", default=None, help="train on these cache case ids only")
+    track_explicit(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         bottom_up=not args.no_bottom_up, decoder_width=args.decoder_width,
         sparse_full_res=args.sparse_full_res, sparse_levels=args.sparse_levels, epochs=args.epochs if args.epochs is not None else (None if args.steps else 100),
         steps=args.steps, save_every=args.save_every, vis_every=args.vis_every, cases=args.cases,
-    ), pretrain)
+    ), pretrain, explicit_fields(args))
     if isinstance(run_dir, int):
         return run_dir
     print(f"pre-training run: {run_dir}\nencoder for fine-tuning: {run_dir / 'encoder.pt'}")

@@ -39,6 +39,7 @@ __all__ = [
     "EncoderLoadReport",
     "save_checkpoint",
     "load_checkpoint",
+    "load_resume_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
     "numpy_state_to_dict",
@@ -115,6 +116,57 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def _epoch_number(path: Path) -> int:
+    match = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
+    return int(match[1]) if match else -1
+
+
+def load_resume_checkpoint(
+    run: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint a run resumes from: ``RUN/checkpoints/last.pt``, or, when it is missing or
+    unreadable (truncated, corrupt), the newest readable ``RUN/checkpoints/epoch_NNNN.pt`` with a
+    warning that names both files (the steps after it are trained again).
+
+    Returns:
+        (the file used, its loaded dict).
+
+    Raises:
+        CheckpointError: no readable checkpoint; the one-line message names the run folder and what
+            was wrong with each candidate.
+    """
+    run = Path(run)
+    folder = run / "checkpoints"
+    last = folder / "last.pt"
+    if last.exists():
+        try:
+            return last, load_checkpoint(last, map_location=map_location)
+        except CheckpointError as exc:
+            problem = f"{last} is unreadable ({_one_line(exc)})"
+    else:
+        problem = f"{last} is missing (deleted?)"
+    epochs = sorted((p for p in folder.glob("epoch_*.pt") if _epoch_number(p) >= 0), key=_epoch_number, reverse=True)
+    bad: list[str] = []
+    for path in epochs:
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as exc:
+            logger.warning("skipping unreadable epoch checkpoint %s (%s)", path, _one_line(exc))
+            bad.append(path.name)
+            continue
+        logger.warning("%s: resuming from %s (step %s), the newest valid epoch checkpoint; the steps after it "
+                       "are trained again", problem, path, state.get("step"))
+        return path, state
+    others = f"the epoch checkpoints {', '.join(bad)} are unreadable too" if bad else "and there is no epoch checkpoint"
+    raise CheckpointError(f"cannot resume {run}: no valid checkpoint ({problem}, {others}); "
+                          f"start a new run with --overwrite")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ----------------------------------------------------------------------------------------- RNG

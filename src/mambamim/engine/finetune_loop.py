@@ -260,7 +260,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         best_metric, best_step = -math.inf, None
         rng = None
         if resuming:
-            state, rng = loop.resume_from(last_path, "model")
+            state, rng = loop.resume_from(run, "model")
             load_summary = state.get("encoder_load")
             best_metric = float(state.get("best_metric", -math.inf) if state.get("best_metric") is not None else -math.inf)
             best_step = state.get("best_step")

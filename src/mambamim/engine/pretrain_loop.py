@@ -17,6 +17,7 @@ the fine-tuning loop too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -26,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from mambamim.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
+    load_resume_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -198,24 +200,54 @@ def _no_decay_reason(name: str, param: nn.Parameter, listed: set[int]) -> str | 
     return None
 
 
-def resolve_resume(config: Any, config_cls: type) -> Any:
-    """For ``config.resume = RUN``: the run's saved configuration with the options allowed to
-    change on resume (device, workers, stop_after, progress) taken from ``config``.
+# Options of the session, not of the run: on resume they always come from the resuming command.
+SESSION_OPTIONS = ("stop_after", "progress", "resume", "overwrite")
+# Options that change neither the maths nor the data: an explicit value may change them on resume.
+BOOKKEEPING_OPTIONS = ("log_every", "checkpoint_steps", "save_every", "vis_every")
+
+
+def resolve_resume(config: Any, config_cls: type, explicit: Collection[str] | None = None) -> Any:
+    """For ``config.resume = RUN``: the run's saved configuration (``RUN/config.yaml``) with the
+    options allowed to change on resume taken from ``config``.
+
+    ``explicit`` None (the Python API): every option of ``config_cls.RESUME_OVERRIDABLE`` (device,
+    workers, stop_after, progress, ...) comes from ``config``. ``explicit`` given (the command line:
+    the options the user typed): the saved value of every option is kept unless it is named there;
+    a named option that may change on resume (``RESUME_OVERRIDABLE`` and bookkeeping such as
+    ``log_every``) takes ``config``'s value, and one that would change the training (lr, crop, data,
+    ...) is refused when it differs from the saved value. ``stop_after`` and ``progress`` belong to
+    the session and always come from ``config``.
 
     Raises:
-        FileNotFoundError: RUN has no config.yaml or no checkpoints/last.pt.
+        FileNotFoundError: RUN has no config.yaml, or no checkpoint at all.
+        ValueError: an explicit option that cannot change on resume differs from the saved one.
     """
-    if not config.resume:
+    if not config.resume or getattr(config, "_resume_resolved", False):
         return config
     run = Path(config.resume)
     saved = config_cls.load_yaml(run / "config.yaml")
-    if not (run / "checkpoints" / "last.pt").exists():
-        raise FileNotFoundError(f"cannot resume {run}: no checkpoints/last.pt (the run stopped before its first checkpoint)")
-    for name in config_cls.RESUME_OVERRIDABLE:
+    folder = run / "checkpoints"
+    if not (folder / "last.pt").exists() and not any(folder.glob("epoch_*.pt")):
+        raise FileNotFoundError(f"cannot resume {run}: no checkpoint in {folder} (the run stopped before its first "
+                                "checkpoint); start over with --overwrite")
+    if explicit is None:
+        take = set(config_cls.RESUME_OVERRIDABLE)
+    else:
+        changeable = set(config_cls.RESUME_OVERRIDABLE) | set(BOOKKEEPING_OPTIONS)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        refused = [name for name in sorted(set(explicit) & fields - changeable - set(SESSION_OPTIONS))
+                   if getattr(config, name) != getattr(saved, name)]
+        if refused:
+            listing = ", ".join(f"{n} (saved {getattr(saved, n)!r}, given {getattr(config, n)!r})" for n in refused)
+            raise ValueError(f"cannot resume {run} with other training options: {listing}; resume without them, "
+                             "or start a new run")
+        take = (set(explicit) & changeable) | set(SESSION_OPTIONS)
+    for name in sorted(take):
         setattr(saved, name, getattr(config, name))
     saved.out = str(run)
     saved.resume = str(run)
     saved.validate()
+    saved._resume_resolved = True  # not a field: pretrain() / finetune() must not merge it again
     return saved
 
 
@@ -455,9 +487,16 @@ class TrainLoop:
         return state.get("rng")
 
     def resume_from(self, path: Path, module_key: str) -> tuple[dict[str, Any], list[Any] | None]:
-        """Load the checkpoint ``path`` into this loop (see :meth:`load_state_dict`) and count it
-        as the last checkpoint; returns (the checkpoint dict, its per-rank RNG list)."""
-        state = load_checkpoint(path, map_location="cpu")
+        """Load a checkpoint into this loop (see :meth:`load_state_dict`) and count it as the last
+        checkpoint; returns (the checkpoint dict, its per-rank RNG list).
+
+        ``path``: a checkpoint file, or a run folder: its ``checkpoints/last.pt``, or the newest valid
+        ``checkpoints/epoch_NNNN.pt`` when last.pt is missing or damaged (see
+        :func:`mambamim.engine.checkpoint.load_resume_checkpoint`)."""
+        if Path(path).is_dir():
+            path, state = load_resume_checkpoint(path, map_location="cpu")
+        else:
+            state = load_checkpoint(path, map_location="cpu")
         try:
             rng = self.load_state_dict(state, module_key)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -748,7 +787,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         rng = None
         last_path = run / "checkpoints" / "last.pt"
         if resuming:
-            _, rng = loop.resume_from(last_path, "pretrainer")
+            _, rng = loop.resume_from(run, "pretrainer")
             logger.info("resumed %s at step %d (epoch %d, batch %d)", run, loop.step, loop.position.epoch, loop.position.batch)
 
         crop = config.crop
