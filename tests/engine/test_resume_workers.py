@@ -104,12 +104,12 @@ def test_pretrain_resume_with_workers_is_bit_exact(cache, tmp_path, tiny_models,
 def test_finetune_resume_with_workers_is_bit_exact(cache, tmp_path, tiny_models):
     from mambamim.engine.finetune_loop import finetune
 
-    kw = dict(data=str(cache), crop=16, batch_size=2, num_crops=2, iterations=5, warmup_steps=1, workers=2,
+    kw = dict(data=str(cache), crop=16, batch_size=2, num_crops=2, iterations=6, warmup_steps=1, workers=2,
               device="cpu", progress=False, log_every=1, fold=-1, val_every=0, lr=1e-2, seed=1)
     full = finetune(FinetuneConfig(out=str(tmp_path / "full"), **kw))
-    part = finetune(FinetuneConfig(out=str(tmp_path / "part"), stop_after=2, **kw))
+    part = finetune(FinetuneConfig(out=str(tmp_path / "part"), stop_after=4, **kw))  # inside epoch 1 (3 a epoch)
     finetune(FinetuneConfig(resume=str(part), device="cpu", workers=2, progress=False))
-    assert _losses(part) == _losses(full) and len(_losses(full)) == 5
+    assert _losses(part) == _losses(full) and len(_losses(full)) == 6
     _assert_same_weights(full, part, "model")
 
 
