@@ -113,6 +113,7 @@ class Scale:
     log_every: int
     checkpoint_steps: int
     reconstruct: bool
+    default_arms: tuple[str, ...] = tuple(ARMS)  # without --arms / --part
     seed: int = 0
     data_seed_unlabelled: int = 1000
     data_seed_labelled: int = 2000
@@ -126,15 +127,17 @@ SCALES: dict[str, Scale] = {
         spacing=6.0, crop=32, model="hymamba", size="tiny", decoder_width=32,
         pretrain_steps=2, pretrain_batch=2, pretrain_crops=2, pretrain_lr=1e-3,
         finetune_iterations=2, finetune_batch=2, finetune_crops=2, finetune_lr=5e-3,
-        val_every=0, overlap=0.25, jobs=2, workers=0, log_every=1, checkpoint_steps=0, reconstruct=True),
+        val_every=0, overlap=0.25, jobs=2, workers=0, log_every=1, checkpoint_steps=0, reconstruct=True,
+        # three arms cover every code path (scratch, bottom-up TOKI, dense); --arms ... runs all six
+        default_arms=("scratch", "toki75", "dense75")),
     # One H200 (or H100), two calls of at most 9 minutes (see docs/REPLICATION.md for the budget).
     "gpu": Scale(
         name="gpu", num_unlabelled=224, num_labelled=20, folds=5,
         synth_inplane_voxels=(96, 128), synth_inplane_spacing=(2.5, 3.5), synth_slice_spacing=(3.0, 5.0),
         spacing=3.0, crop=64, model="hymamba", size="small", decoder_width=None,
-        pretrain_steps=1500, pretrain_batch=8, pretrain_crops=4, pretrain_lr=1e-3,
-        finetune_iterations=800, finetune_batch=4, finetune_crops=2, finetune_lr=1e-3,
-        val_every=400, overlap=0.5, jobs=6, workers=2, log_every=25, checkpoint_steps=200, reconstruct=True),
+        pretrain_steps=1200, pretrain_batch=8, pretrain_crops=4, pretrain_lr=1e-3,
+        finetune_iterations=600, finetune_batch=4, finetune_crops=2, finetune_lr=1e-3,
+        val_every=300, overlap=0.5, jobs=6, workers=2, log_every=25, checkpoint_steps=200, reconstruct=True),
 }
 
 
@@ -224,6 +227,12 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
                 except (KeyError, ValueError):
                     continue
     return out
+
+
+def read_calls(root: Path) -> list[dict]:
+    """ROOT/settings.json: one entry per train call (a single dict in older roots)."""
+    data = read_json(root / "settings.json", []) or []
+    return [data] if isinstance(data, dict) else list(data)
 
 
 def git_commit() -> str:
@@ -642,8 +651,9 @@ class Runner:
 def stage_train(scale: Scale, lay: Layout, arms: list[str], device: str, jobs: int, workers: int,
                 deadline: float | None, min_start: float, progress_every: float) -> dict[str, Any]:
     all_jobs = build_jobs(scale, lay, arms, device, workers)
-    write_json(lay.root / "settings.json", {"scale": asdict(scale), "arms": {a: asdict(ARMS[a]) for a in arms},
-                                            "device": device, "jobs": jobs, "workers": workers})
+    calls = read_calls(lay.root)
+    calls.append({"scale": asdict(scale), "arms": arms, "device": device, "jobs": jobs, "workers": workers})
+    write_json(lay.root / "settings.json", calls)
     envs = read_json(lay.root / "environment.json", []) or []
     envs.append({**environment(device), "arms": arms})
     write_json(lay.root / "environment.json", envs)
@@ -698,6 +708,17 @@ def stage_collect(scale: Scale, lay: Layout, arms: list[str], out: Path) -> dict
     """Merge each arm's fold evaluations, summarise, test, and write results.json + per_case.csv."""
     from mambamim.evaluation.metrics import MetricTable
     from mambamim.evaluation.stats import compare_tables
+
+    warnings: list[str] = []
+    calls = read_calls(lay.root)
+    used = {json.dumps(c["scale"], sort_keys=True) for c in calls}
+    if len(used) > 1:
+        warnings.append("the train calls used different settings (see settings.json): the arms may not be comparable")
+    if calls:
+        recorded = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in calls[-1]["scale"].items()})
+        if recorded != scale:
+            log("collect: using the settings the last train call recorded (settings.json), not the preset's")
+            scale = recorded
 
     tables: dict[str, Any] = {}
     folds_of: dict[str, list[int]] = {}
@@ -795,6 +816,7 @@ def stage_collect(scale: Scale, lay: Layout, arms: list[str], out: Path) -> dict
         "training": training,
         "timings": {**(read_json(lay.root / "timings.json", {}) or {}), "jobs": jobs_time},
         "environment": read_json(lay.root / "environment.json", []),
+        "warnings": warnings,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", _clean(results))
@@ -807,6 +829,13 @@ def stage_collect(scale: Scale, lay: Layout, arms: list[str], out: Path) -> dict
                 for c in classes + ["mean"]:
                     w.writerow([arm, case_fold.get(cid, ""), cid, c] +
                                [repr(float(r.get(f"{m}_{c}", math.nan))) for m in ("dice", "hd95", "nsd")])
+    for arm in tables:
+        m = summary[arm]["mean"]
+        c = next((x for x in comparisons if x["a"] == "scratch" and x["b"] == arm and x["class"] == "mean"
+                  and x["metric"] == "dice"), None)
+        vs = "" if c is None else f", vs scratch {c['diff']:+.4f} (Wilcoxon p {_p(c['p_wilcoxon'])}, n {c['n']})"
+        log(f"collect: {arm:12s} mean Dice {_f(m['dice_mean'], 4)} ± {_f(m['dice_std'], 4)}, "
+            f"HD95 {_f(m['hd95_mean'], 1)} mm over {summary[arm]['cases']} cases{vs}")
     missing = [a for a in arms if len(folds_of.get(a, [])) < scale.folds]
     log(f"collect: {len(tables)} arm(s), {sum(len(t.rows) for t in tables.values())} case evaluations -> "
         f"{out / 'results.json'}, {out / 'per_case.csv'}"
@@ -905,12 +934,13 @@ def render_sections(res: dict | None, paper: dict, fig_rel: str | None, results_
     s["generated"] = (f"{res['generated']} from `{results_rel}/results.json` (scale `{sc['name']}`, commit "
                       f"{', '.join(sorted({e.get('commit', '?') for e in env})) or '?'})")
     incomplete = [a for a in res["arms"] if len(res["arms"][a]["evaluated_folds"]) < sc["folds"]]
+    warn = "".join(f" **Warning:** {w}." for w in res.get("warnings") or [])
     s["status"] = (f"Scale `{sc['name']}`; run on {', '.join(cards) or '?'} on {', '.join(dates) or '?'} "
                    f"(torch {', '.join(sorted({str(e.get('torch')) for e in env})) or '?'}). "
                    + ("All arms have all folds evaluated." if not incomplete else
                       "**Incomplete:** " + ", ".join(
                           f"{a} ({len(res['arms'][a]['evaluated_folds'])}/{sc['folds']} folds)" for a in incomplete)
-                      + "."))
+                      + ".") + warn)
     s["setup"] = _table(["what", "value"], [
         ["pre-training pool", f"{data.get('pool_volumes', '?')} volumes: {sc['num_unlabelled']} synthetic phantoms "
                               f"(seed {sc['data_seed_unlabelled']})"
@@ -1139,14 +1169,17 @@ def stage_unpack(lay: Layout, packs: list[Path]) -> None:
     lay.root.mkdir(parents=True, exist_ok=True)
     envs, calls = read_json(lay.root / "environment.json", []) or [], \
         (read_json(lay.root / "timings.json", {}) or {}).get("train_calls", [])
+    settings = read_calls(lay.root)
     for pack in packs:
         with tarfile.open(pack) as tar:
             members = [m for m in tar.getmembers() if not (m.name.startswith("/") or ".." in Path(m.name).parts)]
             for m in members:
-                if m.name in ("environment.json", "timings.json"):
+                if m.name in ("environment.json", "timings.json", "settings.json"):
                     data = json.load(tar.extractfile(m))  # type: ignore[arg-type]
                     if m.name == "environment.json":
                         envs += [e for e in data if e not in envs]
+                    elif m.name == "settings.json":
+                        settings += [e for e in ([data] if isinstance(data, dict) else data) if e not in settings]
                     else:
                         calls += [c for c in data.get("train_calls", []) if c not in calls]
                     continue
@@ -1154,6 +1187,7 @@ def stage_unpack(lay: Layout, packs: list[Path]) -> None:
         log(f"unpack: {pack} -> {lay.root}")
     write_json(lay.root / "environment.json", envs)
     write_json(lay.root / "timings.json", {"train_calls": calls})
+    write_json(lay.root / "settings.json", settings)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -1208,7 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = replace(scale, **{key: conv(value)})
     root = (args.root or HERE / "runs" / scale.name).resolve()
     lay = Layout(root)
-    arms = args.arms or (list(PARTS[args.part]) if args.part else list(ARMS))
+    arms = args.arms or (list(PARTS[args.part]) if args.part else list(scale.default_arms))
     jobs = args.jobs or scale.jobs
     workers = scale.workers if args.workers is None else args.workers
     results_dir = (args.results or HERE / "results" / scale.name).resolve()
@@ -1249,7 +1283,9 @@ def _run_stages(args: argparse.Namespace, ap: argparse.ArgumentParser, scale: Sc
         if not (lay.root / "eval").is_dir():
             log("collect: nothing evaluated yet")
         else:
-            timed("collect", lambda: stage_collect(scale, lay, arms if args.arms or args.part else list(ARMS),
+            # collect every arm evaluated so far (a part's call sees its own arms; the CPU machine all)
+            timed("collect", lambda: stage_collect(scale, lay, arms if args.arms else
+                                                   [a for a in ARMS if (lay.root / "eval" / a).is_dir()],
                                                    results_dir))
             for png in sorted((lay.root / "figures").glob("reconstruction_*.png")):
                 shutil.copy2(png, results_dir / png.name)
