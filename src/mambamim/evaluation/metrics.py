@@ -30,6 +30,7 @@ import csv
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
@@ -44,6 +45,13 @@ logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
 """Metric names, also the column prefixes of ``per_case.csv`` (``dice_<class>``)."""
+
+
+def column_name(class_name: str) -> str:
+    """A class name as it appears in ``per_case.csv`` column names: runs of spaces and other
+    characters outside letters, digits, ``_``, ``-`` and ``.`` become one ``_``
+    (``"right kidney"`` -> ``"right_kidney"``)."""
+    return re.sub(r"[^\w.\-]+", "_", str(class_name).strip()) or "_"
 
 BothEmpty = Literal["nan", "one"]
 Hd95OneEmpty = Literal["diagonal", "inf", "nan"]
@@ -65,12 +73,24 @@ def _bbox_crop(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.pad(pred[sl], pad), np.pad(gt[sl], pad)
 
 
+def default_nsd_tolerance(spacing: Sequence[float]) -> float:
+    """The default surface-Dice tolerance in mm: the mean voxel size of ``spacing`` (X, Y, Z) in mm.
+
+    A fixed 1 mm would be below one voxel on coarse grids (6 mm voxels), where it only counts
+    boundary voxels that coincide exactly.
+    """
+    values = [float(s) for s in spacing]
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"spacing must be positive numbers, got {tuple(spacing)}")
+    return float(np.mean(values))
+
+
 def binary_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
     spacing: Sequence[float],
     *,
-    nsd_tolerance_mm: float = 1.0,
+    nsd_tolerance_mm: float | None = None,
     both_empty: BothEmpty = "nan",
     hd95_one_empty: Hd95OneEmpty = "diagonal",
 ) -> dict[str, float]:
@@ -80,7 +100,8 @@ def binary_metrics(
         pred: bool array (X, Y, Z), the predicted structure.
         gt: bool array (X, Y, Z), the reference structure, same shape.
         spacing: voxel size in mm along (X, Y, Z).
-        nsd_tolerance_mm: surface Dice tolerance in mm.
+        nsd_tolerance_mm: surface Dice tolerance in mm; None (default): the mean voxel spacing
+            (:func:`default_nsd_tolerance`), so a boundary one voxel off still counts as a match.
         both_empty: value of Dice when both masks are empty: ``"nan"`` (not scored) or ``"one"``;
             HD95 and surface Dice are NaN then either way (``"one"`` gives surface Dice 1 too).
         hd95_one_empty: HD95 when exactly one mask is empty: ``"diagonal"`` (image diagonal in mm),
@@ -96,6 +117,8 @@ def binary_metrics(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {spacing} does not match a {pred.ndim}-D mask")
+    if nsd_tolerance_mm is None:
+        nsd_tolerance_mm = default_nsd_tolerance(spacing)
     if nsd_tolerance_mm < 0:
         raise ValueError(f"nsd_tolerance_mm must be >= 0, got {nsd_tolerance_mm}")
     if both_empty not in ("nan", "one"):
@@ -169,20 +192,30 @@ def _nanstd(values: Iterable[float]) -> float:
 class MetricTable:
     """Per-case, per-class scores.
 
-    ``rows`` holds one dict per case: ``{"case": str, "dice_<class>": float, "hd95_<class>": float,
-    "nsd_<class>": float, ..., "dice_mean": float, "hd95_mean": float, "nsd_mean": float}``; the
-    ``*_mean`` columns are NaN-skipping means over the classes of that case.
+    ``rows`` holds one dict per case: ``{"case": str, "dice_<col>": float, "hd95_<col>": float,
+    "nsd_<col>": float, ..., "dice_mean": float, "hd95_mean": float, "nsd_mean": float}`` where
+    ``<col>`` is :func:`column_name` of the class name (no spaces: ``dice_right_kidney``); the
+    ``*_mean`` columns are NaN-skipping means over the classes of that case. ``nsd_tolerance_mm``
+    (optional) is the surface-Dice tolerance the scores were computed with, stated in the summary.
     """
 
     class_names: list[str]
     rows: list[dict] = field(default_factory=list)
+    nsd_tolerance_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        self.class_names = [str(n) for n in self.class_names]
+        cols = [column_name(n) for n in self.class_names]
+        clash = sorted({c for c in cols if cols.count(c) > 1 or c == "mean"})
+        if clash:
+            raise ValueError(f"class names {self.class_names} give clashing column names {clash}")
 
     @property
     def columns(self) -> list[str]:
         """CSV columns in order."""
         cols = ["case"]
         for name in self.class_names:
-            cols += [f"{m}_{name}" for m in METRICS]
+            cols += [f"{m}_{column_name(name)}" for m in METRICS]
         cols += [f"{m}_mean" for m in METRICS]
         return cols
 
@@ -196,9 +229,9 @@ class MetricTable:
         for name in self.class_names:
             s = scores.get(name, {})
             for m in METRICS:
-                row[f"{m}_{name}"] = float(s.get(m, math.nan))
+                row[f"{m}_{column_name(name)}"] = float(s.get(m, math.nan))
         for m in METRICS:
-            row[f"{m}_mean"] = _nanmean(row[f"{m}_{n}"] for n in self.class_names)
+            row[f"{m}_mean"] = _nanmean(row[f"{m}_{column_name(n)}"] for n in self.class_names)
         self.rows.append(row)
         return row
 
@@ -206,7 +239,7 @@ class MetricTable:
         """One value per case (NaN where not scored) of ``metric`` for ``class_name`` (or ``"mean"``)."""
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-        key = f"{metric}_{class_name}"
+        key = f"{metric}_{column_name(class_name)}"
         return [float(r.get(key, math.nan)) for r in self.rows]
 
     def summary(self) -> dict:
@@ -228,16 +261,21 @@ class MetricTable:
                 entry[f"{m}_n"] = int(sum(not math.isnan(v) for v in vals))
             classes[name] = entry
         overall = {m: _nanmean(classes[n][f"{m}_mean"] for n in self.class_names) for m in METRICS}
-        return {"num_cases": len(self.rows), "classes": classes, "mean": overall}
+        out = {"num_cases": len(self.rows), "classes": classes, "mean": overall}
+        if self.nsd_tolerance_mm is not None:
+            out["nsd_tolerance_mm"] = float(self.nsd_tolerance_mm)
+        return out
 
     def summary_markdown(self, title: str | None = None) -> str:
         """The summary as a Markdown table: one line per class, Dice / HD95 / NSD as mean +- std."""
         s = self.summary()
+        tol = self.nsd_tolerance_mm
+        nsd_head = "surface Dice" if tol is None else f"surface Dice ({tol:g} mm)"
         lines = [f"## {title}", ""] if title else []
         lines += [
             f"{s['num_cases']} case(s). Mean +- std over the cases where a class is scored (n).",
             "",
-            "| class | Dice | HD95 (mm) | surface Dice | n |",
+            f"| class | Dice | HD95 (mm) | {nsd_head} | n |",
             "| --- | --- | --- | --- | --- |",
         ]
 
@@ -256,6 +294,8 @@ class MetricTable:
         lines += ["", "A class absent from both reference and prediction is not scored (n counts the scored "
                   "cases); one missed or hallucinated completely scores Dice 0, surface Dice 0 and HD95 = the "
                   "image diagonal in mm."]
+        if tol is not None:
+            lines.append(f"Surface Dice counts boundary voxels within {tol:g} mm of the other boundary.")
         return "\n".join(lines) + "\n"
 
     def to_csv(self, path: str | os.PathLike) -> None:
@@ -268,7 +308,8 @@ class MetricTable:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "MetricTable":
-        """Read a ``per_case.csv`` written by :meth:`to_csv`."""
+        """Read a ``per_case.csv`` written by :meth:`to_csv`. Column names of older files with
+        spaces (``dice_right kidney``) are read as today's (``dice_right_kidney``)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no per-case CSV at {path}")
@@ -277,17 +318,21 @@ class MetricTable:
             fields = reader.fieldnames or []
             if "case" not in fields:
                 raise ValueError(f"{path} is not a per-case metrics CSV (no 'case' column)")
-            names = []
+            keys = {}
             for col in fields:
-                if col.startswith("dice_") and col != "dice_mean":
-                    names.append(col[len("dice_"):])
+                if col == "case":
+                    continue
+                metric, sep, name = col.partition("_")
+                keys[col] = f"{metric}{sep}{column_name(name)}" if metric in METRICS and sep else col
+            names = [keys[col][len("dice_"):] for col in fields
+                     if col.startswith("dice_") and keys[col] != "dice_mean"]
             table = cls(class_names=names)
             for raw in reader:
                 row: dict = {"case": raw["case"]}
                 for col in fields:
                     if col != "case":
                         try:
-                            row[col] = float(raw[col]) if raw[col] not in ("", None) else math.nan
+                            row[keys[col]] = float(raw[col]) if raw[col] not in ("", None) else math.nan
                         except ValueError as exc:
                             raise ValueError(f"{path}: column {col!r} of case {raw['case']!r} is not a number") from exc
                 table.rows.append(row)
@@ -299,7 +344,7 @@ def evaluate_cases(
     class_names: Sequence[str],
     *,
     labels: Sequence[int] | None = None,
-    nsd_tolerance_mm: float = 1.0,
+    nsd_tolerance_mm: float | None = None,
     both_empty: BothEmpty = "nan",
     hd95_one_empty: Hd95OneEmpty = "diagonal",
 ) -> MetricTable:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mambamim.atomic import atomic_write, write_json_atomic, write_text_atomic
-from mambamim.evaluation.metrics import MetricTable, case_metrics
+from mambamim.evaluation.metrics import MetricTable, case_metrics, column_name, default_nsd_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,24 @@ def cache_spacing(meta: dict) -> tuple[float, float, float]:
     """Voxel size in mm of a cached case (from its cache affine)."""
     aff = np.asarray(meta["cache"]["affine"], dtype=np.float64)
     return tuple(float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def cache_nsd_tolerance(cache_dir: str | os.PathLike) -> float:
+    """The default surface-Dice tolerance of a cache in mm: its mean voxel size (the preprocessing
+    spacing of its dataset.json, else the first case's grid), e.g. 6 mm voxels -> 6 mm."""
+    from mambamim.data.cache import load_cache_index
+
+    index = load_cache_index(cache_dir)
+    spacing = (index.get("preprocessing") or {}).get("spacing")
+    if spacing is not None:
+        spacing = [spacing] if isinstance(spacing, (int, float)) else list(spacing)
+        return default_nsd_tolerance(spacing)
+    from mambamim.data.cache import load_case
+
+    cases = index.get("cases") or []
+    if not cases:
+        raise ValueError(f"cache {cache_dir} has no case to take the voxel spacing from")
+    return default_nsd_tolerance(cache_spacing(load_case(cache_dir, cases[0]["id"], mmap=True)["meta"]))
 
 
 def labeled_cases(cache_dir: str | os.PathLike, split: str | None = None,
@@ -102,7 +120,7 @@ def evaluate_on_cache(
     tta_flips: bool | str = False,
     device: str | torch.device | None = None,
     amp: bool = True,
-    nsd_tolerance_mm: float = 1.0,
+    nsd_tolerance_mm: float | None = None,
     progress: bool = False,
     on_case: Callable[[str, np.ndarray, dict], None] | None = None,
 ) -> MetricTable:
@@ -115,7 +133,8 @@ def evaluate_on_cache(
         case_ids: cases to score; default every labeled case.
         roi, overlap, sw_batch_size, tta_flips, device, amp: see
             :func:`mambamim.engine.inference.predict_volume`.
-        nsd_tolerance_mm: surface-Dice tolerance.
+        nsd_tolerance_mm: surface-Dice tolerance in mm; None: the cache's mean voxel size
+            (:func:`cache_nsd_tolerance`). The table records it (``table.nsd_tolerance_mm``).
         progress: show a tqdm bar.
         on_case: called as ``on_case(case_id, prediction (X, Y, Z) int64, case dict)`` after each case.
 
@@ -132,11 +151,14 @@ def evaluate_on_cache(
     if len(names) < 2:
         raise ValueError("the checkpoint declares fewer than two classes; nothing to score")
     fg_names = names[1:]
-    if len(set(fg_names)) != len(fg_names):
+    cols = [column_name(n) for n in fg_names]
+    if len(set(cols)) != len(cols) or "mean" in cols:
         fg_names = [f"{i}_{n}" for i, n in enumerate(fg_names, start=1)]
     labels = list(range(1, len(names)))
     roi = tuple(roi) if roi else roi_from_info(info)
-    table = MetricTable(class_names=fg_names)
+    if nsd_tolerance_mm is None:
+        nsd_tolerance_mm = cache_nsd_tolerance(cache_dir)
+    table = MetricTable(class_names=fg_names, nsd_tolerance_mm=float(nsd_tolerance_mm))
     iterator: Any = ids
     if progress:
         from tqdm.auto import tqdm
@@ -263,9 +285,27 @@ def plot_dice_bars(tables: dict[str, MetricTable], out_png: str | os.PathLike,
 
 
 def plot_overlay(image: np.ndarray, labels: dict[str, np.ndarray], out_png: str | os.PathLike,
-                 z: int | None = None, title: str | None = None) -> Path:
+                 z: int | None = None, title: str | None = None,
+                 class_names: Sequence[str] | dict[int, str] | None = None, panel_inches: float = 4.5) -> Path:
     """Axial slice of ``image`` (X, Y, Z) with label maps (X, Y, Z) drawn as coloured overlays,
-    one panel per entry of ``labels`` (e.g. reference and prediction). Returns the PNG path."""
+    one titled panel per entry of ``labels`` (e.g. reference and prediction), and a legend of the
+    class colours. Returns the PNG path.
+
+    Args:
+        image: (X, Y, Z) or (C, X, Y, Z) intensities in [0, 1] (the first channel is shown).
+        labels: ``{panel title: integer label map (X, Y, Z)}``.
+        z: the slice; default the one with most foreground in the first label map.
+        title: figure title.
+        class_names: names by label value (a list indexed by value, background 0 included, or a
+            dict); default ``class <value>``.
+        panel_inches: width of each panel in inches (at 100 dpi: 450 pixels by default).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    if panel_inches < 1:
+        raise ValueError(f"panel_inches must be >= 1, got {panel_inches}")
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 4:
         image = image[0]
@@ -276,18 +316,41 @@ def plot_overlay(image: np.ndarray, labels: dict[str, np.ndarray], out_png: str 
         first = next(iter(labels.values()), None)
         fg = (np.asarray(first) > 0).sum(axis=(0, 1)) if first is not None else None
         z = int(fg.argmax()) if fg is not None and fg.max() > 0 else image.shape[2] // 2
+    if isinstance(class_names, dict):
+        names = {int(k): str(v) for k, v in class_names.items()}
+    else:
+        names = {i: str(v) for i, v in enumerate(class_names or [])}
+    top = max(1, max((int(np.asarray(v).max()) for v in labels.values()), default=1), max(names, default=0))
+    # one fixed colour per label value (1 .. top), the same in every panel and in the legend
+    base = colormaps["tab20"] if top > 10 else colormaps["tab10"]
+    colours = [base(i % base.N) for i in range(top)]
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm(np.arange(0.5, top + 1.5), cmap.N)
     n = max(1, len(labels))
-    fig = _figure(3.2 * n, 3.4)
-    top = max(1, max((int(np.asarray(v).max()) for v in labels.values()), default=1))
+    nx, ny = image.shape[0], image.shape[1]
+    height = panel_inches * max(0.5, min(2.0, ny / max(nx, 1)))
+    fig = _figure(panel_inches * n, height + 1.2)
+    present: set[int] = set()
     for k, (name, lab) in enumerate(labels.items() or [("image", None)]):
         ax = fig.add_subplot(1, n, k + 1)
         ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0, vmax=1)
         if lab is not None:
-            sl = np.asarray(lab)[:, :, z].T.astype(float)
-            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap="tab20", origin="lower", alpha=0.5,
-                      vmin=0, vmax=max(top, 1), interpolation="nearest")
-        ax.set_title(f"{name} (z={z})", fontsize=9)
+            sl = np.asarray(lab)[:, :, z].T.astype(np.int64)
+            present.update(int(v) for v in np.unique(sl) if v > 0)
+            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap=cmap, norm=norm, origin="lower", alpha=0.5,
+                      interpolation="nearest")
+        ax.set_title(f"{name} (axial slice z={z})", fontsize=11)
         ax.axis("off")
+    shown = sorted(present) or sorted(v for v in names if v > 0)
+    if shown:
+        handles = [Patch(facecolor=colours[v - 1], edgecolor="none", alpha=0.7, label=names.get(v, f"class {v}"))
+                   for v in shown if v <= top]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=10, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=12)
+    legend_rows = (len(shown) - 1) // 6 + 1 if shown else 0
+    total_h = height + 1.2
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.04, top=1 - 0.6 / total_h,
+                        bottom=(0.1 + 0.3 * legend_rows) / total_h)
     return _save_png(fig, out_png)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats as sps
 
 from mambamim.atomic import write_json_atomic, write_text_atomic
-from mambamim.evaluation.metrics import METRICS, MetricTable
+from mambamim.evaluation.metrics import METRICS, MetricTable, column_name
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def compare_tables(
             "the two evaluations share no case: A has "
             f"{_preview(list(rows_a))}, B has {_preview(list(rows_b))}"
         )
-    classes = [c for c in a.class_names if c in b.class_names]
+    b_cols = {column_name(c) for c in b.class_names}
+    classes = [c for c in a.class_names if column_name(c) in b_cols]
     if not classes:
         raise ValueError(f"the two evaluations share no class: A has {a.class_names}, B has {b.class_names}")
     if len(shared) < len(rows_a) or len(shared) < len(rows_b):
@@ -104,7 +105,7 @@ def compare_tables(
         for m in metrics:
             if m not in METRICS:
                 raise ValueError(f"unknown metric {m!r}; expected one of {METRICS}")
-            key = f"{m}_{name}"
+            key = f"{m}_{column_name(name)}"
             xs, ys = [], []
             for c in shared:
                 x = float(rows_a[c].get(key, math.nan))
