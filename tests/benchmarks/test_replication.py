@@ -120,9 +120,9 @@ def test_paper_numbers_are_quoted_exactly(rep):
 def test_micro_pipeline_end_to_end(tmp_path):
     """Every stage at toy size on CPU (about 2 minutes on 2 cores): two arms, two folds."""
     root = tmp_path / "root"
-    cmd = [sys.executable, str(SCRIPT), "--scale", "micro", "--device", "cpu", "--root", str(root),
-           "--results", str(tmp_path / "results"), "--arms", "scratch", "toki75", "--set", "reconstruct=false"]
-    out = subprocess.run(cmd + ["all"], capture_output=True, text=True, timeout=600)
+    opts = ["--scale", "micro", "--device", "cpu", "--root", str(root), "--results", str(tmp_path / "results"),
+            "--arms", "scratch", "toki75", "--set", "reconstruct=false"]
+    out = subprocess.run([sys.executable, str(SCRIPT), "all", *opts], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "results" / "results.json").read_text())
     assert set(res["summary"]) == {"scratch", "toki75"}
@@ -132,5 +132,5 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert any(c["a"] == "scratch" and c["b"] == "toki75" and c["class"] == "mean" for c in res["comparisons"])
     assert (root / "REPLICATION.md").is_file()
     # a second run finds everything done and starts nothing
-    again = subprocess.run(cmd + ["train"], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, str(SCRIPT), "train", *opts], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 job(s) to run" in again.stdout, again.stdout[-2000:]
