@@ -581,7 +581,6 @@ class Runner:
 
     def run(self, all_jobs: list[Job]) -> dict[str, Any]:
         todo, done = needed_jobs(all_jobs)
-        by_name = {j.name: j for j in all_jobs}
         failed: set[str] = set()
         running: dict[str, tuple[Job, subprocess.Popen]] = {}
         last_progress = 0.0
@@ -643,7 +642,6 @@ class Runner:
         log(f"train: {len(done)}/{len(all_jobs)} jobs done in {time.time() - self.t0:.0f} s"
             + (f"; not done: {', '.join(remaining[:12])}{' ...' if len(remaining) > 12 else ''}" if remaining else "")
             + (f"; failed: {', '.join(sorted(failed))}" if failed else ""))
-        del by_name
         return {"done": sorted(done), "remaining": remaining, "failed": sorted(failed), "stopped": stopped,
                 "seconds": round(time.time() - self.t0, 1)}
 
