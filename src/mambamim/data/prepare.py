@@ -219,7 +219,8 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
 
     Finished cases (meta.json present, same sources and parameters) are skipped, so an interrupted run can
     be restarted. Bad inputs are collected in ``out/report.json`` while the good ones are prepared; with
-    ``log_problems`` one warning lists every failed case with its file and reason. A constant image is left
+    ``log_problems`` one warning lists every failed case with its file and reason, and the dataset warnings and
+    the summary are logged too (False: the caller reports ``report``'s lists and summary itself). A constant image is left
     out (``report.excluded``) unless ``keep_constant``. ``strict`` only affects ``PrepareReport.exit_code``.
     Raises DataError when ``input`` holds no cases or ``out`` cannot be written.
     """
@@ -240,14 +241,17 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
         except Exception:
             pass
 
+    # with log_problems False the caller reports the warnings, problems and summary itself (the CLI prints
+    # them): logging them too would show each twice
+    report_level = logging.WARNING if log_problems else logging.DEBUG
     for w in ds.warnings:
-        logger.warning("%s: %s", w["file"], w["problem"])
+        logger.log(report_level, "%s: %s", w["file"], w["problem"])
         report.warnings.append(w)
     non_ct = {k: v for k, v in (ds.channel_names or {}).items() if str(v).strip().upper() not in ("CT", "")}
     if non_ct:
         msg = (f"channels {non_ct} are declared as not CT; the HU window [{params.hu_min:g}, {params.hu_max:g}] "
                "is applied to them anyway")
-        logger.warning("%s", msg)
+        logger.log(report_level, "%s", msg)
         report.warnings.append({"case": None, "file": ds.root, "problem": msg})
     shapes: dict[str, list[int]] = {}
     has_label: dict[str, bool] = {}
@@ -326,5 +330,5 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
     if log_problems and report.excluded:
         logger.warning("%d case(s) left out of the cache:\n%s", len(report.excluded),
                        "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in report.excluded))
-    logger.info("%s", report.summary())
+    logger.log(logging.INFO if log_problems else logging.DEBUG, "%s", report.summary())
     return report
