@@ -5,45 +5,24 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from mambamim.cli.main import main
 from mambamim.evaluation.metrics import MetricTable
 
-from _cli_toys import phantom_hu, toy_info, write_nifti
-
-AFF = np.diag([6.0, 6.0, 6.0, 1.0])
+from _cli_toys import toy_info
+from _eval_toys import make_cache6, make_run
 
 
 @pytest.fixture(scope="module")
 def cache6(tmp_path_factory):
     """A prepared cache of 4 labeled cases on 6 mm voxels."""
-    from mambamim.data.prepare import prepare_dataset
-    from mambamim.data.preprocess import PreprocessParams
-
-    root = tmp_path_factory.mktemp("cache6")
-    raw = root / "raw"
-    raw.mkdir()
-    for i in range(4):
-        hu = phantom_hu((20, 18, 12), seed=30 + i)
-        lab = np.roll(hu > 37.5, i % 2, axis=0)  # odd cases: one voxel off
-        write_nifti(raw / f"case{i}.nii.gz", hu, AFF)
-        write_nifti(raw / f"case{i}_seg.nii.gz", lab.astype(np.uint8), AFF)
-    params = PreprocessParams(spacing=[6.0], hu_min=-175.0, hu_max=250.0, crop_foreground=False, min_size=[16])
-    report = prepare_dataset(raw, root / "cache", params, progress=False, log_problems=False)
-    assert len(report.prepared) == 4
-    return root / "cache"
+    return make_cache6(tmp_path_factory.mktemp("cache6"))
 
 
 def _run(tmp_path, split=None, checkpoint_split=None):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"split": checkpoint_split} if checkpoint_split else {"x": 1}, run / "checkpoints" / "best.pt")
-    if split is not None:
-        (run / "split.json").write_text(json.dumps({"how": "fold 0 of 2", **split}))
-    return run
+    return make_run(tmp_path / "run", split, checkpoint_split)
 
 
 def _evaluate(ckpt, cache, out, *extra):
