@@ -45,7 +45,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
                         help="with --compile: keep at most about this fraction (0-1] of the activations the compiled "
                              "step would save, recomputing elementwise ops in the backward pass (default 1 = off)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
-                        help="mixed precision: auto = bf16 on CUDA, fp32 on CPU")
+                        help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 / fp16 = that autocast; "
+                             "none = fp32, no autocast (default auto)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes (default 4)")
