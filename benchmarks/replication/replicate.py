@@ -79,7 +79,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 )}
 REFERENCE = "toki75"
 # Two GPU calls of at most 9 minutes: each part is self-contained (its own pre-training and fine-tuning).
-PARTS: dict[str, tuple[str, ...]] = {"1": ("scratch", "toki75", "learnable75"), "2": ("toki50", "toki90", "dense75")}
+# "all": every arm in one call, with fewer steps (--set), when device time allows only one call.
+PARTS: dict[str, tuple[str, ...]] = {"1": ("scratch", "toki75", "learnable75"), "2": ("toki50", "toki90", "dense75"),
+                                     "all": tuple(ARMS)}
 
 
 @dataclass(frozen=True)

@@ -638,14 +638,36 @@ def _to_nifti_bytes(data: np.ndarray, affine_ras: np.ndarray, orientation: str, 
     return gzip.compress(img.to_bytes(), compresslevel=4, mtime=0)
 
 
+def organ_lookup(organs: Sequence[int] | None) -> np.ndarray:
+    """uint8 table mapping BTCV ids 0..13 to the label values written when only ``organs`` are labelled:
+    ``organs[k]`` becomes k + 1, every other organ 0 (it stays in the image, unlabelled)."""
+    if organs is None:
+        return np.arange(14, dtype=np.uint8)
+    ids = [int(o) for o in organs]
+    bad = [o for o in ids if o not in BTCV_LABELS or o == 0]
+    if bad or len(set(ids)) != len(ids) or not ids:
+        raise ValueError(f"organs must be distinct BTCV ids in 1..13 ({dict(BTCV_LABELS)}), got {list(organs)}")
+    table = np.zeros(14, dtype=np.uint8)
+    table[ids] = np.arange(1, len(ids) + 1, dtype=np.uint8)
+    return table
+
+
+def _label_names(organs: Sequence[int] | None) -> dict[str, str]:
+    """dataset.json "labels" for the organs written (all 13 BTCV ids when None)."""
+    if organs is None:
+        return {str(k): v for k, v in BTCV_LABELS.items()}
+    return {"0": "background", **{str(k + 1): BTCV_LABELS[int(o)] for k, o in enumerate(organs)}}
+
+
 def _write_case(args: tuple) -> dict:
-    out, name, seed_seq, labeled, kwargs = args
+    out, name, seed_seq, labeled, kwargs, organs = args
     ph = make_phantom(seed_seq, **kwargs)
     with open(os.path.join(out, "imagesTr", name), "wb") as f:
         f.write(_to_nifti_bytes(ph.image, ph.affine, ph.orientation, np.int16))
     if labeled:
+        label = organ_lookup(organs)[ph.label]
         with open(os.path.join(out, "labelsTr", name), "wb") as f:
-            f.write(_to_nifti_bytes(ph.label, ph.affine, ph.orientation, np.uint8))
+            f.write(_to_nifti_bytes(label, ph.affine, ph.orientation, np.uint8))
     return {"name": name, **ph.info}
 
 
@@ -661,6 +683,7 @@ def synth_dataset(
     inplane_spacing: tuple[float, float] = (2.0, 3.0),
     slice_spacing: tuple[float, float] = (2.5, 5.0),
     orientations: Sequence[str] | None = None,
+    organs: Sequence[int] | None = None,
 ) -> dict:
     """Write ``num`` phantoms as a Medical Segmentation Decathlon style folder.
 
@@ -668,6 +691,9 @@ def synth_dataset(
     (uint8, BTCV ids; absent with ``unlabeled``) and ``out/dataset.json``. Volume i uses the seed
     sequence (seed, i), so a volume does not depend on ``num``. Orientations cycle through
     ``orientations`` (default ``ORIENTATIONS``: RAS, LPS, flips) from a seed-dependent start.
+
+    ``organs`` (BTCV ids, e.g. ``(6, 1, 2, 3)``) labels only those organs, numbered 1.. in the given
+    order; the others stay in the images as unlabelled anatomy (None: all 13, with their BTCV ids).
 
     Returns:
         The dataset.json content; its extra key "synthetic" lists each case's shape, spacing and
@@ -687,8 +713,9 @@ def synth_dataset(
     kw = dict(inplane_voxels=tuple(inplane_voxels), inplane_spacing=tuple(inplane_spacing),
               slice_spacing=tuple(slice_spacing))
     start = int(np.random.default_rng(seed).integers(len(orients)))
+    organ_lookup(organs)  # validates before any file is written
     jobs = [(out, f"{prefix}_{i:03d}.nii.gz", [seed, i], not unlabeled,
-             {**kw, "orientation": orients[(start + i) % len(orients)].upper()}) for i in range(num)]
+             {**kw, "orientation": orients[(start + i) % len(orients)].upper()}, organs) for i in range(num)]
     if workers > 1 and num > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -713,7 +740,7 @@ def synth_dataset(
         "release": "1.0",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": {"0": "background"} if unlabeled else {str(k): v for k, v in BTCV_LABELS.items()},
+        "labels": {"0": "background"} if unlabeled else _label_names(organs),
         "numTraining": num,
         "numTest": 0,
         "training": training,

@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["DemoSettings", "DemoResult", "run_demo", "verdict"]
 
 ARMS = ("scratch", "pretrained")
+# BTCV ids the demo labels: the organs that are several voxels thick at its 6 mm spacing (spleen, kidneys,
+# gallbladder, liver, stomach, aorta, inferior vena cava). Esophagus, portal vein, pancreas and adrenals are
+# one to three voxels thick there; they stay in the images as unlabelled anatomy.
+DEMO_ORGANS = (1, 2, 3, 4, 6, 7, 8, 9)
+ALL_ORGANS = tuple(range(1, 14))
 
 
 @dataclass
@@ -53,7 +58,8 @@ class DemoSettings:
     Data: ``num_unlabeled`` phantoms without labels (pre-training only), ``num_train`` labelled cases
     that fine-tune, ``num_val`` labelled cases that pick the best checkpoint and ``num_test`` labelled
     cases that are evaluated and compared. Every phantom is resampled to ``spacing`` mm (coarse, so a
-    volume is about 50 voxels a side and a ``crop`` of 32 covers most of the abdomen).
+    volume is about 50 voxels a side and a ``crop`` of 32 covers most of the abdomen); ``organs`` are the
+    BTCV ids labelled (:data:`DEMO_ORGANS`: those several voxels thick at 6 mm; ``ALL_ORGANS`` for all 13).
     Pre-training: ``pretrain_steps`` steps of ``pretrain_batch`` crops (``pretrain_crops`` per volume)
     at ``lr_pretrain``. Fine-tuning: ``finetune_iterations`` of ``batch_size`` crops (``num_crops``
     per volume) at ``lr_finetune``, validated ``validations`` times.
@@ -65,6 +71,7 @@ class DemoSettings:
     num_test: int = 8
     crop: int = 32
     spacing: float = 6.0
+    organs: tuple[int, ...] = DEMO_ORGANS
     model: str = "hymamba"
     size: str = "tiny"
     mask_ratio: float = 0.75
@@ -97,6 +104,9 @@ class DemoSettings:
             raise ValueError("batch sizes count crops and must be multiples of the crops per volume")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        from mambamim.data.synth import organ_lookup
+
+        organ_lookup(self.organs)
 
     def set_from_text(self, item: str) -> None:
         """Apply ``"name=value"``, the value converted to the field's type; ValueError names bad input."""
@@ -106,6 +116,10 @@ class DemoSettings:
             raise ValueError(f"--set needs NAME=VALUE with NAME a demo setting ({', '.join(f.name for f in fields(self))}), "
                              f"got {item!r}")
         kind = type(getattr(self, name))
+        if kind is tuple:
+            text = text.strip()
+            self.organs = ALL_ORGANS if text == "all" else tuple(int(v) for v in text.split(",") if v.strip())
+            return
         try:
             setattr(self, name, kind(text.strip()))
         except ValueError:
@@ -163,7 +177,7 @@ def make_demo_data(raw: Path, s: DemoSettings) -> dict[str, list[str]]:
     # small in-plane matrices at coarse spacing keep every stage quick
     kw = dict(inplane_voxels=(56, 72), inplane_spacing=(5.0, 6.0), slice_spacing=(6.0, 8.0),
               workers=min(2, os.cpu_count() or 1))
-    labeled = synth_dataset(str(raw), num=s.num_labeled, seed=s.seed, prefix="lab", **kw)
+    labeled = synth_dataset(str(raw), num=s.num_labeled, seed=s.seed, prefix="lab", organs=s.organs, **kw)
     entries = labeled["training"]
     unlabeled = []
     if s.num_unlabeled:
