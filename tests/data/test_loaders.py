@@ -351,3 +351,24 @@ def test_epoch_sampler_matches_distributed_sampler_and_skips_once(tmp_path):
     assert list(s) == full  # the skip applies to one pass only
     with pytest.raises(ValueError):
         s.skip_next(-1)
+
+
+def test_class_balanced_centres_visit_small_classes_as_often_as_large(tmp_path):
+    from mambamim.data.loaders import CacheCropSampled
+
+    img = np.full((1, 40, 40, 40), 0.5, np.float32)
+    lab = np.zeros((40, 40, 40), np.uint8)
+    lab[:30, :30, :30] = 1  # 27,000 voxels
+    lab[35:37, 35:37, 35:37] = 2  # 8 voxels
+    np.save(tmp_path / "i.npy", img)
+    np.save(tmp_path / "l.npy", lab)
+    case = {"id": "c", "image": str(tmp_path / "i.npy"), "label": str(tmp_path / "l.npy")}
+
+    def small_share(balanced: bool) -> float:
+        s = CacheCropSampled(crop_size=2, num_crops=2000, labeled=True, pos=1, neg=0, class_balanced=balanced)
+        s.R.seed(0)
+        crops = s(case)
+        return float(np.mean([c["label"][0, 1, 1, 1] == 2 for c in crops]))
+
+    assert 0.4 < small_share(True) < 0.6  # half the foreground centres land in the 8-voxel class
+    assert small_share(False) < 0.01  # by volume: 8 in 27,008

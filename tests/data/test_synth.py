@@ -158,3 +158,23 @@ def test_cli(tmp_path):
     with open(tmp_path / "dataset.json") as f:
         assert json.load(f)["numTraining"] == 2
     assert len(os.listdir(tmp_path / "labelsTr")) == 2
+
+
+def test_organ_subset_relabels_and_keeps_the_anatomy(tmp_path):
+    import nibabel as nib
+
+    from mambamim.data.synth import organ_lookup, synth_dataset
+
+    kw = dict(num=1, inplane_voxels=(56, 72), inplane_spacing=(5.0, 6.0), slice_spacing=(6.0, 8.0))
+    full = synth_dataset(str(tmp_path / "all"), **kw)
+    sub = synth_dataset(str(tmp_path / "sub"), organs=(6, 2), **kw)
+    assert sub["labels"] == {"0": "background", "1": "liver", "2": "right kidney"}
+    assert full["labels"]["6"] == "liver"
+    read = lambda p: np.asarray(nib.load(p).dataobj)  # noqa: E731
+    lab_all, lab_sub = (read(tmp_path / d / "labelsTr" / "synth_000.nii.gz") for d in ("all", "sub"))
+    np.testing.assert_array_equal(lab_sub, np.where(lab_all == 6, 1, np.where(lab_all == 2, 2, 0)))
+    img_all, img_sub = (read(tmp_path / d / "imagesTr" / "synth_000.nii.gz") for d in ("all", "sub"))
+    np.testing.assert_array_equal(img_all, img_sub)  # unlabelled organs stay in the image
+    for bad in ((0,), (6, 6), (14,), ()):
+        with pytest.raises(ValueError):
+            organ_lookup(bad)

@@ -195,7 +195,7 @@ def _split_cases(cache: str, run_split: dict, cases: list[str] | None) -> list[s
 def _banner(args: argparse.Namespace, info: dict, cache: str, ids: list[str], run_split: dict | None,
             roi, tolerance: float, tol_note: str) -> str:
     """The start-of-run line: what is evaluated, where, and how, in words."""
-    from mambamim.cli.banner import precision_words, processes_words, tta_words, window_words
+    from mambamim.engine.banner import precision_words, processes_words, tta_words, window_words
     from mambamim.engine.inference import inference_amp, resolve_device, roi_from_info
 
     device = resolve_device(args.device)

@@ -138,7 +138,10 @@ class CacheCropSampled(Randomizable):
 
     Labeled (``labeled=True``): centre on a foreground voxel (label > 0) with probability
     ``pos / (pos + neg)``, else on a background voxel; both restricted to voxels where some channel
-    is ``> image_threshold`` (as MONAI ``RandCropByPosNegLabeld`` with ``image_key``). Unlabeled:
+    is ``> image_threshold`` (as MONAI ``RandCropByPosNegLabeld`` with ``image_key``). With
+    ``class_balanced`` (the default) a foreground centre first draws one of the case's classes
+    uniformly, then a voxel of that class (nnU-Net's foreground oversampling, MONAI
+    ``RandCropByLabelClassesd``), so a small organ is a crop centre as often as the liver. Unlabeled:
     with probability ``fg_fraction`` on a voxel where some channel is ``> fg_threshold``, else
     uniform over the volume. Centres are moved so the
     crop lies inside the volume; axes shorter than the crop are zero-padded symmetrically.
@@ -149,7 +152,8 @@ class CacheCropSampled(Randomizable):
 
     def __init__(self, crop_size: int | Sequence[int] = 96, num_crops: int = 4, labeled: bool = True,
                  pos: float = 1.0, neg: float = 1.0, image_threshold: float = 0.0, fg_threshold: float = 0.05,
-                 fg_fraction: float = 0.75, max_indices: int = 50_000, cache_cases: int = 64) -> None:
+                 fg_fraction: float = 0.75, max_indices: int = 50_000, cache_cases: int = 64,
+                 class_balanced: bool = True) -> None:
         self.crop_size = _as_crop_size(crop_size)
         if num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
@@ -167,7 +171,9 @@ class CacheCropSampled(Randomizable):
         self.fg_fraction = float(fg_fraction)
         self.max_indices = int(max_indices)
         self.cache_cases = int(cache_cases)
+        self.class_balanced = bool(class_balanced)
         self._indices: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._classes: dict[str, list[np.ndarray]] = {}  # per case: foreground indices grouped by class
         self.R = np.random.RandomState()
 
     def randomize(self, data: Any = None) -> None:  # draws happen in __call__ through self.R
@@ -206,17 +212,28 @@ class CacheCropSampled(Randomizable):
             bg = np.empty(0, np.int64)  # unlabeled: "background" draws are uniform, no list needed
         hit = (self._subsample(fg, str(case["id"]), 0), self._subsample(bg, str(case["id"]), 1))
         self._indices[key] = hit
+        if self.labeled and self.class_balanced:
+            self._classes[key] = _group_by_class(np.asarray(np.load(case["label"], mmap_mode="r")).reshape(-1), hit[0])
         if len(self._indices) > self.cache_cases:
-            self._indices.popitem(last=False)
+            old_key, _ = self._indices.popitem(last=False)
+            self._classes.pop(old_key, None)
         return hit
 
-    def _centers(self, fg: np.ndarray, bg: np.ndarray, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    def _foreground_pool(self, key: str, fg: np.ndarray) -> np.ndarray:
+        """Where a foreground centre is drawn: one class's voxels (class-balanced) or all of them."""
+        groups = self._classes.get(key)
+        if not groups:
+            return fg
+        return groups[self.R.randint(len(groups))]
+
+    def _centers(self, fg: np.ndarray, bg: np.ndarray, shape: tuple[int, ...], key: str = ""
+                 ) -> list[tuple[int, ...]]:
         centers = []
         for _ in range(self.num_crops):
             u = self.R.rand()
             if self.labeled:
                 use_fg = (u < self.pos_ratio and fg.size > 0) or bg.size == 0
-                pool = fg if use_fg else bg
+                pool = self._foreground_pool(key, fg) if use_fg else bg
                 flat = int(pool[self.R.randint(pool.size)]) if pool.size else int(self.R.randint(np.prod(shape)))
             elif u < self.fg_fraction and fg.size > 0:
                 flat = int(fg[self.R.randint(fg.size)])
@@ -235,7 +252,7 @@ class CacheCropSampled(Randomizable):
         fg, bg = self.case_indices(case)
         label = np.load(case["label"], mmap_mode="r") if self.labeled else None
         out = []
-        for center in self._centers(fg, bg, spatial):
+        for center in self._centers(fg, bg, spatial, f"{case['image']}|{self.labeled}"):
             wins = [_window(c, d, s) for c, d, s in zip(center, spatial, self.crop_size)]
             sl = tuple(w[0] for w in wins)
             pads = [w[1] for w in wins]
@@ -246,6 +263,14 @@ class CacheCropSampled(Randomizable):
                 item["label"] = np.pad(lab, [(0, 0)] + pads) if any(p != (0, 0) for p in pads) else lab
             out.append(item)
         return out
+
+
+def _group_by_class(label_flat: np.ndarray, fg: np.ndarray) -> list[np.ndarray]:
+    """The foreground indices ``fg`` split by their label value, one array per class present."""
+    values = np.asarray(label_flat[fg])
+    order = np.argsort(values, kind="stable")
+    classes, starts = np.unique(values[order], return_index=True)
+    return [fg[order[a:b]] for a, b in zip(starts, list(starts[1:]) + [len(order)])]
 
 
 class _ToTensors:

@@ -325,7 +325,8 @@ def _figures(out: Path, pre_run: Path, runs: dict[str, Path], tables: dict[str, 
     figs["dice"] = plot_dice_bars(tables, fig_dir / "dice_per_class.png", "Dice per class on the test cases")
     case = load_case(cache, show, mmap=False)
     panels = {"reference": np.asarray(case["label"]), **{f"{n} prediction": p for n, p in preds.items()}}
-    figs["overlay"] = plot_overlay(case["image"], panels, fig_dir / "overlay.png", title=f"test case {show}")
+    figs["overlay"] = plot_overlay(case["image"], panels, fig_dir / "overlay.png", title=f"test case {show}",
+                                   class_names=["background", *next(iter(tables.values())).class_names])
     return figs, rec
 
 

@@ -36,6 +36,7 @@ from mambamim.engine.checkpoint import (
     save_checkpoint,
 )
 from mambamim.engine.config import FinetuneConfig, model_size_kwargs
+from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.logging_utils import MetricsWriter
 from mambamim.engine.pretrain_loop import (
     TrainingInterrupted,
@@ -278,9 +279,9 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
         if main:
             n_params = sum(p.numel() for p in model.parameters())
             logger.info(
-                "fine-tuning %s (%s, %.2f M parameters, %d classes) on %s: %d iterations, warm-up %d, %s, %s x%d",
-                config.model, config.size, n_params / 1e6, num_classes, cache, total, warmup, amp, ctx.device,
-                ctx.world_size,
+                "fine-tuning %s (%s, %.2f M parameters, %d classes) on %s: %d iterations, warm-up %d iterations, %s, %s",
+                config.model, config.size, n_params / 1e6, num_classes, cache, total, warmup,
+                precision_words(amp), processes_words(ctx.world_size, ctx.device),
             )
         metrics = session.metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
         common = {

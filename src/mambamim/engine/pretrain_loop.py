@@ -44,6 +44,7 @@ from mambamim.engine.checkpoint import (
 )
 from mambamim.engine.compiling import CompiledOrEager
 from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
+from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.logging_utils import MetricsWriter, RunExistsError, RunLog, check_run_folder, move_run_aside
 from mambamim.engine.schedule import (
     DataPosition,
@@ -801,9 +802,9 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         if main:
             n_params = sum(p.numel() for p in model.parameters())
             logger.info(
-                "pre-training %s (%s, %.2f M parameters) on %s: %d steps (%d per epoch), warm-up %d, %s, %s x%d",
-                config.model, config.size, n_params / 1e6, cache, total, steps_per_epoch, warmup, amp, ctx.device,
-                ctx.world_size,
+                "pre-training %s (%s, %.2f M parameters) on %s: %d steps (%d per epoch), warm-up %d steps, %s, %s",
+                config.model, config.size, n_params / 1e6, cache, total, steps_per_epoch, warmup,
+                precision_words(amp), processes_words(ctx.world_size, ctx.device),
             )
         preview = _fixed_volume(cache, config.cases, crop) if main and config.vis_every else None
         metrics = session.metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from mambamim.cli.banner import precision_words, processes_words, tta_words, window_words
+from mambamim.engine.banner import precision_words, processes_words, tta_words, window_words
 
 
 def test_banner_words():
