@@ -862,6 +862,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _not_run(res: dict) -> str:
+    missing = [a for a in ARMS if a not in res["arms"]]
+    return (" **Not run:** " + ", ".join(missing) + " (no fold evaluated; see the note below the verdicts).") if missing else ""
+
+
+def _class_key(name: str) -> str:
+    """per_case.csv names classes with underscores (right_kidney), the paper's columns with spaces."""
+    return name.replace("_", " ")
+
+
 PAPER_COLUMNS = {"Spl": ["spleen"], "Kid": ["right kidney", "left kidney"], "Gall": ["gallbladder"],
                  "Eso": ["esophagus"], "Liv": ["liver"], "Sto": ["stomach"], "Aor": ["aorta"],
                  "IVC": ["inferior vena cava"], "Veins": ["portal and splenic vein"], "Pan": ["pancreas"],
@@ -931,16 +941,17 @@ def render_sections(res: dict | None, paper: dict, fig_rel: str | None, results_
     cards = sorted({e.get("card", "?") for e in env})
     dates = sorted({(e.get("date") or "")[:10] for e in env if e.get("date")})
     data = res.get("data") or {}
-    s["generated"] = (f"{res['generated']} from `{results_rel}/results.json` (scale `{sc['name']}`, commit "
-                      f"{', '.join(sorted({e.get('commit', '?') for e in env})) or '?'})")
+    # the device runs a copy of the working tree whose .git may be stale: name the checkout that reports
+    s["generated"] = (f"{res['generated']} from `{results_rel}/results.json` (scale `{sc['name']}`; report written at "
+                      f"commit {git_commit()}, the runs used the working tree sent from that checkout)")
     incomplete = [a for a in res["arms"] if len(res["arms"][a]["evaluated_folds"]) < sc["folds"]]
     warn = "".join(f" **Warning:** {w}." for w in res.get("warnings") or [])
     s["status"] = (f"Scale `{sc['name']}`; run on {', '.join(cards) or '?'} on {', '.join(dates) or '?'} "
                    f"(torch {', '.join(sorted({str(e.get('torch')) for e in env})) or '?'}). "
-                   + ("All arms have all folds evaluated." if not incomplete else
+                   + ("Every arm that ran has all folds evaluated." if not incomplete else
                       "**Incomplete:** " + ", ".join(
                           f"{a} ({len(res['arms'][a]['evaluated_folds'])}/{sc['folds']} folds)" for a in incomplete)
-                      + ".") + warn)
+                      + ".") + _not_run(res) + warn)
     s["setup"] = _table(["what", "value"], [
         ["pre-training pool", f"{data.get('pool_volumes', '?')} volumes: {sc['num_unlabelled']} synthetic phantoms "
                               f"(seed {sc['data_seed_unlabelled']})"
@@ -1017,7 +1028,8 @@ def render_sections(res: dict | None, paper: dict, fig_rel: str | None, results_
     for arm in arms:
         vals = []
         for col in cols[:-1]:
-            ms = [summ[arm]["classes"][c]["dice_mean"] for c in PAPER_COLUMNS[col] if c in summ[arm]["classes"]]
+            by_name = {_class_key(k): v for k, v in summ[arm]["classes"].items()}
+            ms = [by_name[c]["dice_mean"] for c in PAPER_COLUMNS[col] if c in by_name]
             ms = [m for m in ms if m is not None and math.isfinite(m)]
             vals.append(f"{100 * sum(ms) / len(ms):.2f}" if ms else "n/a")
         vals.append(_f(100 * summ[arm]["mean"]["dice_mean"], 2) if summ[arm]["mean"]["dice_mean"] is not None else "n/a")
