@@ -16,7 +16,7 @@ from typing import Any
 # Kept literal so that building the parser imports no torch; tests/cli/test_fast_help.py checks they
 # match mambamim.models.list_models() and the presets.
 MODELS = ("hymamba", "mednext_cnn", "vim_unetr")
-SIZES = ("tiny", "small", "base", "authors")
+SIZES = ("tiny", "mini", "small", "base", "authors")
 QUICK_CROP = 32  # the smallest side HyMamba's bottleneck norm accepts at batch size 1
 BENCHMARK_CROP = 96  # the paper's training crop
 

@@ -25,7 +25,7 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
                             "OUT/.overwritten-<timestamp>/ first")
     parser.add_argument("--model", default="hymamba", choices=["hymamba", "vim_unetr", "mednext_cnn"],
                         help="network (default hymamba)")
-    parser.add_argument("--size", "--arch", dest="size", default="base", choices=["tiny", "small", "base", "authors"],
+    parser.add_argument("--size", "--arch", dest="size", default="base", choices=["tiny", "mini", "small", "base", "authors"],
                         help="network preset: base = the paper's configuration (ours), authors = the authors' "
                              "released HyMamba exactly (loads `mambamim convert authors` checkpoints), tiny for "
                              "tests and CPU demos")

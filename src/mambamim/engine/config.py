@@ -29,7 +29,7 @@ __all__ = [
     "model_size_kwargs",
 ]
 
-SIZES = ("tiny", "small", "base", "authors")  # "authors": the authors' released HyMamba, exactly
+SIZES = ("tiny", "mini", "small", "base", "authors")  # "authors": the authors' released HyMamba, exactly
 TOKENS = ("toki", "learnable")
 SCANS = ("raster", "zigzag", "hilbert", "shuffle")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -88,6 +88,20 @@ class _Config:
         cfg = cls(**{k: v for k, v in values.items() if k in names})
         cfg.validate()
         return cfg
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "out", "resume", "pretrained", "val_cases")
+
+    def resolved(self: C, device: str | None = None) -> C:
+        """A copy to record in ``config.yaml``: file options as absolute paths and, when given, the device
+        the run really uses (``auto`` resolved), so the run can be repeated from that file alone."""
+        values = {}
+        for name in self.PATH_FIELDS:
+            value = getattr(self, name, None)
+            if value:
+                values[name] = str(Path(value).expanduser().absolute())
+        if device is not None:
+            values["device"] = str(device)
+        return dataclasses.replace(self, **values)
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
         """Write the configuration (with a ``kind`` line) to ``path``."""

@@ -44,9 +44,10 @@ __all__ = ["DemoSettings", "DemoResult", "run_demo", "verdict"]
 
 ARMS = ("scratch", "pretrained")
 # BTCV ids the demo labels: the organs that are several voxels thick at its 6 mm spacing (spleen, kidneys,
-# gallbladder, liver, stomach, aorta, inferior vena cava). Esophagus, portal vein, pancreas and adrenals are
-# one to three voxels thick there; they stay in the images as unlabelled anatomy.
-DEMO_ORGANS = (1, 2, 3, 4, 6, 7, 8, 9)
+# liver, stomach, aorta, inferior vena cava). Esophagus, portal vein, pancreas and adrenals are one to three
+# voxels thick there, and the gallbladder was learned by neither arm in the demo's budget (nor at 3 mm in the
+# GPU replication); they stay in the images as unlabelled anatomy.
+DEMO_ORGANS = (1, 2, 3, 6, 7, 8, 9)
 ALL_ORGANS = tuple(range(1, 14))
 
 
@@ -73,18 +74,18 @@ class DemoSettings:
     spacing: float = 6.0
     organs: tuple[int, ...] = DEMO_ORGANS
     model: str = "hymamba"
-    size: str = "tiny"
+    size: str = "mini"
     mask_ratio: float = 0.75
     decoder_width: int = 64
-    pretrain_steps: int = 300
-    pretrain_batch: int = 8
+    pretrain_steps: int = 150
+    pretrain_batch: int = 4
     pretrain_crops: int = 2
     lr_pretrain: float = 2e-3
-    finetune_iterations: int = 300
+    finetune_iterations: int = 230
     batch_size: int = 4
     num_crops: int = 2
     lr_finetune: float = 3e-3
-    validations: int = 6
+    validations: int = 5
     overlap: float = 0.25
     seed: int = 0
 
@@ -132,7 +133,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         """The smallest setting that still runs every stage (for tests)."""
-        return cls(num_unlabeled=2, num_train=1, num_val=1, num_test=2, pretrain_steps=2, pretrain_batch=2,
+        return cls(num_unlabeled=2, num_train=1, num_val=1, num_test=2, size="tiny", pretrain_steps=2, pretrain_batch=2,
                    pretrain_crops=1, finetune_iterations=2, batch_size=1, num_crops=1, validations=1)
 
 
@@ -432,8 +433,9 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[s
         f"Device `{device}`, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
         f"total {seconds.get('total', 0):.0f} s.", "",
         "## What was run", "",
-        f"- {len(ids['unlabeled'])} unlabelled and {s.num_labeled} labelled synthetic CT phantoms (13 BTCV-like "
-        f"organs), resampled to {s.spacing:g} mm; a `{s.model}` network of size `{s.size}`, {s.crop}^3 crops.",
+        f"- {len(ids['unlabeled'])} unlabelled and {s.num_labeled} labelled synthetic CT phantoms, resampled to "
+        f"{s.spacing:g} mm, {len(s.organs)} organs labelled ({', '.join(_organ_names(s.organs))}; the other BTCV "
+        f"organs stay in the images unlabelled); a `{s.model}` network of size `{s.size}`, {s.crop}^3 crops.",
         f"- Pre-training (MambaMIM, mask ratio {s.mask_ratio}, {s.pretrain_steps} steps of {s.pretrain_batch} crops) "
         f"on the {len(ids['unlabeled'])} unlabelled phantoms and the {len(ids['train'])} labelled training images "
         "(labels unused). " + _pretrain_summary(pre_run),
@@ -444,7 +446,7 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[s
         f"{best['pretrained']} pre-trained.",
         f"- Evaluation on {len(ids['test'])} held-out test cases ({', '.join(ids['test'])}), sliding window "
         f"(overlap {s.overlap}).", "",
-        "## Result", "", text, "",
+        "## Result", "", text, "", _missed(tables, s.finetune_iterations), "",
     ]
     lines += _class_table(tables, results)
     lines += ["", "Mean over classes with HD95 and surface Dice:", "",
@@ -467,6 +469,25 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[s
               "- `finetune_scratch/`, `finetune_pretrained/`: fine-tuning runs (`checkpoints/best.pt`, `metrics.csv`)",
               "- `eval_*/per_case.csv`, `summary.json`, `summary.md`; `compare/comparison.{md,json}`", ""]
     return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def _organ_names(organs: tuple[int, ...]) -> list[str]:
+    from mambamim.data.synth import BTCV_LABELS
+
+    return [BTCV_LABELS[int(o)] for o in organs]
+
+
+def _missed(tables: dict[str, Any], iterations: int) -> str:
+    """Which organs each run never segments on the test cases: what a short budget leaves unlearned."""
+    parts = []
+    for name, table in tables.items():
+        classes = table.summary()["classes"]
+        zero = [c.replace("_", " ") for c, v in classes.items() if v["dice_mean"] is not None and v["dice_mean"] < 0.01]
+        parts.append(f"{name}: {', '.join(zero) if zero else 'none'}")
+    return (f"Organs a run does not segment at all after {iterations} iterations (mean test Dice below 0.01): "
+            + "; ".join(parts) + ". In a budget this short the comparison measures how fast fine-tuning gets "
+            "going from each start, not where longer training would end: docs/DEMO.md shows both runs with more "
+            "iterations.")
 
 
 def _best(run: Path) -> str:

@@ -334,7 +334,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
                         "config": config.to_dict(),
                     })
             if main:
-                metrics.log(row, prefix="")
+                metrics.log(row, prefix="val/", phase="val")
                 logger.info(
                     "iteration %d: validation mean Dice %.4f over %d cases (best %.4f at %s) in %.1f s",
                     loop.step, mean, len(results), best_metric, best_step, time.perf_counter() - t0,
@@ -367,7 +367,7 @@ def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 row.update(window_peak_memory(ctx.device))
-                metrics.log(row, prefix="train/")
+                metrics.log(row, prefix="train/", phase="train")
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['loss']:.4f}", best=f"{best_metric:.3f}" if best_step else "-")
                 window = []

@@ -184,9 +184,14 @@ class MetricsWriter:
             for row in rows:
                 writer.writerow({k: row.get(k, "") for k in self._columns})
 
-    def log(self, row: Mapping[str, Any], prefix: str = "") -> None:
+    def log(self, row: Mapping[str, Any], prefix: str = "", phase: str | None = None) -> None:
         """Write one row (``row["step"]`` is required); values go to TensorBoard as
-        ``{prefix}{key}``. Non-numeric values only go to the CSV."""
+        ``{prefix}{key}``, with a leading ``{phase}_`` of the key dropped (``val_mean_dice`` with
+        prefix ``val/`` and phase ``val`` becomes the tag ``val/mean_dice``). ``phase`` ("train",
+        "val") also goes to the CSV's ``phase`` column, so training and validation rows are told
+        apart. Non-numeric values only go to the CSV."""
+        if phase is not None:
+            row = {"step": row["step"], "phase": phase, **{k: v for k, v in row.items() if k != "step"}}
         if not self.enabled:
             return
         if "step" not in row:
@@ -210,7 +215,8 @@ class MetricsWriter:
             for key, value in row.items():
                 if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
-                self._tb.add_scalar(f"{prefix}{key}", float(value), step)
+                tag = key[len(phase) + 1:] if phase and key.startswith(f"{phase}_") else key
+                self._tb.add_scalar(f"{prefix}{tag}", float(value), step)
 
     def add_image(self, tag: str, image: Any, step: int) -> None:
         """An (H, W, 3) uint8 array to TensorBoard."""

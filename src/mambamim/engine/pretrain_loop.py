@@ -236,8 +236,9 @@ def resolve_resume(config: Any, config_cls: type, explicit: Collection[str] | No
     else:
         changeable = set(config_cls.RESUME_OVERRIDABLE) | set(BOOKKEEPING_OPTIONS)
         fields = {f.name for f in dataclasses.fields(config_cls)}
+        mine, theirs = config.resolved(), saved.resolved()  # a relative --data names the same folder
         refused = [name for name in sorted(set(explicit) & fields - changeable - set(SESSION_OPTIONS))
-                   if getattr(config, name) != getattr(saved, name)]
+                   if getattr(mine, name) != getattr(theirs, name)]
         if refused:
             listing = ", ".join(f"{n} (saved {getattr(saved, n)!r}, given {getattr(config, n)!r})" for n in refused)
             raise ValueError(f"cannot resume {run} with other training options: {listing}; resume without them, "
@@ -308,7 +309,7 @@ def open_run(config: Any, ctx: D.DistContext) -> Iterator[RunSession]:
     moved = _claim_run_folder(run, config, main)
     if main:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save_yaml(run / "config.yaml")
+        config.resolved(ctx.device).save_yaml(run / "config.yaml")
     D.barrier()
     session = RunSession(run, main, bool(config.resume), StopSignal().__enter__(), RunLog(run, enabled=main))
     if moved is not None:
@@ -777,7 +778,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
             logger.info("the cache has %d channel(s): in_channels %d -> %d", shapes[0][0], config.in_channels, shapes[0][0])
             config.in_channels = int(shapes[0][0])
             if main:
-                config.save_yaml(run / "config.yaml")
+                config.resolved(ctx.device).save_yaml(run / "config.yaml")
         loader = _make_loader(cache, config, ctx, labeled=False, augment=True, case_ids=config.cases)
         steps_per_epoch = len(loader)
         total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
@@ -851,7 +852,7 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 row.update(window_peak_memory(ctx.device))
-                metrics.log(row, prefix="train/")
+                metrics.log(row, prefix="train/", phase="train")
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 window = []
