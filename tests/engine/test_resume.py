@@ -297,3 +297,23 @@ def test_memory_budget_is_validated(tmp_path):
         CompiledOrEager(lambda x: x, memory_budget=0.0)
     with _pytest.raises(ValueError, match="memory_budget"):
         PretrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), memory_budget=1.5).validate()
+
+
+def test_resume_keeps_the_runs_planned_length(tmp_path, monkeypatch, caplog):
+    """An epoch-based run resumed where it would count another total (another number of processes, or
+    cases added) keeps the length its learning-rate schedule was built for."""
+    import logging
+
+    from mambamim.engine.checkpoint import save_checkpoint
+
+    fake_cache(tmp_path / "cache")
+    patch_pretrain(monkeypatch)
+    part = pretrain(_cfg(tmp_path, "part", steps=None, epochs=2, stop_after=2))  # 3 batches an epoch: 6 steps
+    ck = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert ck["total_steps"] == 6
+    ck["total_steps"] = 8  # as if the run had been planned on fewer processes
+    save_checkpoint(part / "checkpoints" / "last.pt", ck)
+    with caplog.at_level(logging.WARNING):
+        pretrain(PretrainConfig(resume=str(part), device="cpu", workers=0, progress=False))
+    assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 8
+    assert "the run was planned for 8" in caplog.text

@@ -789,7 +789,13 @@ def _pretrain(config: PretrainConfig, ctx: D.DistContext) -> Path:
         rng = None
         last_path = run / "checkpoints" / "last.pt"
         if resuming:
-            _, rng = loop.resume_from(run, "pretrainer")
+            state, rng = loop.resume_from(run, "pretrainer")
+            saved_total = state.get("total_steps")
+            if saved_total and int(saved_total) != total:
+                # e.g. --epochs on another number of processes: the restored schedule keeps the run's length
+                logger.warning("this session would count %d steps, the run was planned for %d (another number of "
+                               "processes?): keeping the run's %d", total, saved_total, saved_total)
+                total = int(saved_total)
             logger.info("resumed %s at step %d (epoch %d, batch %d)", run, loop.step, loop.position.epoch, loop.position.batch)
 
         crop = config.crop
