@@ -237,7 +237,9 @@ def _resolve_cache(args: argparse.Namespace, info: dict) -> str:
     from mambamim.data.prepare import prepare_dataset
 
     out = os.path.join(args.out, "cache")
-    report = prepare_dataset(args.data, out, params, workers=max(1, args.workers), progress=args.progress)
+    # the FAILED lines below are the listing: prepare logs them at debug level only
+    report = prepare_dataset(args.data, out, params, workers=max(1, args.workers), progress=args.progress,
+                             log_problems=False)
     for f in report.failed:
         print(f"FAILED {f.get('file')}: {f.get('problem')}", file=sys.stderr)
     return out

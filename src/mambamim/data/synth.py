@@ -374,7 +374,7 @@ def _thorax(cv: _Canvas, bone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns (above the diaphragm, rib mask)."""
     rng, X2, Y2, Z = cv.rng, cv.X[:, :, 0], cv.Y[:, :, 0], cv.Z
-    cav3, theta = cv.masks["cav3"], cv.masks["theta"]
+    cav3 = cv.masks["cav3"]
     apex_r, apex_l = rng.uniform(100.0, 125.0), rng.uniform(92.0, 112.0)
     cv.masks["apex_shift"] = apex_r - 112.0
     above = Z > _diaphragm(X2, Y2, apex_r, apex_l)[:, :, None]
