@@ -89,3 +89,15 @@ def test_resolve_data_uses_cache_or_prepares_into_run(tmp_path, monkeypatch):
     assert calls == [(str(raw), str(tmp_path / "run" / "cache"))]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         resolve_data(tmp_path / "nowhere", tmp_path / "run")
+
+
+def test_unknown_model_or_size_fails_and_lists_the_known_ones():
+    import pytest
+
+    from mambamim.engine.config import FinetuneConfig, PretrainConfig
+
+    with pytest.raises(ValueError, match="known models: hymamba, mednext_cnn, vim_unetr"):
+        PretrainConfig(data="c", out="o", model="nonexistent").validate()
+    with pytest.raises(ValueError, match="has no size 'authors'"):
+        FinetuneConfig(data="c", out="o", model="vim_unetr", size="authors").validate()
+    PretrainConfig(data="c", out="o", model="mednext_cnn", size="mini").validate()

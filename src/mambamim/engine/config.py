@@ -138,8 +138,15 @@ class _Config:
             raise ValueError("out (the run folder) is required")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other (resume continues the run, overwrite starts over)")
+        from mambamim.models import MODEL_PRESETS, list_models
+
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
+        if self.size not in MODEL_PRESETS[self.model]:
+            raise ValueError(f"model {self.model!r} has no size {self.size!r}; its sizes: "
+                             f"{', '.join(MODEL_PRESETS[self.model])}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         if self.amp not in AMP_MODES:

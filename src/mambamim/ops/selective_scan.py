@@ -22,6 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from mambamim.ops.scan_shapes import check_scan_shapes as _check_shapes
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64
@@ -91,25 +93,6 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape != b.shape:
         raise ValueError(f"linear_scan: a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
     return _LinearScan.apply(a, b)
-
-
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be (batch, dim, length), got {tuple(u.shape)}")
-    batch, dim, length = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"selective_scan: delta {tuple(delta.shape)} must match u {tuple(u.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be (dim={dim}, state), got {tuple(A.shape)}")
-    state = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, state, length):
-            raise ValueError(f"selective_scan: {name} must be ({batch}, {state}, {length}), got {tuple(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (dim,):
-            raise ValueError(f"selective_scan: {name} must be ({dim},), got {tuple(t.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan: z {tuple(z.shape)} must match u {tuple(u.shape)}")
 
 
 def selective_scan_ref(

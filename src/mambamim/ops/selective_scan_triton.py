@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 from mambamim.ops._triton import HAS_TRITON as _HAS_TRITON
 from mambamim.ops._triton import is_available, tl, triton
+from mambamim.ops.scan_shapes import check_scan_shapes
 
 __all__ = ["selective_scan_triton", "is_available", "ScanConfig"]
 
@@ -353,13 +354,11 @@ def _vec(L: int, block_t: int) -> int:
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
     """The shape checks of the PyTorch scan plus the kernel's limits; returns (batch, dim, L, n)."""
-    from mambamim.ops.selective_scan import _check_shapes
-
     if A.dim() == 2:  # the kernel's limit first: B and C are then checked against this state size
         n = A.shape[1]
         if n < 1 or n > _MAX_STATE or (n & (n - 1)) != 0:
             raise ValueError(f"d_state must be a power of two <= {_MAX_STATE}, got {n}")
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, L = u.shape
     n = A.shape[1]
     if L < 1:
