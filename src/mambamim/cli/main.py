@@ -123,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = " ".join(n for n in (args.command, getattr(args, "data_command", None)) if n)
     option = OUTPUT_FOLDERS.get(name)
     out = getattr(args, option, None) if option else None
-    out = getattr(out, "value", out)  # a command may wrap its defaults to tell them from typed values
     if isinstance(out, (str, os.PathLike)) and str(out):
         problem = output_dir_problem(out, f"--{option}")
         if problem:
