@@ -17,7 +17,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from mambamim import __version__
 
@@ -40,14 +40,6 @@ DATA_COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"mambamim {name}: this command is not built yet in version {__version__}.", file=sys.stderr)
-        return 2
-
-    return run
-
-
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, with ``(required)`` after the help of every required option."""
 
@@ -60,13 +52,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def _register(subparsers, name: str, module: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-    try:
-        mod = importlib.import_module(f"mambamim.cli.cmd_{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"mambamim.cli.cmd_{module}":
-            raise
-        parser.set_defaults(func=_not_built(name.replace("_", " ")))
-        return
+    mod = importlib.import_module(f"mambamim.cli.cmd_{module}")
     mod.add_arguments(parser)
     parser.set_defaults(func=mod.run)
 
