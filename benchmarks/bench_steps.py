@@ -218,7 +218,7 @@ def infer_variants(args, device):
     for label, amp, swb, mode, cl in variants:
         torch._dynamo.reset()  # else a later variant can reuse an earlier one's compiled graph
         if mode == "segmenter":
-            from mambamim.engine.inference import compile_segmenter, predict_volume
+            from mambamim.inference import compile_segmenter, predict_volume
 
             segmenter = compile_segmenter(model.to(memory_format=torch.contiguous_format))
 

@@ -26,7 +26,7 @@ from mambamim.pretrain import create_pretrainer
 
 def compiled_saved(model, x, memory_budget: float, rows: int = 12) -> None:
     """Print the bytes the compiled forward graph(s) keep for the backward pass, and the largest tensors."""
-    from mambamim.engine.compiling import kept_tensors_backend
+    from mambamim.runtime.compiling import kept_tensors_backend
 
     backend, kept = kept_tensors_backend()
     with torch._functorch.config.patch(activation_memory_budget=memory_budget):

@@ -51,7 +51,7 @@ def test_predict_geometry_and_voxels(tmp_path, toy_segmenter, capsys):
 
 
 def test_predict_compile_flag_wraps_the_network(tmp_path, toy_segmenter, monkeypatch, capsys):
-    from mambamim.engine import inference
+    from mambamim import inference
 
     wrapped = []
     real = inference.compile_segmenter

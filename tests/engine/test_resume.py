@@ -261,7 +261,7 @@ def _saved_bytes_of_compiled_step(memory_budget: float, monkeypatch) -> int:
 
     import torch
 
-    from mambamim.engine.compiling import CompiledOrEager, kept_tensors_backend
+    from mambamim.runtime.compiling import CompiledOrEager, kept_tensors_backend
     from mambamim.pretrain import create_pretrainer
 
     backend, kept = kept_tensors_backend()
@@ -290,7 +290,7 @@ def test_memory_budget_makes_the_compiled_step_keep_less(monkeypatch):
 def test_memory_budget_is_validated(tmp_path):
     import pytest as _pytest
 
-    from mambamim.engine.compiling import CompiledOrEager
+    from mambamim.runtime.compiling import CompiledOrEager
     from mambamim.engine.config import PretrainConfig
 
     with _pytest.raises(ValueError, match="memory_budget"):

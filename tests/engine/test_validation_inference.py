@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mambamim.engine.finetune_loop import validate
-from mambamim.engine.inference import inference_amp, predict_volume
+from mambamim.inference import inference_amp, predict_volume
 from mambamim.evaluation.metrics import case_metrics
 
 

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mambamim.data.errors import DataError
-    from mambamim.engine import inference
+    from mambamim import inference
+    from mambamim.engine import inference as loaders
     from mambamim.evaluation.report import cache_nsd_tolerance, evaluate_on_cache, labeled_cases, write_evaluation
 
     if not os.path.exists(args.data):
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if args.split is not None and args.split.lower() in RUN_SPLITS:
             # before loading the model: a checkpoint outside a run is refused at once
             run_split = split_of_run(args.checkpoint, args.split)
-        model, info = inference.load_segmenter(args.checkpoint, args.device)
+        model, info = loaders.load_segmenter(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("evaluate", str(exc))
     if args.compile:
@@ -196,7 +197,7 @@ def _banner(args: argparse.Namespace, info: dict, cache: str, ids: list[str], ru
             roi, tolerance: float, tol_note: str) -> str:
     """The start-of-run line: what is evaluated, where, and how, in words."""
     from mambamim.engine.banner import precision_words, processes_words, tta_words, window_words
-    from mambamim.engine.inference import inference_amp, resolve_device, roi_from_info
+    from mambamim.inference import inference_amp, resolve_device, roi_from_info
 
     device = resolve_device(args.device)
     which = (f"the run's {run_split['name']} cases ({run_split['source']})" if run_split

@@ -111,11 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambamim.engine import inference
+    from mambamim import inference
+    from mambamim.engine import inference as loaders
 
     try:
         roi = roi_arg(args.roi)
-        model, info = inference.load_segmenter(args.checkpoint, args.device)
+        model, info = loaders.load_segmenter(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("predict", str(exc))
     if args.compile:

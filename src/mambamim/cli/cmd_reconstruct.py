@@ -25,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mambamim.data.errors import DataError
-    from mambamim.engine import inference
+    from mambamim import inference
+    from mambamim.engine import inference as loaders
 
     try:
-        pretrainer, info = inference.load_pretrainer(args.checkpoint, args.device)
+        pretrainer, info = loaders.load_pretrainer(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("reconstruct", str(exc))
     try:

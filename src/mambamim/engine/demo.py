@@ -309,7 +309,8 @@ def _plot_finetune(runs: dict[str, Path], out_png: Path) -> Path:
 def _figures(out: Path, pre_run: Path, runs: dict[str, Path], tables: dict[str, Any], preds: dict[str, np.ndarray],
              cache: Path, show: str, image: Path, s: DemoSettings, device: str) -> tuple[dict[str, Path], dict]:
     from mambamim.data.cache import load_case
-    from mambamim.engine.inference import load_pretrainer, reconstruct_image
+    from mambamim.engine.inference import load_pretrainer
+    from mambamim.inference import reconstruct_image
     from mambamim.evaluation.report import plot_dice_bars, plot_loss_curves, plot_overlay
 
     fig_dir = out / "figures"
@@ -343,7 +344,7 @@ def run_demo(out: str | os.PathLike, device: str = "auto", settings: DemoSetting
     """
     from mambamim.data.prepare import prepare_dataset
     from mambamim.data.preprocess import PreprocessParams
-    from mambamim.engine.inference import resolve_device
+    from mambamim.runtime.device import resolve_device
     from mambamim.evaluation.stats import compare_tables, save_comparison
 
     s = settings or DemoSettings()

@@ -8,17 +8,18 @@ input.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from mambamim.runtime.device import autocast_context, resolve_amp, resolve_device  # noqa: F401  (D.<name>)
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +70,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """Turn "auto" / "cpu" / "cuda" / "cuda:N" into a device; "cuda" under torchrun means
-    ``cuda:LOCAL_RANK``.
-
-    Raises:
-        ValueError: unknown device string, or CUDA asked for but not available.
-    """
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).strip().lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        return torch.device(name)
-    raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -237,26 +215,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def autocast_context(device: torch.device, amp: str = "auto") -> ContextManager[Any]:
-    """Mixed-precision context: "auto" = bf16 on CUDA, fp32 elsewhere; "bf16", "fp16", "none".
-
-    Raises:
-        ValueError: unknown mode, or half precision asked for on CPU with "fp16".
-    """
-    mode = resolve_amp(device, amp)
-    if mode == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_amp(device: torch.device, amp: str = "auto") -> str:
-    """The effective precision mode ("bf16", "fp16" or "none") for ``amp`` on ``device``."""
-    amp = str(amp).lower()
-    if amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or none, got {amp!r}")
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs a CUDA device (use --amp none or bf16 on CPU)")
-    return amp

@@ -164,7 +164,7 @@ def validate(
 ) -> list[tuple[str, list[float]]]:
     """Dice of ``model`` on ``dataset[i]`` for i in ``indices``, under the inference users run.
 
-    Each case goes through :func:`mambamim.engine.inference.predict_volume` (its Gaussian window
+    Each case goes through :func:`mambamim.inference.predict_volume` (its Gaussian window
     blending, softmax and argmax; no TTA) and is scored with
     :func:`mambamim.evaluation.report.case_dice`, the Dice of ``mambamim evaluate``: so best.pt is
     the best checkpoint for what ``evaluate`` / ``predict`` report at the same overlap.
@@ -174,13 +174,13 @@ def validate(
             mode for the cases and given back in the mode it came in.
         dataset: items {"image": (C, X, Y, Z) float, "label": (1, X, Y, Z) int, "case_id"}.
         amp: the training loop's precision ("bf16", "fp16", "none" or "auto"), used on CUDA only
-            (see :func:`mambamim.engine.inference.inference_amp`).
+            (see :func:`mambamim.inference.inference_amp`).
 
     Returns:
         [(case id, Dice of classes 1..num_classes-1)], NaN where a class is in neither the
         reference nor the prediction, 0 where it is in only one of them.
     """
-    from mambamim.engine.inference import predict_volume
+    from mambamim.inference import predict_volume
     from mambamim.evaluation.report import case_dice
 
     was_training = model.training

@@ -42,7 +42,7 @@ from mambamim.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from mambamim.engine.compiling import CompiledOrEager
+from mambamim.runtime.compiling import CompiledOrEager
 from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta, resolve_data
 from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.logging_utils import MetricsWriter, RunExistsError, RunLog, check_run_folder, move_run_aside

@@ -132,7 +132,7 @@ def evaluate_on_cache(
         cache_dir: a prepared cache.
         case_ids: cases to score; default every labeled case.
         roi, overlap, sw_batch_size, tta_flips, device, amp: see
-            :func:`mambamim.engine.inference.predict_volume`.
+            :func:`mambamim.inference.predict_volume`.
         nsd_tolerance_mm: surface-Dice tolerance in mm; None: the cache's mean voxel size
             (:func:`cache_nsd_tolerance`). The table records it (``table.nsd_tolerance_mm``).
         progress: show a tqdm bar.
@@ -142,7 +142,7 @@ def evaluate_on_cache(
         A :class:`MetricTable` over classes ``1 .. num_classes - 1``.
     """
     from mambamim.data.cache import load_case
-    from mambamim.engine.inference import predict_volume, roi_from_info
+    from mambamim.inference import predict_volume, roi_from_info
 
     ids = list(case_ids) if case_ids is not None else labeled_cases(cache_dir)
     if not ids:

@@ -1,4 +1,4 @@
-"""Sliding-window inference (mambamim.engine.inference; kept here with the other evaluation tests)."""
+"""Sliding-window inference (mambamim.inference): blending, flip TTA, the compiled segmenter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mambamim.engine.inference import flip_sets, predict_volume
+from mambamim.inference import flip_sets, predict_volume
 
 
 class Threshold(nn.Module):
@@ -76,7 +76,7 @@ def test_compiled_segmenter_matches_eager_and_falls_back(monkeypatch, caplog):
     Inductor."""
     import functools
 
-    from mambamim.engine.inference import CompiledSegmenter, compile_segmenter
+    from mambamim.inference import CompiledSegmenter, compile_segmenter
     from mambamim.models import create_model
 
     torch.manual_seed(0)

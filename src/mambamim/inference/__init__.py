@@ -1,0 +1,22 @@
+"""Inference, beside the training engine: sliding-window prediction with Gaussian blending and flip TTA
+(:func:`predict_volume`, used by fine-tuning validation, ``evaluate`` and ``predict``), whole-file
+segmentation back in the input's own grid (:func:`segment_image`) and the reconstruction figure
+(:func:`reconstruct_image`). Loading networks from checkpoints is the engine's
+(:mod:`mambamim.engine.inference`); this package imports nothing from ``engine``."""
+
+from mambamim.inference.reconstruct import reconstruct_image
+from mambamim.inference.segment import segment_image
+from mambamim.inference.sliding_window import (
+    CompiledSegmenter,
+    TTAMode,
+    centre_crop,
+    compile_segmenter,
+    flip_sets,
+    inference_amp,
+    predict_volume,
+    roi_from_info,
+)
+from mambamim.runtime.device import resolve_device
+
+__all__ = ["predict_volume", "segment_image", "reconstruct_image", "compile_segmenter", "CompiledSegmenter",
+           "flip_sets", "inference_amp", "roi_from_info", "centre_crop", "resolve_device", "TTAMode"]

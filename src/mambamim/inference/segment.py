@@ -1,0 +1,73 @@
+"""Whole-file segmentation: read, preprocess, predict, and map the label map back to the input's grid."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambamim.inference.sliding_window import predict_volume, roi_from_info
+
+__all__ = ["segment_image"]
+
+
+def segment_image(
+    model: nn.Module,
+    info: dict[str, Any],
+    image_paths: Sequence[str] | str,
+    out_path: str | os.PathLike | None = None,
+    *,
+    roi: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    tta_flips: bool | str = False,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one image file (or DICOM series) and return / write the label map in its own grid.
+
+    Preprocesses with the checkpoint's parameters (``info["preprocessing"]``), runs
+    :func:`predict_volume`, and maps the label map back with the exact inverse of preprocessing
+    (:func:`mambamim.data.preprocess.restore_to_original`).
+
+    Args:
+        model, info: from :func:`load_segmenter`.
+        image_paths: one path per input channel (NIfTI file or DICOM series folder).
+        out_path: where to write the NIfTI label map atomically; None writes nothing.
+        roi: window size; default from ``info`` (:func:`roi_from_info`).
+
+    Returns:
+        ``(labels (X0, Y0, Z0) uint8 / uint16 in the input's voxel grid, the input's affine 4x4)``.
+
+    Raises:
+        mambamim.data.errors.DataError: the input cannot be read (names the file).
+    """
+    from mambamim.data.errors import DataError
+    from mambamim.data.preprocess import PreprocessParams, preprocess_image, restore_to_original, save_nifti_atomic
+
+    paths = [str(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [str(p) for p in image_paths]
+    params = PreprocessParams.from_dict(info.get("preprocessing"))
+    image, meta = preprocess_image(paths, params)
+    want = int(info.get("in_channels") or image.shape[0])
+    if image.shape[0] != want:
+        raise DataError(paths[0], f"{image.shape[0]} input channel(s) given, the model expects {want}")
+    labels = predict_volume(
+        model,
+        torch.from_numpy(image),
+        roi=roi or roi_from_info(info),
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        tta_flips=tta_flips,
+        device=device,
+        amp=amp,
+        output="labels",
+    ).numpy()
+    dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
+    restored, affine = restore_to_original(labels.astype(dtype), meta, is_label=True)
+    restored = restored.astype(dtype, copy=False)
+    if out_path is not None:
+        save_nifti_atomic(restored, affine, out_path)
+    return restored, affine
