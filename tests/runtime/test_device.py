@@ -39,3 +39,13 @@ def test_the_engine_and_inference_share_it():
 
     assert distributed.resolve_device is resolve_device is inference.resolve_device
     assert distributed.autocast_context is autocast_context
+
+
+def test_run_device_follows_the_module_unless_told():
+    from torch import nn
+
+    from mambamim.runtime.device import run_device
+
+    assert run_device(nn.Linear(2, 2)) == torch.device("cpu")
+    assert run_device(nn.ReLU()) == torch.device("cpu")  # no parameters
+    assert run_device(nn.Linear(2, 2), "cpu") == torch.device("cpu")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mambamim.inference.sliding_window import centre_crop
-from mambamim.runtime.device import resolve_device
+from mambamim.runtime.device import run_device
 
 __all__ = ["reconstruct_image"]
 
@@ -55,13 +55,7 @@ def reconstruct_image(
     params = PreprocessParams.from_dict(info.get("preprocessing"))
     image, _ = preprocess_image(paths, params)
     x = centre_crop(torch.from_numpy(image), (side,) * 3)[None]
-    if device is None:
-        try:
-            dev = next(pretrainer.parameters()).device
-        except StopIteration:
-            dev = torch.device("cpu")
-    else:
-        dev = resolve_device(device)
+    dev = run_device(pretrainer, device)
     pretrainer = pretrainer.to(dev).eval()
     x = x.to(dev)
     gen = torch.Generator().manual_seed(int(seed))

@@ -19,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from mambamim.runtime.compiling import CompiledOrEager
-from mambamim.runtime.device import autocast_context, resolve_amp, resolve_device
+from mambamim.runtime.device import autocast_context, resolve_amp, run_device
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +137,7 @@ def predict_volume(
         image = torch.from_numpy(np.ascontiguousarray(image))
     roi = _check_predict_args(image, roi, overlap, sw_batch_size, output)
     flips = flip_sets(tta_flips)
-    if device is None:
-        try:
-            dev = next(model.parameters()).device
-        except StopIteration:
-            dev = torch.device("cpu")
-    else:
-        dev = resolve_device(device)
+    dev = run_device(model, device)
     model = model.to(dev).eval()
     x = image.to(dev, dtype=torch.float32)[None]
     precision = inference_amp(dev, amp)

@@ -7,7 +7,7 @@ from typing import Any, ContextManager
 
 import torch
 
-__all__ = ["resolve_device", "resolve_amp", "autocast_context"]
+__all__ = ["resolve_device", "run_device", "resolve_amp", "autocast_context"]
 
 
 def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
@@ -31,6 +31,15 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
             return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         return torch.device(name)
     raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def run_device(module: torch.nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """Where to run ``module``: ``device`` resolved, or, when None, the device its parameters are on (CPU
+    for a module without parameters)."""
+    if device is not None:
+        return resolve_device(device)
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def resolve_amp(device: torch.device, amp: str = "auto") -> str:
