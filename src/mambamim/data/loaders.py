@@ -187,7 +187,7 @@ class CacheCropSampled(Randomizable):
 
     def case_indices(self, case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(foreground, background) flat voxel indices of a case (cached, subsampled)."""
-        key = f"{case['image']}|{self.labeled}"
+        key = self._key(case)
         hit = self._indices.get(key)
         if hit is not None:
             self._indices.move_to_end(key)
@@ -197,7 +197,8 @@ class CacheCropSampled(Randomizable):
             lab = np.load(case["label"], mmap_mode="r")
             if lab.shape != image.shape[1:]:
                 raise ValueError(f"{case['label']}: label shape {lab.shape} != image shape {image.shape[1:]}")
-            lab = np.asarray(lab) > 0
+            raw = np.asarray(lab)
+            lab = raw > 0
             valid = np.any(np.asarray(image) > self.image_threshold, axis=0)  # as MONAI map_binary_to_indices
             fg = np.flatnonzero(lab & valid)
             bg = np.flatnonzero(~lab & valid)
@@ -213,11 +214,14 @@ class CacheCropSampled(Randomizable):
         hit = (self._subsample(fg, str(case["id"]), 0), self._subsample(bg, str(case["id"]), 1))
         self._indices[key] = hit
         if self.labeled and self.class_balanced:
-            self._classes[key] = _group_by_class(np.asarray(np.load(case["label"], mmap_mode="r")).reshape(-1), hit[0])
+            self._classes[key] = _group_by_class(raw.reshape(-1), hit[0])
         if len(self._indices) > self.cache_cases:
             old_key, _ = self._indices.popitem(last=False)
             self._classes.pop(old_key, None)
         return hit
+
+    def _key(self, case: Mapping[str, Any]) -> str:
+        return f"{case['image']}|{self.labeled}"
 
     def _foreground_pool(self, key: str, fg: np.ndarray) -> np.ndarray:
         """Where a foreground centre is drawn: one class's voxels (class-balanced) or all of them."""
@@ -252,7 +256,7 @@ class CacheCropSampled(Randomizable):
         fg, bg = self.case_indices(case)
         label = np.load(case["label"], mmap_mode="r") if self.labeled else None
         out = []
-        for center in self._centers(fg, bg, spatial, f"{case['image']}|{self.labeled}"):
+        for center in self._centers(fg, bg, spatial, self._key(case)):
             wins = [_window(c, d, s) for c, d, s in zip(center, spatial, self.crop_size)]
             sl = tuple(w[0] for w in wins)
             pads = [w[1] for w in wins]
@@ -269,7 +273,7 @@ def _group_by_class(label_flat: np.ndarray, fg: np.ndarray) -> list[np.ndarray]:
     """The foreground indices ``fg`` split by their label value, one array per class present."""
     values = np.asarray(label_flat[fg])
     order = np.argsort(values, kind="stable")
-    classes, starts = np.unique(values[order], return_index=True)
+    _, starts = np.unique(values[order], return_index=True)
     return [fg[order[a:b]] for a, b in zip(starts, list(starts[1:]) + [len(order)])]
 
 

@@ -55,7 +55,7 @@ class PrepareReport:
 
     def problems(self) -> str:
         """The failed and left-out cases, one ``case: file: problem`` line each (empty when none)."""
-        return "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in self.failed + self.excluded)
+        return _problem_lines(self.failed + self.excluded)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "prepared": self.prepared, "skipped": self.skipped, "failed": self.failed,
@@ -98,6 +98,11 @@ def _finished_meta(out: Path, spec: CaseSpec, params: PreprocessParams) -> dict 
         logger.info("%s; redoing it", exc)
         return None
     return meta
+
+
+def _problem_lines(entries: list[dict[str, Any]]) -> str:
+    """One indented ``case: file: problem`` line per entry."""
+    return "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in entries)
 
 
 def _constant_problem(meta: dict, image: np.ndarray) -> str | None:
@@ -326,9 +331,9 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
     if log_problems and report.failed:
         logger.warning("%d of %d cases failed and are not in the cache (also in %s):\n%s", len(report.failed),
                        len(ds.cases), out_p / REPORT_NAME,
-                       "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in report.failed))
+                       _problem_lines(report.failed))
     if log_problems and report.excluded:
         logger.warning("%d case(s) left out of the cache:\n%s", len(report.excluded),
-                       "\n".join(f"  {e['case']}: {e['file']}: {e['problem']}" for e in report.excluded))
+                       _problem_lines(report.excluded))
     logger.log(logging.INFO if log_problems else logging.DEBUG, "%s", report.summary())
     return report

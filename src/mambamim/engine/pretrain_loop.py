@@ -560,7 +560,7 @@ class TrainLoop:
                 self.epoch_rng = self.capture_rng()
             elif world_size == len(rng):
                 self.epoch_rng = rng[rank].get("epoch_start")
-            iterator = _open_epoch(loader, self.position.epoch, self.position.batch)
+            iterator = open_epoch(loader, self.position.epoch, self.position.batch)
             if first and rng and self.position.batch > 0:
                 self.restore_rng(rng, "now", rank, world_size)
             first = False
@@ -568,18 +568,6 @@ class TrainLoop:
                 yield batch
                 if self.position.batch >= n:
                     break
-
-
-def _open_epoch(loader: Any, epoch: int, skip: int) -> Iterator[Any]:
-    """Epoch ``epoch`` of ``loader`` from batch ``skip`` on: a sampler with ``skip_next`` (whose items
-    do not depend on what was loaded before) leaves the consumed items out; any other loader loads
-    and drops them (see :func:`mambamim.engine.schedule.open_epoch`)."""
-    sampler = getattr(loader, "sampler", None)
-    batch_size = getattr(loader, "batch_size", None)
-    if skip and hasattr(sampler, "skip_next") and batch_size:
-        sampler.skip_next(skip * batch_size)  # the skipped batches are full: only an epoch's last may be short
-        return open_epoch(loader, epoch, 0)
-    return open_epoch(loader, epoch, skip)
 
 
 def window_peak_memory(device: torch.device) -> dict[str, float]:

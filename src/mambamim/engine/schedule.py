@@ -90,10 +90,17 @@ def open_epoch(loader: Any, epoch: int, skip: int = 0) -> Iterator[Any]:
     """An iterator over epoch ``epoch`` of ``loader`` (``set_epoch(epoch)`` is called on its
     sampler(s) and dataset first) with the first ``skip`` batches already consumed.
 
-    Skipped batches are loaded and dropped, so that every random draw the loader makes (crop
-    positions, augmentation) happens exactly as in an uninterrupted run.
+    A sampler with ``skip_next`` (:class:`mambamim.data.loaders.EpochSampler`, whose items do not
+    depend on what was loaded before) leaves the consumed items out without loading them. With any
+    other loader the skipped batches are loaded and dropped, so that every random draw the loader
+    makes (crop positions, augmentation) happens exactly as in an uninterrupted run.
     """
     _set_epoch(loader, epoch)
+    sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if skip and hasattr(sampler, "skip_next") and batch_size:
+        sampler.skip_next(skip * batch_size)  # the skipped batches are full: only an epoch's last may be short
+        skip = 0
     iterator = iter(loader)
     for _ in range(skip):
         try:
