@@ -81,7 +81,9 @@ REFERENCE = "toki75"
 # Two GPU calls of at most 9 minutes: each part is self-contained (its own pre-training and fine-tuning).
 # "all": every arm in one call, with fewer steps (--set), when device time allows only one call.
 PARTS: dict[str, tuple[str, ...]] = {"1": ("scratch", "toki75", "learnable75"), "2": ("toki50", "toki90", "dense75"),
-                                     "all": tuple(ARMS)}
+                                     "all": tuple(ARMS),
+                                     # the ablations alone, when scratch and toki75 are already in the results
+                                     "3": ("learnable75", "toki50", "toki90", "dense75")}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/replication/run_gpu.sh 1     # data + arms scratch, toki75, learnable75
 #   bash benchmarks/replication/run_gpu.sh 2     # data + arms toki50, toki90, dense75
+#   bash benchmarks/replication/run_gpu.sh 3     # data + the four ablation arms (run it twice, warm machine)
 #   JOBS=8 bash benchmarks/replication/run_gpu.sh all --set pretrain_steps=500 finetune_iterations=300
 #                                                 # every arm in one call, shorter schedules
 #
@@ -22,7 +23,7 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L; nproc
 R=benchmarks/replication
-D="python3 $R/replicate.py --scale gpu --part $PART"
+D="python3 $R/replicate.py --scale gpu --part $PART ${ROOT:+--root $ROOT}"   # ROOT: runs folder outside the tree
 for p in $R/carry/*.tar.gz; do [ -f "$p" ] && $D unpack --pack "$p"; done
 {
   $D --device cuda data || exit 1
