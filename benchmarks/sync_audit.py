@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from mambamim.cli.main import main as cli_main
-from mambamim.engine import pretrain_loop
+from mambamim.engine.loop import TrainLoop
 
 
 def _frames(limit: int) -> str:
@@ -49,7 +49,7 @@ def main() -> None:
         else:
             orig_show(message, category, filename, lineno, file, line)
 
-    original = pretrain_loop.TrainLoop.backward_step
+    original = TrainLoop.backward_step
     steps = {"audited": 0}
 
     def backward_step(self, *a, **kw):
@@ -61,12 +61,12 @@ def main() -> None:
 
     warnings.showwarning = show
     warnings.simplefilter("always")
-    pretrain_loop.TrainLoop.backward_step = backward_step  # a diagnostic tool, never the library
+    TrainLoop.backward_step = backward_step  # a diagnostic tool, never the library
     try:
         rc = cli_main(cli)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        pretrain_loop.TrainLoop.backward_step = original
+        TrainLoop.backward_step = original
         warnings.showwarning = orig_show
     print(f"exit {rc}; {steps['audited']} steps audited (from step {args.from_step}); "
           f"{sum(seen.values())} synchronising calls at {len(seen)} places")

@@ -123,7 +123,7 @@ def patch_pretrain(monkeypatch, nan_at_call=None, signal_at_call=None):
     monkeypatch.setattr(pretrain_loop, "_make_pretrainer",
                         lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio, nan_at_call=nan_at_call,
                                                    signal_at_call=signal_at_call))
-    monkeypatch.setattr(pretrain_loop, "_make_loader",
+    monkeypatch.setattr(pretrain_loop, "make_train_loader",
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))
     monkeypatch.setattr(pretrain_loop, "_fixed_volume", lambda *a, **k: None)
@@ -134,7 +134,7 @@ def patch_finetune(monkeypatch):
 
     monkeypatch.setattr(finetune_loop, "_make_model", lambda spec: TinySegNet(spec["kwargs"]["in_channels"],
                                                                                 spec["kwargs"]["num_classes"]))
-    monkeypatch.setattr(finetune_loop, "_make_loader",
+    monkeypatch.setattr(finetune_loop, "make_train_loader",
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))
 

@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         return loader
 
     pretrain_loop._make_pretrainer = make_pretrainer
-    pretrain_loop._make_loader = make
+    pretrain_loop.make_train_loader = make
     pretrain_loop._fixed_volume = lambda *a, **k: None
     cfg = PretrainConfig(data=os.path.join(root, "cache"), out=os.path.join(root, "run"), crop=16, batch_size=2,
                          num_crops=1, steps=3, warmup_steps=1, workers=0, device="cpu", progress=False, vis_every=0,

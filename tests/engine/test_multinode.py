@@ -113,7 +113,7 @@ def _rank_main(argv: list[str]) -> int:
 
     record: dict = {"env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE")},
                     "reads": []}
-    make_pretrainer, make_loader = pretrain_loop._make_pretrainer, pretrain_loop._make_loader
+    make_pretrainer, make_loader = pretrain_loop._make_pretrainer, pretrain_loop.make_train_loader
 
     def recording_pretrainer(config):
         model = make_pretrainer(config)
@@ -137,7 +137,7 @@ def _rank_main(argv: list[str]) -> int:
         return loader
 
     pretrain_loop._make_pretrainer = recording_pretrainer
-    pretrain_loop._make_loader = recording_loader
+    pretrain_loop.make_train_loader = recording_loader
     code = main(argv)
     model = record.pop("model")
     record["final"] = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -84,7 +84,7 @@ def test_backward_step_checks_before_the_update_with_one_sync(clip, monkeypatch)
     """The loss and gradient-norm checks come after the backward pass (one host read per step), yet still
     before the update: a non-finite loss or gradient norm leaves every parameter and the step count as
     they were; a finite step returns the loss and the norm clip_grad_norm_ measured."""
-    from mambamim.engine.pretrain_loop import TrainLoop
+    from mambamim.engine.loop import TrainLoop
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -127,7 +127,8 @@ def test_backward_step_checks_before_the_update_with_one_sync(clip, monkeypatch)
 def test_optimizer_keeps_this_runs_implementation_when_resuming():
     """A checkpoint written by a fused AdamW (what CUDA runs use) resumes into a CPU run with the CPU's own
     implementation, the moments intact; and the reverse."""
-    from mambamim.engine.pretrain_loop import TrainLoop, build_optimizer
+    from mambamim.engine.loop import TrainLoop
+    from mambamim.engine.optim import build_optimizer
 
     def loop_for(opt, model):
         return TrainLoop(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
@@ -177,7 +178,7 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     import torch
 
-    from mambamim.engine import pretrain_loop
+    from mambamim.engine import trainer
 
     def broken_compile(model):
         def fail(x):
@@ -187,7 +188,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = torch.nn.Linear(3, 2)
-    forward, prepare = pretrain_loop._fast_forward(model, torch.device("cpu"), True)
+    forward, prepare = trainer.fast_forward(model, torch.device("cpu"), True)
     x = torch.randn(4, 3)
     with caplog.at_level("WARNING"):
         out = forward(prepare(x))
@@ -200,7 +201,7 @@ def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
     epoch) does not end the run."""
     import torch
 
-    from mambamim.engine import pretrain_loop
+    from mambamim.engine import trainer
 
     def shape_sensitive_compile(model):
         def run(x):
@@ -212,7 +213,7 @@ def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", shape_sensitive_compile)
     model = torch.nn.Linear(3, 2)
-    forward, _ = pretrain_loop._fast_forward(model, torch.device("cpu"), True)
+    forward, _ = trainer.fast_forward(model, torch.device("cpu"), True)
     assert torch.equal(forward(torch.ones(4, 3)), model(torch.ones(4, 3)))
     with caplog.at_level("WARNING"):
         out = forward(torch.ones(2, 3))
@@ -221,10 +222,10 @@ def test_recompile_failure_falls_back_to_eager(monkeypatch, caplog):
 
 
 def test_cuda_graphs_need_a_cuda_device(caplog):
-    from mambamim.engine import pretrain_loop
+    from mambamim.engine import trainer
 
     with caplog.at_level("WARNING"):
-        forward, _ = pretrain_loop._fast_forward(torch.nn.Linear(3, 2), torch.device("cpu"), True, cuda_graphs=True)
+        forward, _ = trainer.fast_forward(torch.nn.Linear(3, 2), torch.device("cpu"), True, cuda_graphs=True)
     assert not forward.cuda_graphs and "CUDA graphs need one CUDA device" in caplog.text
 
 

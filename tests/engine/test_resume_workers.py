@@ -124,13 +124,13 @@ def loader_workers(monkeypatch):
     """The ``workers`` each training session built its loader with."""
     from mambamim.engine import pretrain_loop
 
-    seen, real = [], pretrain_loop._make_loader
+    seen, real = [], pretrain_loop.make_train_loader
 
     def spy(cache, config, *a, **k):
         seen.append(config.workers)
         return real(cache, config, *a, **k)
 
-    monkeypatch.setattr(pretrain_loop, "_make_loader", spy)
+    monkeypatch.setattr(pretrain_loop, "make_train_loader", spy)
     return seen
 
 

@@ -41,7 +41,7 @@ def test_metrics_rows_carry_their_phase_and_tensorboard_groups_tags(tmp_path):
 def test_resume_compares_paths_as_absolute(tmp_path, monkeypatch):
     import pytest
 
-    from mambamim.engine.pretrain_loop import resolve_resume
+    from mambamim.engine.run_folder import resolve_resume
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
-from mambamim.engine import finetune_loop, pretrain_loop
-from mambamim.engine.pretrain_loop import build_optimizer, build_train_loop
+from mambamim.engine import loop as engine_loop
+from mambamim.engine.loop import StopSignal, build_train_loop
+from mambamim.engine.optim import build_optimizer
 
 MIXER_NO_DECAY = {"A_log", "D", "A_b_log", "D_b"}
 NORM = re.compile(r"Norm(\dd)?$")  # LayerNorm, BatchNorm3d, SparseGroupNorm, ...; not ConvNormAct
@@ -105,7 +106,7 @@ class _Toy(nn.Module):
 
 def test_every_no_weight_decay_convention_is_honoured(caplog):
     toy = _Toy()
-    with caplog.at_level(logging.INFO, logger="mambamim.engine.pretrain_loop"):
+    with caplog.at_level(logging.INFO, logger="mambamim.engine.optim"):
         decay = _decay_of(build_optimizer(toy, 1e-3, 0.1))
     names = {name: decay.get(id(p)) for name, p in toy.named_parameters()}
     zero = {"timm.pos_embed", "timm.proj.weight", "timm.proj.bias", "listed.gate", "all_of_it.weight",
@@ -118,18 +119,22 @@ def test_every_no_weight_decay_convention_is_honoured(caplog):
 
 
 def test_both_training_loops_build_their_optimiser_with_build_optimizer(monkeypatch):
-    """Fine-tuning gets its optimiser from the same build_train_loop as pre-training, hence from build_optimizer."""
-    assert finetune_loop.build_train_loop is build_train_loop
+    """Both trainers get their optimiser from the base Trainer's build_train_loop, hence from build_optimizer."""
+    from mambamim.engine.finetune_loop import FinetuneTrainer
+    from mambamim.engine.pretrain_loop import PretrainTrainer
+    from mambamim.engine.trainer import Trainer
+
+    assert FinetuneTrainer.setup is Trainer.setup and PretrainTrainer.setup is Trainer.setup
     built = []
 
     def spy(model, lr, weight_decay):
         built.append((lr, weight_decay))
         return build_optimizer(model, lr, weight_decay)
 
-    monkeypatch.setattr(pretrain_loop, "build_optimizer", spy)
+    monkeypatch.setattr(engine_loop, "build_optimizer", spy)
     model = _tiny("model")
     config = SimpleNamespace(warmup_steps=2, lr=1e-3, weight_decay=0.05, min_lr_ratio=0.0, amp="none", clip_grad=1.0)
-    loop, _ = build_train_loop(model, config, D.DistContext(), 10, pretrain_loop.StopSignal())
+    loop, _ = build_train_loop(model, config, D.DistContext(), 10, StopSignal())
     assert built == [(1e-3, 0.05)]
     decay = _decay_of(loop.optimizer)
     a_log = next(p for n, p in model.named_parameters() if n.endswith("mixer.A_log"))

@@ -117,7 +117,7 @@ def run_training_command(args: argparse.Namespace, command: str, make_config: Ca
                          train: Callable[[Any], Path], explicit: set[str] | None = None) -> Path | int:
     """What ``pretrain`` and ``finetune`` share: check --data/--out, build the configuration
     (validated; with --resume, the run's saved one with the ``explicit`` options merged in, see
-    :func:`mambamim.engine.pretrain_loop.resolve_resume`), train, and turn known errors into a
+    :func:`mambamim.engine.run_folder.resolve_resume`), train, and turn known errors into a
     message and an exit code.
 
     Returns:
@@ -125,7 +125,8 @@ def run_training_command(args: argparse.Namespace, command: str, make_config: Ca
         checkpoint or a non-finite loss, 130 interrupted (resumable).
     """
     from mambamim.engine.checkpoint import CheckpointError
-    from mambamim.engine.pretrain_loop import NonFiniteLossError, TrainingInterrupted, resolve_resume
+    from mambamim.engine.loop import NonFiniteLossError, TrainingInterrupted
+    from mambamim.engine.run_folder import resolve_resume
 
     problem = check_paths(args, command)
     if problem:

@@ -1,4 +1,6 @@
-"""Segmentation fine-tuning (Swin UNETR recipe) with an optional pre-trained encoder.
+"""Segmentation fine-tuning (Swin UNETR recipe) with an optional pre-trained encoder:
+:class:`FinetuneTrainer`, the :class:`mambamim.engine.trainer.Trainer` whose step is Dice + CE on
+labelled crops and which validates on held-out cases, and :func:`finetune`, its entry point.
 
 Run folder::
 
@@ -37,20 +39,11 @@ from mambamim.engine.checkpoint import (
 )
 from mambamim.engine.config import FinetuneConfig, model_size_kwargs
 from mambamim.engine.banner import precision_words, processes_words
-from mambamim.engine.logging_utils import MetricsWriter
-from mambamim.engine.pretrain_loop import (
-    TrainingInterrupted,
-    _make_loader,
-    _prepare_for_training,
-    build_train_loop,
-    open_run,
-    run_training,
-    window_peak_memory,
-)
+from mambamim.engine.trainer import Trainer, make_train_loader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "select_cases", "validate", "model_spec"]
+__all__ = ["finetune", "FinetuneTrainer", "select_cases", "validate", "model_spec"]
 
 
 def _read_id_file(path: str | Path) -> list[str]:
@@ -144,12 +137,6 @@ def _make_model(spec: dict[str, Any]) -> nn.Module:
     return create_model(spec["name"], **spec["kwargs"])
 
 
-def _make_loss() -> nn.Module:
-    from monai.losses import DiceCELoss
-
-    return DiceCELoss(to_onehot_y=True, softmax=True)
-
-
 def validate(
     model: nn.Module,
     dataset: Any,
@@ -203,6 +190,169 @@ def _column(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_") or "class"
 
 
+class FinetuneTrainer(Trainer):
+    """Segmentation fine-tuning: Dice + CE on labelled crops; validation on held-out cases every
+    ``val_every`` iterations keeps ``best.pt`` (weights only) by mean validation Dice."""
+
+    kind, unit, module_key = "finetune", "iteration", "model"
+    config_cls = FinetuneConfig
+
+    def read_dataset(self) -> None:
+        super().read_dataset()
+        labels, config = self.meta.get("labels"), self.config
+        if not labels:
+            raise ValueError(f"the cache {self.cache} declares no labels: fine-tuning needs labeled data")
+        self.labels = labels
+        self.num_classes = max(int(k) for k in labels) + 1
+        self.class_names = [str(labels.get(str(i), f"class_{i}")) for i in range(self.num_classes)]
+        self.train_ids, self.val_ids, how = select_cases(config, self.meta)
+        if self.main:
+            write_json_atomic(self.run / "split.json", {"how": how, "train": self.train_ids,
+                                                         "validation": self.val_ids}, indent=1)
+            logger.info("%d training and %d validation cases (%s)", len(self.train_ids), len(self.val_ids), how)
+        self.spec = model_spec(config, self.in_channels, self.num_classes)
+        self.best_metric, self.best_step = -math.inf, None
+        self.load_summary: dict[str, Any] | None = None
+
+    def build_loader(self) -> Any:
+        return make_train_loader(self.cache, self.config, self.ctx, labeled=True, augment=self.config.augment,
+                                 case_ids=self.train_ids)
+
+    def planned_steps(self) -> int:
+        return self.config.iterations
+
+    def build_model(self) -> nn.Module:
+        return _make_model(self.spec)
+
+    def init_weights(self, model: nn.Module) -> None:
+        """The pre-trained encoder of ``config.pretrained`` (a new run only: a resumed one has its own)."""
+        config = self.config
+        if not config.pretrained or self.resuming:
+            return
+        weights, source = read_pretrained_weights(config.pretrained)
+        pre = source.get("model") or {}
+        pre_name, pre_size = pre.get("name"), (pre.get("kwargs") or {}).get("size")
+        note = ""
+        if (pre_name and pre_name != config.model) or (pre_size and pre_size != config.size):
+            note = (f"the encoder was pre-trained for {pre_name!r} (size {pre_size}), this run fine-tunes "
+                    f"{config.model!r} (size {config.size}); ")
+            logger.warning("%s", note.rstrip("; "))
+        try:
+            report = load_encoder_weights(model, weights, strict=True, allow_partial=config.allow_partial,
+                                          source=str(source["path"]))
+        except EncoderMismatchError as exc:
+            raise EncoderMismatchError(note + str(exc)) from None
+        self.load_summary = report.to_dict()
+        if self.main:
+            write_json_atomic(self.run / "encoder_load_report.json", self.load_summary, indent=1)
+
+    def on_resume(self, state: dict[str, Any]) -> None:
+        self.load_summary = state.get("encoder_load")
+        best = state.get("best_metric")
+        self.best_metric = float(best) if best is not None else -math.inf
+        self.best_step = state.get("best_step")
+
+    def after_setup(self) -> None:
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.val_ds = None
+        if self.val_ids and self.config.val_every:
+            from mambamim.data.loaders import build_eval_dataset
+
+            self.val_ds = build_eval_dataset(self.cache, self.val_ids)
+        roi = self.config.roi_size
+        self.common = {
+            "format": "mambamim-finetune",
+            "version": 1,
+            "model_config": self.spec,
+            "labels": {str(k): str(v) for k, v in self.labels.items()},
+            "class_names": self.class_names,
+            "preprocessing": self.meta.get("preprocessing"),
+            "roi_size": [roi, roi, roi],
+            "split": {"train": self.train_ids, "validation": self.val_ids},
+            "encoder_load": self.load_summary,  # what --pretrained loaded (None: from scratch)
+        }
+
+    def banner(self) -> str:
+        c = self.config
+        return (f"fine-tuning {c.model} ({c.size}, {self.parameter_count() / 1e6:.2f} M parameters, "
+                f"{self.num_classes} classes) on {self.cache}: {self.total} iterations, warm-up {self.warmup} "
+                f"iterations, {precision_words(self.loop.amp)}, {processes_words(self.ctx.world_size, self.ctx.device)}")
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = self.inputs(batch)
+        y = batch["label"].to(self.ctx.device, non_blocking=True)
+        return self.loss_fn(self.forward(x).float(), y)
+
+    def probe_loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).float().mean()
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "best": f"{self.best_metric:.3f}" if self.best_step else "-"}
+
+    def on_step_end(self, end: int) -> None:
+        loop, config = self.loop, self.config
+        validated = self.val_ds is not None and (loop.step % config.val_every == 0 or loop.step == self.total)
+        if validated:
+            self.run_validation()
+        every = config.checkpoint_steps or config.val_every or 1000
+        if loop.step % every == 0 or validated or loop.step >= end or loop.stop_requested:
+            self.checkpoint()
+
+    def run_validation(self) -> None:
+        """Mean Dice of the validation cases (sharded over ranks): a ``val/`` metrics row, and
+        ``best.pt`` when it improves. Collective under DDP."""
+        from mambamim.data.loaders import shard_indices
+
+        t0, ctx, loop = time.perf_counter(), self.ctx, self.loop
+        mine = validate(
+            D.unwrap(loop.model), self.val_ds, shard_indices(len(self.val_ds), (ctx.rank, ctx.world_size)),
+            num_classes=self.num_classes, roi=self.config.roi_size, overlap=self.config.overlap,
+            sw_batch_size=self.config.sw_batch_size, device=ctx.device, amp=loop.amp,
+        )
+        results = [r for part in D.all_gather_objects(mine) for r in part]
+        per_class, mean = _mean_dice(results, self.num_classes)
+        row: dict[str, Any] = {"step": loop.step, "val_mean_dice": mean}
+        for name, value in zip(self.class_names[1:], per_class):
+            row[f"val_dice_{_column(name)}"] = float(value)
+        if math.isfinite(mean) and mean > self.best_metric:
+            self.best_metric, self.best_step = mean, loop.step
+            if self.main:
+                save_checkpoint(self.run / "checkpoints" / "best.pt", {
+                    **self.common, "model": D.unwrap(loop.model).state_dict(), "step": loop.step,
+                    "best_metric": mean, "best_step": loop.step, "per_class_dice": per_class.tolist(),
+                    "config": self.config.to_dict(),
+                })
+        if self.main:
+            self.metrics.log(row, prefix="val/", phase="val")
+            logger.info("iteration %d: validation mean Dice %.4f over %d cases (best %.4f at %s) in %.1f s",
+                        loop.step, mean, len(results), self.best_metric, self.best_step, time.perf_counter() - t0)
+        D.barrier()
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {**self.common, "best_metric": None if self.best_step is None else self.best_metric,
+                "best_step": self.best_step}
+
+    def on_train_end(self) -> None:
+        if self.main:
+            loop, run = self.loop, self.run
+            done = "finished" if loop.step >= self.total else \
+                f"stopped at iteration {loop.step}/{self.total} (resume with --resume {run})"
+            best = (f"best mean Dice {self.best_metric:.4f} at iteration {self.best_step}"
+                    if self.best_step is not None else "no validation")
+            logger.info("fine-tuning %s; %s", done, best)
+
+
+def _mean_dice(results: list[tuple[str, list[float]]], num_classes: int) -> tuple[np.ndarray, float]:
+    """(per-class mean Dice over cases, mean over classes), NaN-aware (classes absent everywhere are NaN)."""
+    scores = np.array([r[1] for r in results], dtype=np.float64).reshape(len(results), num_classes - 1)
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        per_class = np.nanmean(scores, axis=0) if len(results) else np.full(num_classes - 1, np.nan)
+        mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return per_class, mean
+
+
 def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune (or resume, with ``config.resume``) a segmentation network; returns the run folder.
 
@@ -211,184 +361,9 @@ def finetune(config: FinetuneConfig) -> Path:
     Raises:
         EncoderMismatchError: the pre-trained encoder does not fit the model (and not allow_partial).
         NonFiniteLossError: NaN / inf loss (the last checkpoint stays intact).
+        TrainingInterrupted: SIGINT / SIGTERM, after a checkpoint.
     """
-    return run_training(config, FinetuneConfig, _finetune)
-
-
-def _finetune(config: FinetuneConfig, ctx: D.DistContext) -> Path:
-    with open_run(config, ctx) as session:
-        run, main, resuming, cache, meta = session.run, session.main, session.resuming, session.cache, session.meta
-        labels = meta.get("labels")
-        if not labels:
-            raise ValueError(f"the cache {cache} declares no labels: fine-tuning needs labeled data")
-        num_classes = max(int(k) for k in labels) + 1
-        class_names = [str(labels.get(str(i), f"class_{i}")) for i in range(num_classes)]
-        shapes = [c.get("shape") for c in meta.get("cases", []) if c.get("shape")]
-        in_channels = int(shapes[0][0]) if shapes else 1
-        train_ids, val_ids, how = select_cases(config, meta)
-        if main:
-            write_json_atomic(run / "split.json", {"how": how, "train": train_ids, "validation": val_ids}, indent=1)
-            logger.info("%d training and %d validation cases (%s)", len(train_ids), len(val_ids), how)
-
-        loader = _make_loader(cache, config, ctx, labeled=True, augment=config.augment, case_ids=train_ids)
-        total = config.iterations
-        spec = model_spec(config, in_channels, num_classes)
-        model = _make_model(spec).to(ctx.device)
-        load_summary = None
-        if config.pretrained and not resuming:
-            weights, source = read_pretrained_weights(config.pretrained)
-            pre = source.get("model") or {}
-            pre_name, pre_size = pre.get("name"), (pre.get("kwargs") or {}).get("size")
-            note = ""
-            if (pre_name and pre_name != config.model) or (pre_size and pre_size != config.size):
-                note = (f"the encoder was pre-trained for {pre_name!r} (size {pre_size}), this run fine-tunes "
-                        f"{config.model!r} (size {config.size}); ")
-                logger.warning("%s", note.rstrip("; "))
-            try:
-                report = load_encoder_weights(
-                    model, weights, strict=True, allow_partial=config.allow_partial, source=str(source["path"])
-                )
-            except EncoderMismatchError as exc:
-                raise EncoderMismatchError(note + str(exc)) from None
-            load_summary = report.to_dict()
-            if main:
-                write_json_atomic(run / "encoder_load_report.json", load_summary, indent=1)
-        loop, warmup = build_train_loop(model, config, ctx, total, session.stop)
-        amp = loop.amp
-        loss_fn = _make_loss()
-        last_path = run / "checkpoints" / "last.pt"
-        best_path = run / "checkpoints" / "best.pt"
-        best_metric, best_step = -math.inf, None
-        rng = None
-        if resuming:
-            state, rng = loop.resume_from(run, "model")
-            load_summary = state.get("encoder_load")
-            best_metric = float(state.get("best_metric", -math.inf) if state.get("best_metric") is not None else -math.inf)
-            best_step = state.get("best_step")
-            logger.info("resumed %s at iteration %d", run, loop.step)
-
-        roi = config.roi_size
-        probe_x = torch.zeros(1, in_channels, config.crop, config.crop, config.crop, device=ctx.device)
-        model, forward, prepare = _prepare_for_training(loop, model, ctx, config, lambda m: m(probe_x).float().mean())
-
-        val_ds = None
-        if val_ids and config.val_every:
-            from mambamim.data.loaders import build_eval_dataset
-
-            val_ds = build_eval_dataset(cache, val_ids)
-        if main:
-            n_params = sum(p.numel() for p in model.parameters())
-            logger.info(
-                "fine-tuning %s (%s, %.2f M parameters, %d classes) on %s: %d iterations, warm-up %d iterations, %s, %s",
-                config.model, config.size, n_params / 1e6, num_classes, cache, total, warmup,
-                precision_words(amp), processes_words(ctx.world_size, ctx.device),
-            )
-        metrics = session.metrics = MetricsWriter(run, enabled=main, resume_step=loop.step if resuming else None)
-        common = {
-            "format": "mambamim-finetune",
-            "version": 1,
-            "model_config": spec,
-            "labels": {str(k): str(v) for k, v in labels.items()},
-            "class_names": class_names,
-            "preprocessing": meta.get("preprocessing"),
-            "roi_size": [roi, roi, roi],
-            "split": {"train": train_ids, "validation": val_ids},
-            "encoder_load": load_summary,  # what --pretrained loaded (None: from scratch)
-        }
-
-        def checkpoint() -> None:
-            state = loop.state_dict("model")  # collective
-            if main:
-                state.update(common)
-                state.update({"config": config.to_dict(), "best_metric": None if best_step is None else best_metric,
-                              "best_step": best_step})
-                save_checkpoint(last_path, state)
-            loop.last_checkpoint, loop.last_checkpoint_step = last_path, loop.step
-            D.barrier()
-
-        def run_validation() -> None:
-            nonlocal best_metric, best_step
-            from mambamim.data.loaders import shard_indices
-
-            t0 = time.perf_counter()
-            mine = validate(
-                D.unwrap(loop.model), val_ds, shard_indices(len(val_ds), (ctx.rank, ctx.world_size)),
-                num_classes=num_classes, roi=roi, overlap=config.overlap, sw_batch_size=config.sw_batch_size,
-                device=ctx.device, amp=amp,
-            )
-            results = [r for part in D.all_gather_objects(mine) for r in part]
-            scores = np.array([r[1] for r in results], dtype=np.float64).reshape(len(results), num_classes - 1)
-            with np.errstate(all="ignore"), _quiet_nan_warnings():
-                per_class = np.nanmean(scores, axis=0) if len(results) else np.full(num_classes - 1, np.nan)
-                mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
-            row: dict[str, Any] = {"step": loop.step, "val_mean_dice": mean}
-            for name, value in zip(class_names[1:], per_class):
-                row[f"val_dice_{_column(name)}"] = float(value)
-            improved = math.isfinite(mean) and mean > best_metric
-            if improved:
-                best_metric, best_step = mean, loop.step
-                if main:
-                    save_checkpoint(best_path, {
-                        **common, "model": D.unwrap(loop.model).state_dict(), "step": loop.step,
-                        "best_metric": mean, "best_step": loop.step, "per_class_dice": per_class.tolist(),
-                        "config": config.to_dict(),
-                    })
-            if main:
-                metrics.log(row, prefix="val/", phase="val")
-                logger.info(
-                    "iteration %d: validation mean Dice %.4f over %d cases (best %.4f at %s) in %.1f s",
-                    loop.step, mean, len(results), best_metric, best_step, time.perf_counter() - t0,
-                )
-            D.barrier()
-
-        end = total if config.stop_after is None else min(total, loop.step + config.stop_after)
-        ckpt_every = config.checkpoint_steps or config.val_every or 1000
-        pbar = session.progress_bar(config.progress, total, loop.step, "finetune", "it")
-        window: list[float] = []
-        t_last = time.perf_counter()
-        loop.model.train()
-        batches = loop.batches(loader, rng, ctx.rank, ctx.world_size) if loop.step < end else iter(())
-        for batch in batches:
-            x = prepare(batch["image"].to(ctx.device, non_blocking=True))
-            y = batch["label"].to(ctx.device, non_blocking=True)
-            with loop.autocast():
-                logits = forward(x)
-            loss = loss_fn(logits.float(), y)
-            loss_value, grad_norm = loop.backward_step(loss)
-            window.append(loss_value)
-            if pbar is not None:
-                pbar.update(1)
-            if loop.step % config.log_every == 0 or loop.step == end:
-                now = time.perf_counter()
-                sec = (now - t_last) / len(window)
-                t_last = now
-                row = {"step": loop.step, "epoch": loop.position.epoch, "loss": sum(window) / len(window),
-                       "lr": loop.lr, "sec_per_step": sec}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                row.update(window_peak_memory(ctx.device))
-                metrics.log(row, prefix="train/", phase="train")
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{row['loss']:.4f}", best=f"{best_metric:.3f}" if best_step else "-")
-                window = []
-            validated = False
-            if val_ds is not None and (loop.step % config.val_every == 0 or loop.step == total):
-                run_validation()
-                validated = True
-            if loop.step % ckpt_every == 0 or validated or loop.step >= end or loop.stop_requested:
-                checkpoint()
-            if loop.step >= end or loop.stop_requested:
-                break
-        if loop.last_checkpoint_step != loop.step:
-            checkpoint()
-        if loop.stop_requested:
-            raise TrainingInterrupted(f"stopped by a signal at iteration {loop.step}/{total}; checkpoint {last_path}; "
-                                      f"continue with --resume {run}")
-        if main:
-            done = "finished" if loop.step >= total else f"stopped at iteration {loop.step}/{total} (resume with --resume {run})"
-            best = f"best mean Dice {best_metric:.4f} at iteration {best_step}" if best_step is not None else "no validation"
-            logger.info("fine-tuning %s; %s", done, best)
-        return run
+    return FinetuneTrainer.train(config)
 
 
 class _quiet_nan_warnings:
