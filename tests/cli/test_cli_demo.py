@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mambamim.cli.main import main
-from mambamim.engine.demo import DEMO_ORGANS
+from mambamim.demo import DEMO_ORGANS
 from mambamim.evaluation.metrics import MetricTable
 
 
@@ -55,7 +55,7 @@ def test_demo_quick_report(demo_out, capsys):
 
 
 def test_demo_settings_from_text():
-    from mambamim.engine.demo import DemoSettings
+    from mambamim.demo import DemoSettings
 
     s = DemoSettings()
     s.set_from_text("lr_finetune=0.01")

@@ -100,7 +100,7 @@ def test_required_options_show_as_required(capsys, monkeypatch):
 
 def test_demo_help_defaults_match_the_engine():
     from mambamim.cli.cmd_demo import DEFAULTS
-    from mambamim.engine.demo import DemoSettings
+    from mambamim.demo import DemoSettings
 
     settings = DemoSettings()
     assert DEFAULTS == {k: getattr(settings, k) for k in DEFAULTS}

@@ -36,7 +36,7 @@ def test_compiled_pretrain_with_cuda_graphs_on_cuda(tmp_path):
     """--compile --cuda-graphs: 3 volumes x 2 crops per epoch in batches of 4 leave a last batch of 2, so
     the step is captured for two shapes. The run logs the same losses and ends with the same weights as the
     compiled run without CUDA graphs (the same kernels, replayed)."""
-    from mambamim.engine.demo import _read_curve
+    from mambamim.demo import _read_curve
     from mambamim.engine.pretrain_loop import pretrain
 
     cache = make_tiny_cache(tmp_path, num=3)

@@ -12,7 +12,7 @@ import time
 
 from mambamim.cli.cmd_predict import error
 
-# The defaults of mambamim.engine.demo.DemoSettings, written out so that building the parser does not
+# The defaults of mambamim.demo.DemoSettings, written out so that building the parser does not
 # import the engine (and torch); tests/cli/test_fast_help.py checks that they match.
 DEFAULTS = dict(num_unlabeled=48, num_train=3, num_val=2, num_test=8, crop=32, pretrain_steps=150,
                 finetune_iterations=230, model="hymamba", size="mini", seed=0)
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambamim.engine.demo import DemoSettings, run_demo
+    from mambamim.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     for name in DEFAULTS:
