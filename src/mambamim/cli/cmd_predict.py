@@ -9,15 +9,14 @@ An output file that already exists is never replaced silently: that case is refu
 stderr, the others still run, exit status 1) unless ``--overwrite`` replaces it or
 ``--skip-existing`` skips it (listed as skipped, exit status 0).
 
-The small argument / progress helpers below are shared by the other evaluation subcommands.
+The command parses its arguments, calls :func:`mambamim.api.predict_folder` and prints its result.
+The small argument helpers below are shared by the other evaluation subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,43 +55,6 @@ def roi_arg(value: int | None) -> tuple[int, int, int] | None:
     return (value,) * 3
 
 
-def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
-    """A tqdm progress bar on stderr (plain iteration when tqdm is missing or disabled)."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-
-def _discover(inputs: list[str]):
-    """(case_id, image_paths or None, error or None, path) for every case under the inputs."""
-    from mambamim.data.errors import DataError
-    from mambamim.data.io import discover_cases
-
-    found = []
-    for inp in inputs:
-        try:
-            cases = discover_cases(inp)
-        except (DataError, OSError) as exc:
-            found.append((os.path.basename(os.path.normpath(inp)) or inp, None, str(exc), inp))
-            continue
-        for c in cases:
-            if c.error or not c.image_paths:
-                found.append((c.case_id, None, f"{c.error_path or inp}: {c.error or 'no image'}", c.error_path or inp))
-            else:
-                found.append((c.case_id, list(c.image_paths), None, c.image_paths[0]))
-    seen: dict[str, int] = {}
-    out = []
-    for cid, paths, err, where in found:
-        n = seen.get(cid, 0)
-        seen[cid] = n + 1
-        out.append((cid if n == 0 else f"{cid}_{n + 1}", paths, err, where))
-    return out
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="fine-tuning checkpoint (best.pt / last.pt) or run folder")
     parser.add_argument("--input", nargs="+", required=True,
@@ -110,50 +72,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _report(case) -> None:
+    """Print one case's failure, skip or refusal on stderr as soon as it is known."""
+    if case.status == "failed":
+        print(f"FAILED {case.source}: {case.message}" if case.unreadable else f"FAILED {case.message}",
+              file=sys.stderr)
+    elif case.status == "skipped":
+        print(f"skipped {case.source}: {case.output} already exists", file=sys.stderr)
+    elif case.status == "refused":
+        print(f"REFUSED {case.source}: {case.output} already exists (pass --overwrite to replace it or "
+              f"--skip-existing to skip it)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
-    from mambamim import inference
-    from mambamim.engine import inference as loaders
+    from mambamim.api import predict_folder
 
     try:
-        roi = roi_arg(args.roi)
-        model, info = loaders.load_segmenter(args.checkpoint, args.device)
+        result = predict_folder(
+            args.checkpoint, args.input, args.output, device=args.device, compile=args.compile, suffix=args.suffix,
+            overwrite=getattr(args, "overwrite", False), skip_existing=getattr(args, "skip_existing", False),
+            progress=args.progress, on_case=_report, roi=roi_arg(args.roi), overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("predict", str(exc))
-    if args.compile:
-        model = inference.compile_segmenter(model)
-    cases = _discover(args.input)
-    if not cases:
-        return error("predict", f"no NIfTI files or DICOM series found in {', '.join(args.input)}")
-    os.makedirs(args.output, exist_ok=True)
-    ok, failed, skipped, refused = [], [], [], []
-    overwrite, skip_existing = getattr(args, "overwrite", False), getattr(args, "skip_existing", False)
-    t0 = time.perf_counter()
-    for cid, paths, err, where in progress(cases, "predict", total=len(cases), enabled=args.progress):
-        if err is not None:
-            failed.append((cid, err))
-            print(f"FAILED {where}: {err}", file=sys.stderr)
-            continue
-        out_path = os.path.join(args.output, f"{cid}{args.suffix}")
-        if os.path.lexists(out_path) and not overwrite:
-            if skip_existing:
-                skipped.append(out_path)
-                print(f"skipped {where}: {out_path} already exists", file=sys.stderr)
-            else:
-                refused.append(out_path)
-                print(f"REFUSED {where}: {out_path} already exists (pass --overwrite to replace it or "
-                      f"--skip-existing to skip it)", file=sys.stderr)
-            continue
-        try:
-            inference.segment_image(model, info, paths, out_path, roi=roi, overlap=args.overlap,
-                                    sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp)
-        except Exception as exc:  # one bad case must not stop the others
-            msg = str(exc) if paths[0] in str(exc) else f"{paths[0]}: {exc}"
-            failed.append((cid, msg))
-            print(f"FAILED {msg}", file=sys.stderr)
-            continue
-        ok.append(out_path)
-    dt = time.perf_counter() - t0
-    print(f"wrote {len(ok)} of {len(cases)} label map(s) to {args.output} in {dt:.1f} s"
+    ok, failed, skipped, refused = result.written, result.failed, result.skipped, result.refused
+    print(f"wrote {len(ok)} of {len(result.cases)} label map(s) to {args.output} in {result.seconds:.1f} s"
           + (f"; {len(skipped)} skipped (output exists)" if skipped else "")
           + (f"; {len(refused)} refused (output exists; --overwrite replaces, --skip-existing skips)"
              if refused else "")

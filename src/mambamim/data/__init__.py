@@ -20,6 +20,7 @@ _LAZY = {
     "split_cases": "loaders",
     "list_case_ids": "loaders",
     "shard_indices": "loaders",
+    "read_cache_index": "loaders",
 }
 
 __all__ = sorted(_LAZY)

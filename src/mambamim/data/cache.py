@@ -61,10 +61,20 @@ def is_case_finished(root: str | os.PathLike, case_id: str) -> bool:
     return (case_dir(root, case_id) / "meta.json").is_file()
 
 
-def load_cache_index(root: str | os.PathLike) -> dict:
-    """Read and validate ``root/dataset.json``. Returns the dict (layout above); raises DataError if ``root``
-    is not a mambamim cache of a known version."""
-    path = Path(root) / INDEX_NAME
+def read_cache_index(cache_dir: str | os.PathLike, *, allow_empty: bool = False) -> dict:
+    """The one reader of ``CACHE/dataset.json``: read and validate it (layout above).
+
+    Also reachable as :func:`mambamim.data.loaders.read_cache_index`.
+
+    Args:
+        cache_dir: the cache folder.
+        allow_empty: accept an index without cases (default: a cache that holds no case is an error).
+
+    Raises:
+        DataError (a ValueError) naming the file: no index, unparsable, not a mambamim cache of a known
+        version, no ``cases`` list, or (unless ``allow_empty``) no case.
+    """
+    path = Path(cache_dir) / INDEX_NAME
     if not path.is_file():
         raise DataError(path, "no cache index here; run `mambamim data prepare --out` on this folder first")
     try:
@@ -77,7 +87,14 @@ def load_cache_index(root: str | os.PathLike) -> dict:
         raise DataError(path, f"cache version {index.get('version')} is not supported (expected {CACHE_VERSION})")
     if not isinstance(index.get("cases"), list):
         raise DataError(path, "cache index has no 'cases' list")
+    if not index["cases"] and not allow_empty:
+        raise DataError(path, "the cache holds no case")
     return index
+
+
+def load_cache_index(root: str | os.PathLike) -> dict:
+    """:func:`read_cache_index` with ``allow_empty=True`` (kept for existing callers)."""
+    return read_cache_index(root, allow_empty=True)
 
 
 def _rerun(case_id: str) -> str:

@@ -35,23 +35,9 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from mambamim.data.cache import INDEX_NAME, check_cached_array, load_cache_index
-from mambamim.data.errors import DataError
+from mambamim.data.cache import check_cached_array, read_cache_index  # read_cache_index: re-exported, the one reader
 
 logger = logging.getLogger(__name__)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# cache index
-# ---------------------------------------------------------------------------------------------
-def read_cache_index(cache_dir: str | os.PathLike) -> dict:
-    """Read and check ``CACHE/dataset.json``; raises ValueError (a DataError) when it is not a
-    mambamim cache or holds no case."""
-    index = load_cache_index(cache_dir)
-    if not index["cases"]:
-        raise DataError(os.path.join(os.fspath(cache_dir), INDEX_NAME), "the cache holds no case")
-    return index
 
 
 def _select_cases(cache_dir: str | os.PathLike, case_ids: Sequence[str] | None) -> list[dict]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mambamim.data.cache import (CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, REPORT_NAME, case_dir, case_paths,
-                                 check_cached_array, read_json, save_npy_atomic, write_json_atomic)
+                                 check_cached_array, read_cache_index, read_json, save_npy_atomic, write_json_atomic)
 from mambamim.data.errors import DataError, output_dir_problem
 from mambamim.data.io import CaseSpec, discover_dataset, looks_like_label_map, read_image
 from mambamim.data.preprocess import PreprocessParams, preprocess_image, preprocess_label
@@ -239,12 +239,11 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
     old_index = out_p / INDEX_NAME
     if old_index.is_file():
         try:
-            old = read_json(old_index)
-            if old.get("format") == CACHE_FORMAT and old.get("preprocessing") != params.to_dict():
-                logger.warning("%s was prepared with other preprocessing parameters; its cases are redone",
-                               old_index)
-        except Exception:
-            pass
+            old = read_cache_index(out_p, allow_empty=True)
+        except DataError:
+            old = None
+        if old is not None and old.get("preprocessing") != params.to_dict():
+            logger.warning("%s was prepared with other preprocessing parameters; its cases are redone", old_index)
 
     # with log_problems False the caller reports the warnings, problems and summary itself (the CLI prints
     # them): logging them too would show each twice

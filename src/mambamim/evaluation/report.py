@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ from torch import nn
 
 from mambamim.atomic import atomic_write, write_json_atomic, write_text_atomic
 from mambamim.evaluation.metrics import MetricTable, case_metrics, column_name, default_nsd_tolerance
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from mambamim.inference.sliding_window import WindowOptions
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +47,9 @@ def cache_spacing(meta: dict) -> tuple[float, float, float]:
 def cache_nsd_tolerance(cache_dir: str | os.PathLike) -> float:
     """The default surface-Dice tolerance of a cache in mm: its mean voxel size (the preprocessing
     spacing of its dataset.json, else the first case's grid), e.g. 6 mm voxels -> 6 mm."""
-    from mambamim.data.cache import load_cache_index
+    from mambamim.data.cache import read_cache_index
 
-    index = load_cache_index(cache_dir)
+    index = read_cache_index(cache_dir, allow_empty=True)
     spacing = (index.get("preprocessing") or {}).get("spacing")
     if spacing is not None:
         spacing = [spacing] if isinstance(spacing, (int, float)) else list(spacing)
@@ -60,9 +65,9 @@ def cache_nsd_tolerance(cache_dir: str | os.PathLike) -> float:
 def labeled_cases(cache_dir: str | os.PathLike, split: str | None = None,
                   case_ids: Sequence[str] | None = None) -> list[str]:
     """Ids of the cache's cases that have a label (optionally of one ``split`` or in ``case_ids``)."""
-    from mambamim.data.cache import load_cache_index
+    from mambamim.data.cache import read_cache_index
 
-    index = load_cache_index(cache_dir)
+    index = read_cache_index(cache_dir, allow_empty=True)
     ids = [c["id"] for c in index["cases"] if c.get("label")
            and (split is None or c.get("split") == split)]
     if case_ids is not None:
@@ -114,15 +119,10 @@ def evaluate_on_cache(
     cache_dir: str | os.PathLike,
     case_ids: Sequence[str] | None = None,
     *,
-    roi: Sequence[int] | None = None,
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
-    tta_flips: bool | str = False,
-    device: str | torch.device | None = None,
-    amp: bool = True,
     nsd_tolerance_mm: float | None = None,
     progress: bool = False,
     on_case: Callable[[str, np.ndarray, dict], None] | None = None,
+    **window: Unpack[WindowOptions],
 ) -> MetricTable:
     """Sliding-window predict and score every labeled case of a cache.
 
@@ -131,8 +131,9 @@ def evaluate_on_cache(
             ``roi_size``), e.g. from :func:`mambamim.engine.inference.load_segmenter`.
         cache_dir: a prepared cache.
         case_ids: cases to score; default every labeled case.
-        roi, overlap, sw_batch_size, tta_flips, device, amp: see
-            :func:`mambamim.inference.predict_volume`.
+        window: ``roi`` (default: the checkpoint's), ``overlap``, ``sw_batch_size``, ``tta_flips``,
+            ``device``, ``amp``: see :func:`mambamim.inference.predict_volume` and
+            :class:`mambamim.inference.WindowOptions`.
         nsd_tolerance_mm: surface-Dice tolerance in mm; None: the cache's mean voxel size
             (:func:`cache_nsd_tolerance`). The table records it (``table.nsd_tolerance_mm``).
         progress: show a tqdm bar.
@@ -142,7 +143,7 @@ def evaluate_on_cache(
         A :class:`MetricTable` over classes ``1 .. num_classes - 1``.
     """
     from mambamim.data.cache import load_case
-    from mambamim.inference import predict_volume, roi_from_info
+    from mambamim.inference.sliding_window import predict_labels
 
     ids = list(case_ids) if case_ids is not None else labeled_cases(cache_dir)
     if not ids:
@@ -155,7 +156,6 @@ def evaluate_on_cache(
     if len(set(cols)) != len(cols) or "mean" in cols:
         fg_names = [f"{i}_{n}" for i, n in enumerate(fg_names, start=1)]
     labels = list(range(1, len(names)))
-    roi = tuple(roi) if roi else roi_from_info(info)
     if nsd_tolerance_mm is None:
         nsd_tolerance_mm = cache_nsd_tolerance(cache_dir)
     table = MetricTable(class_names=fg_names, nsd_tolerance_mm=float(nsd_tolerance_mm))
@@ -169,8 +169,7 @@ def evaluate_on_cache(
         if case["label"] is None:
             raise ValueError(f"case {cid!r} of {cache_dir} has no label")
         image = torch.from_numpy(np.ascontiguousarray(case["image"], dtype=np.float32))
-        pred = predict_volume(model, image, roi=roi, overlap=overlap, sw_batch_size=sw_batch_size,
-                              tta_flips=tta_flips, device=device, amp=amp, output="labels").numpy()
+        pred = predict_labels(model, info, image, **window)
         gt = np.asarray(case["label"]).astype(np.int64)
         spacing = cache_spacing(case["meta"])
         extra = sorted(set(np.unique(gt).tolist()) - set(range(len(names))))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from mambamim.inference.sliding_window import predict_volume, roi_from_info
+from mambamim.inference.sliding_window import WindowOptions, predict_labels
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["segment_image"]
 
@@ -19,13 +22,7 @@ def segment_image(
     info: dict[str, Any],
     image_paths: Sequence[str] | str,
     out_path: str | os.PathLike | None = None,
-    *,
-    roi: Sequence[int] | None = None,
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
-    tta_flips: bool | str = False,
-    device: str | torch.device | None = None,
-    amp: bool = True,
+    **window: Unpack[WindowOptions],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one image file (or DICOM series) and return / write the label map in its own grid.
 
@@ -37,7 +34,8 @@ def segment_image(
         model, info: from :func:`load_segmenter`.
         image_paths: one path per input channel (NIfTI file or DICOM series folder).
         out_path: where to write the NIfTI label map atomically; None writes nothing.
-        roi: window size; default from ``info`` (:func:`roi_from_info`).
+        window: ``roi`` (default: the checkpoint's), ``overlap``, ``sw_batch_size``, ``tta_flips``,
+            ``device``, ``amp``: see :func:`mambamim.inference.predict_volume` and :class:`WindowOptions`.
 
     Returns:
         ``(labels (X0, Y0, Z0) uint8 / uint16 in the input's voxel grid, the input's affine 4x4)``.
@@ -54,17 +52,7 @@ def segment_image(
     want = int(info.get("in_channels") or image.shape[0])
     if image.shape[0] != want:
         raise DataError(paths[0], f"{image.shape[0]} input channel(s) given, the model expects {want}")
-    labels = predict_volume(
-        model,
-        torch.from_numpy(image),
-        roi=roi or roi_from_info(info),
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        tta_flips=tta_flips,
-        device=device,
-        amp=amp,
-        output="labels",
-    ).numpy()
+    labels = predict_labels(model, info, torch.from_numpy(image), **window)
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
     restored, affine = restore_to_original(labels.astype(dtype), meta, is_label=True)
     restored = restored.astype(dtype, copy=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -21,10 +21,13 @@ from torch import nn
 from mambamim.runtime.compiling import CompiledOrEager
 from mambamim.runtime.device import autocast_context, resolve_amp, run_device
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TTAMode", "flip_sets", "CompiledSegmenter", "compile_segmenter", "inference_amp", "predict_volume",
-           "roi_from_info", "centre_crop"]
+           "roi_from_info", "centre_crop", "WindowOptions", "predict_labels"]
 
 TTAMode = Literal["none", "axes", "all"]
 
@@ -204,3 +207,41 @@ def centre_crop(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         dst.append(slice(d0, d0 + take))
     out[(slice(None), *dst)] = image[(slice(None), *src)]
     return out
+
+
+class WindowOptions(TypedDict, total=False):
+    """The sliding-window keywords that whole-file segmentation, batch prediction and evaluation pass on
+    to :func:`predict_labels` (defaults there): ``roi`` (None: the checkpoint's window), ``overlap``
+    (0.5), ``sw_batch_size`` (4), ``tta_flips`` (False), ``device`` (None: the model's), ``amp`` (True)."""
+
+    roi: Sequence[int] | None
+    overlap: float
+    sw_batch_size: int
+    tta_flips: bool | str
+    device: str | torch.device | None
+    amp: bool | str
+
+
+def predict_labels(model: nn.Module, info: dict[str, Any], image: torch.Tensor | np.ndarray,
+                   **window: Unpack[WindowOptions]) -> np.ndarray:
+    """Label map (X, Y, Z) int64 of one preprocessed volume (C, X, Y, Z): :func:`predict_volume` with
+    ``output="labels"`` and the checkpoint's window (:func:`roi_from_info`) unless ``roi`` is given.
+
+    Raises:
+        TypeError: a keyword that is not one of :class:`WindowOptions`.
+    """
+    unknown = sorted(set(window) - set(WindowOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unknown sliding-window option(s) {unknown}; known: {sorted(WindowOptions.__annotations__)}")
+    roi = window.get("roi")
+    return predict_volume(
+        model,
+        image,
+        roi=tuple(roi) if roi else roi_from_info(info),
+        overlap=window.get("overlap", 0.5),
+        sw_batch_size=window.get("sw_batch_size", 4),
+        tta_flips=window.get("tta_flips", False),
+        device=window.get("device"),
+        amp=window.get("amp", True),
+        output="labels",
+    ).numpy()
