@@ -10,12 +10,12 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import mambamim
 from mambamim import api
 from mambamim.evaluation.metrics import MetricTable
+
+from _segment_toys import ThresholdSegmenter, write_nifti
 
 AFF = np.diag([6.0, 6.0, 6.0, 1.0])
 INFO = {"num_classes": 2, "in_channels": 1, "class_names": ["background", "bright"], "roi_size": 16,
@@ -23,30 +23,11 @@ INFO = {"num_classes": 2, "in_channels": 1, "class_names": ["background", "brigh
                           "min_size": [16], "crop_margin": 4}}
 
 
-class Threshold(nn.Module):
-    """Class 1 where the preprocessed intensity exceeds 0.5 (HU > 37.5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(50.0))
-
-    def forward(self, x):
-        d = (x[:, :1] - 0.5) * self.scale
-        return torch.cat([-d, d], 1)
-
-
 def _hu(seed):
     rng = np.random.default_rng(seed)
     vol = np.round(rng.normal(0.0, 15.0, size=(20, 18, 12))).astype(np.int16)
     vol[3:8, 4:9, 2:6] = 200
     return vol
-
-
-def _write(path, data):
-    img = nib.Nifti1Image(data, AFF)
-    img.set_qform(AFF, code=1)
-    img.set_sform(AFF, code=1)
-    nib.save(img, str(path))
 
 
 @pytest.fixture
@@ -58,7 +39,7 @@ def loader(monkeypatch):
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return Threshold().eval(), INFO
+        return ThresholdSegmenter().eval(), INFO
 
     monkeypatch.setattr(inference, "load_segmenter", fake)
 
@@ -69,8 +50,8 @@ def raw(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
     for i in range(3):
         hu = _hu(i)
-        _write(root / f"case{i}.nii.gz", hu)
-        _write(root / f"case{i}_seg.nii.gz", np.roll(hu > 37.5, 1 if i == 1 else 0, axis=0).astype(np.uint8))
+        write_nifti(root / f"case{i}.nii.gz", hu, AFF)
+        write_nifti(root / f"case{i}_seg.nii.gz", np.roll(hu > 37.5, 1 if i == 1 else 0, axis=0).astype(np.uint8), AFF)
     return root
 
 

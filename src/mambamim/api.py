@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from mambamim.evaluation.metrics import MetricTable
     from mambamim.evaluation.stats import PairedResult
-    from mambamim.inference.batch import CaseOutcome, PredictionResult
+    from mambamim.inference.batch import PredictionResult, PredictOptions
     from mambamim.inference.sliding_window import WindowOptions
 
 logger = logging.getLogger(__name__)
@@ -53,12 +53,7 @@ def predict_folder(
     *,
     device: str = "auto",
     compile: bool = False,
-    suffix: str = "_seg.nii.gz",
-    overwrite: bool = False,
-    skip_existing: bool = False,
-    progress: bool = False,
-    on_case: Callable[[CaseOutcome], None] | None = None,
-    **window: Unpack[WindowOptions],
+    **options: Unpack[PredictOptions],
 ) -> PredictionResult:
     """Segment NIfTI files, folders of them or DICOM series folders with a fine-tuning checkpoint.
 
@@ -73,8 +68,10 @@ def predict_folder(
         out_dir: output folder (created).
         device: cuda, cuda:1, cpu or auto.
         compile: torch.compile the network (:func:`mambamim.inference.compile_segmenter`).
-        window: sliding-window options (:class:`mambamim.inference.WindowOptions`; the CLI passes
-            ``sw_batch_size=8``).
+        options: :class:`mambamim.inference.batch.PredictOptions`: ``suffix`` ("_seg.nii.gz"),
+            ``overwrite``, ``skip_existing``, ``progress`` (a tqdm bar), ``on_case`` (called with each
+            case's outcome as it is known) and the sliding-window options (:class:`mambamim.inference.WindowOptions`;
+            the CLI passes ``sw_batch_size=8``).
 
     Returns:
         A :class:`mambamim.inference.batch.PredictionResult`: every case, written / failed (why) /
@@ -86,11 +83,10 @@ def predict_folder(
     """
     from mambamim.inference.batch import predict_files
 
-    if overwrite and skip_existing:
+    if options.get("overwrite") and options.get("skip_existing"):
         raise ValueError("overwrite and skip_existing exclude each other")
     model, info = _load_segmenter(checkpoint, device, compile)
-    result = predict_files(model, info, inputs, out_dir, suffix=suffix, overwrite=overwrite,
-                           skip_existing=skip_existing, progress=progress, on_case=on_case, **window)
+    result = predict_files(model, info, inputs, out_dir, **options)
     logger.debug("wrote %d of %d label map(s) to %s", len(result.written), len(result.cases), result.out_dir)
     return result
 

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
-import torch
-from torch import nn
 
 from _dicom_toys import write_dicom_series  # noqa: F401  (re-exported for the CLI tests)
+from _segment_toys import THRESH, ThresholdSegmenter, write_nifti  # noqa: F401  (re-exported)
 
 HU_MIN, HU_MAX = -175.0, 250.0
-THRESH = 0.5  # in [0, 1] units: HU > 37.5
-
-
-class ThresholdSegmenter(nn.Module):
-    """Class 1 where the preprocessed intensity exceeds ``THRESH`` (HU > 37.5): pointwise, so the
-    sliding window reproduces it exactly and the expected mask is known voxel by voxel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(50.0))
-
-    def forward(self, x):
-        d = (x[:, :1] - THRESH) * self.scale
-        return torch.cat([-d, d], 1)
 
 
 def toy_info(spacing=(1.0, 1.0, 1.5), roi=32):
@@ -50,11 +34,3 @@ def phantom_hu(shape, seed=0):
         c = [rng.integers(3, s - 5) for s in shape]
         vol[c[0]:c[0] + 3, c[1]:c[1] + 4, c[2]:c[2] + 2] = rng.uniform(150, 300)
     return np.round(vol).astype(np.int16)
-
-
-def write_nifti(path, data, affine):
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)

@@ -7,10 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mambamim.inference import WindowOptions, predict_labels
 from mambamim.inference.batch import discover_inputs, predict_files
+
+from _segment_toys import ThresholdSegmenter, write_nifti
 
 INFO = {"num_classes": 2, "in_channels": 1, "class_names": ["background", "bright"], "roi_size": 16,
         "preprocessing": {"spacing": [3.0, 3.0, 3.0], "hu_min": -175.0, "hu_max": 250.0, "crop_foreground": False,
@@ -18,16 +19,6 @@ INFO = {"num_classes": 2, "in_channels": 1, "class_names": ["background", "brigh
 # the HU threshold 37.5 is 0.5 after the [-175, 250] window: the toy below segments HU > 37.5 exactly
 AFFINES = {"a": np.diag([3.0, 3.0, 3.0, 1.0]),
            "b": np.array([[-3.0, 0, 0, 40], [0, -3.0, 0, 12], [0, 0, 3.0, -7], [0, 0, 0, 1]])}
-
-
-class Threshold(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(50.0))
-
-    def forward(self, x):
-        d = (x[:, :1] - 0.5) * self.scale
-        return torch.cat([-d, d], 1)
 
 
 def _hu(shape, seed):
@@ -38,13 +29,6 @@ def _hu(shape, seed):
     return np.round(vol).astype(np.int16)
 
 
-def _write(path, data, affine):
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
 @pytest.fixture
 def inputs(tmp_path):
     folder = tmp_path / "in"
@@ -52,7 +36,7 @@ def inputs(tmp_path):
     hu = {}
     for k, (name, aff) in enumerate(AFFINES.items()):
         hu[name] = _hu((14, 12, 9), seed=k)
-        _write(folder / f"{name}.nii.gz", hu[name], aff)
+        write_nifti(folder / f"{name}.nii.gz", hu[name], aff)
     (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
     return folder, hu
 
@@ -60,7 +44,7 @@ def inputs(tmp_path):
 def test_writes_each_file_on_its_own_grid_and_reports_the_bad_one(tmp_path, inputs):
     folder, hu = inputs
     seen = []
-    res = predict_files(Threshold(), INFO, folder, tmp_path / "out", device="cpu", on_case=seen.append)
+    res = predict_files(ThresholdSegmenter(), INFO, folder, tmp_path / "out", device="cpu", on_case=seen.append)
     assert [c.case_id for c in res.cases] == [c.case_id for c in seen]  # reported as they happen, in order
     assert sorted(res.written) == [str(tmp_path / "out" / f"{n}_seg.nii.gz") for n in ("a", "b")]
     assert [cid for cid, _ in res.failed] == ["broken"]
@@ -80,25 +64,25 @@ def test_existing_outputs_are_refused_skipped_or_replaced(tmp_path, inputs):
     out.mkdir()
     stale = out / "a_seg.nii.gz"
     stale.write_bytes(b"earlier")
-    res = predict_files(Threshold(), INFO, [folder / "a.nii.gz", folder / "b.nii.gz"], out, device="cpu")
+    res = predict_files(ThresholdSegmenter(), INFO, [folder / "a.nii.gz", folder / "b.nii.gz"], out, device="cpu")
     assert res.refused == [str(stale)] and stale.read_bytes() == b"earlier"
     assert res.written == [str(out / "b_seg.nii.gz")]
-    res = predict_files(Threshold(), INFO, folder / "a.nii.gz", out, device="cpu", skip_existing=True)
+    res = predict_files(ThresholdSegmenter(), INFO, folder / "a.nii.gz", out, device="cpu", skip_existing=True)
     assert res.skipped == [str(stale)] and not res.written and stale.read_bytes() == b"earlier"
-    res = predict_files(Threshold(), INFO, folder / "a.nii.gz", out, device="cpu", overwrite=True)
+    res = predict_files(ThresholdSegmenter(), INFO, folder / "a.nii.gz", out, device="cpu", overwrite=True)
     assert res.written == [str(stale)]
     np.testing.assert_array_equal(np.asarray(nib.load(stale).dataobj).astype(bool), hu["a"] > 37.5)
     assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz"]  # no temp file left
     with pytest.raises(ValueError, match="exclude"):
-        predict_files(Threshold(), INFO, folder, out, overwrite=True, skip_existing=True)
+        predict_files(ThresholdSegmenter(), INFO, folder, out, overwrite=True, skip_existing=True)
 
 
 def test_no_input_is_an_error_and_an_empty_folder_a_failed_case(tmp_path):
     with pytest.raises(ValueError, match="no NIfTI files or DICOM series"):
-        predict_files(Threshold(), INFO, [], tmp_path / "out")
+        predict_files(ThresholdSegmenter(), INFO, [], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     (tmp_path / "empty").mkdir()
-    res = predict_files(Threshold(), INFO, tmp_path / "empty", tmp_path / "out")
+    res = predict_files(ThresholdSegmenter(), INFO, tmp_path / "empty", tmp_path / "out")
     assert not res.written and [c.unreadable for c in res.cases] == [True]
     assert str(tmp_path / "empty") in res.failed[0][1]
 
@@ -111,9 +95,9 @@ def test_repeated_case_ids_get_distinct_names(tmp_path, inputs):
 
 def test_predict_labels_uses_the_checkpoint_window_and_rejects_unknown_options():
     image = torch.rand(1, 20, 18, 17)
-    labels = predict_labels(Threshold(), INFO, image, overlap=0.25)
+    labels = predict_labels(ThresholdSegmenter(), INFO, image, overlap=0.25)
     assert labels.dtype == np.int64 and labels.shape == (20, 18, 17)
     np.testing.assert_array_equal(labels, (image[0] > 0.5).numpy().astype(np.int64))
     assert set(WindowOptions.__annotations__) == {"roi", "overlap", "sw_batch_size", "tta_flips", "device", "amp"}
     with pytest.raises(TypeError, match="tta"):
-        predict_labels(Threshold(), INFO, image, tta="all")
+        predict_labels(ThresholdSegmenter(), INFO, image, tta="all")

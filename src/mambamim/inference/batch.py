@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InputCase", "CaseOutcome", "PredictionResult", "discover_inputs", "predict_files"]
+__all__ = ["InputCase", "CaseOutcome", "PredictionResult", "PredictOptions", "discover_inputs", "predict_files"]
 
 Status = Literal["written", "failed", "skipped", "refused"]
 
@@ -84,6 +84,18 @@ class PredictionResult:
     def refused(self) -> list[str]:
         """Outputs that existed and were neither replaced nor skipped (their cases did not run)."""
         return [c.output for c in self._with("refused") if c.output is not None]
+
+
+class PredictOptions(WindowOptions, total=False):
+    """The keywords of :func:`predict_files` after its positional arguments (also those of
+    :func:`mambamim.api.predict_folder`): the window options and ``suffix``, ``overwrite``,
+    ``skip_existing``, ``progress``, ``on_case``."""
+
+    suffix: str
+    overwrite: bool
+    skip_existing: bool
+    progress: bool
+    on_case: Callable[[CaseOutcome], None] | None
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputCase]:
