@@ -181,11 +181,11 @@ def _rotation(rng: np.random.Generator, yaw_deg: float, jitter_deg: float) -> np
 
 
 class _Shape(NamedTuple):
-    """A shape on the grid: voxel ``box``, bool ``mask`` and normalised distance ``r`` (1 on the
+    """A shape on the grid: voxel ``box``, bool ``inside`` (its voxels) and normalised distance ``r`` (1 on the
     undeformed surface) inside the box, and the jittered ``center`` (reference mm); box None if off-grid."""
 
     box: tuple[slice, slice, slice] | None
-    mask: np.ndarray | None
+    inside: np.ndarray | None
     r: np.ndarray | None
     center: np.ndarray
 
@@ -257,14 +257,14 @@ class _Canvas:
         sp = grid.spacing / grid.scale  # reference mm per voxel
         self.tex = {name: _smooth_field(rng, shape, sp, corr) for name, corr in
                     (("fine", 6.0), ("coarse", 16.0), ("a", 40.0), ("b", 40.0))}
-        self.masks: dict[str, Any] = {}  # masks and geometry shared between the anatomy steps
+        self.regions: dict[str, Any] = {}  # regions and geometry shared between the anatomy steps
 
     def jit(self, s: float) -> float:
         """Per-volume contrast jitter: one normal draw with std ``s`` (HU)."""
         return float(self.rng.normal(0.0, s))
 
     def full(self, m2: np.ndarray) -> np.ndarray:
-        """An (nx, ny, 1) or (nx, ny, nz) mask broadcast to the grid (read-only view)."""
+        """An (nx, ny, 1) or (nx, ny, nz) region broadcast to the grid (read-only view)."""
         return np.broadcast_to(m2 if m2.ndim == 3 else m2[:, :, None], self.grid.shape)
 
     def fill(self, sel: np.ndarray, base: float, fine: float = 0.0, coarse: float = 0.0,
@@ -323,7 +323,7 @@ def _body(cv: _Canvas) -> None:
     psoas = ((np.abs(cv.X) - 38.0) / 16.0) ** 2 + ((cv.Y + 48.0) / 16.0) ** 2 < widen ** 2
     psoas = psoas & (cv.Z < 10.0)
     cv.fill(psoas, 50.0 + cv.jit(5), fine=5.0)
-    cv.masks.update(cav3=cav3, psoas=psoas, paraspinal=cv.full(paraspinal2), theta=theta,
+    cv.regions.update(cav3=cav3, psoas=psoas, paraspinal=cv.full(paraspinal2), theta=theta,
                     cav_rho=ell(_BODY_AX - fat_lat - wall, ay_m - wall, cy_m),
                     wall_r=0.5 * (_BODY_AX - fat_lat - wall + ay_m - wall))
 
@@ -372,11 +372,11 @@ def _pelvis(cv: _Canvas) -> np.ndarray:
 def _thorax(cv: _Canvas, bone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Diaphragm, lungs (textured, with vessels), mediastinum, heart, ribs and costal cartilage.
 
-    Returns (above the diaphragm, rib mask)."""
+    Returns (above the diaphragm, rib region)."""
     rng, X2, Y2, Z = cv.rng, cv.X[:, :, 0], cv.Y[:, :, 0], cv.Z
-    cav3 = cv.masks["cav3"]
+    cav3 = cv.regions["cav3"]
     apex_r, apex_l = rng.uniform(100.0, 125.0), rng.uniform(92.0, 112.0)
-    cv.masks["apex_shift"] = apex_r - 112.0
+    cv.regions["apex_shift"] = apex_r - 112.0
     above = Z > _diaphragm(X2, Y2, apex_r, apex_l)[:, :, None]
     mediastinum = ((((X2 + 8.0) / 40.0) ** 2 + ((Y2 - 15.0) / 62.0) ** 2 < 1.0) & (Y2 > -45.0))[:, :, None]
     lungs = above & cav3 & ~mediastinum & ~bone
@@ -386,7 +386,7 @@ def _thorax(cv: _Canvas, bone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cv.fill(above & cav3 & mediastinum, -70.0 + cv.jit(10), fine=8.0)
     heart = _ellipsoid(cv.grid, rng, (-15.0, 40.0, 175.0), (60.0, 45.0, 55.0), deform=0.08)
     if heart.box is not None:
-        cv.fill(heart.mask & above[heart.box] & cav3[heart.box], 110.0 + cv.jit(15), fine=6.0, box=heart.box)
+        cv.fill(heart.inside & above[heart.box] & cav3[heart.box], 110.0 + cv.jit(15), fine=6.0, box=heart.box)
     ribs, cartilage = _ribs(cv)
     cv.fill(ribs, 500.0 + cv.jit(50), fine=80.0)
     cv.fill(cartilage, 115.0 + cv.jit(10), fine=8.0)
@@ -396,8 +396,8 @@ def _thorax(cv: _Canvas, bone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _ribs(cv: _Canvas) -> tuple[np.ndarray, np.ndarray]:
     """Rib bands sloping down from the back around the cavity: (bony ribs, anterior costal cartilage)."""
     rng, X2, Z = cv.rng, cv.X[:, :, 0], cv.Z
-    theta, cav_rho = cv.masks["theta"], cv.masks["cav_rho"]
-    rib_d = (cav_rho - 1.0) * cv.masks["wall_r"]  # ~mm outside the cavity
+    theta, cav_rho = cv.regions["theta"], cv.regions["cav_rho"]
+    rib_d = (cav_rho - 1.0) * cv.regions["wall_r"]  # ~mm outside the cavity
     phi = np.arccos(np.clip(-np.sin(theta), -1, 1))  # 0 at the back, pi at the front
     rib_period, rib_slope = rng.uniform(28.0, 35.0), rng.uniform(38.0, 52.0)
     zr = Z + rib_slope * (1.0 - np.cos(phi))[:, :, None] - rng.uniform(0, rib_period)
@@ -417,7 +417,7 @@ def _bowel(cv: _Canvas, allowed: np.ndarray) -> None:
                   [22.0, 24.0, 22.0, 20.0, 20.0, 18.0, 17.0, 16.0], deform=0.2, jitter=10.0)
     if colon.box is not None:
         b = colon.box
-        sel = colon.mask & allowed[b]
+        sel = colon.inside & allowed[b]
         cv.fill(sel, 50.0 + cv.jit(10), fine=8.0, box=b)  # wall
         lumen = sel & (colon.r < 0.8)
         cv.fill(lumen, -20.0 + cv.jit(20), fine=50.0, box=b)  # stool
@@ -426,7 +426,7 @@ def _bowel(cv: _Canvas, allowed: np.ndarray) -> None:
     top = rng.uniform(-40.0, 5.0)
     region = allowed & (cv.Z < top) & (np.abs(cv.X) < 90.0) & (cv.Y > -40.0)
     if colon.box is not None:
-        region[colon.box] &= ~colon.mask
+        region[colon.box] &= ~colon.inside
     rho = cv.tubes(rng.uniform(0.7, 1.0))
     loops = region & (rho < 1.0)
     cv.fill(loops, 60.0 + cv.jit(10), fine=6.0)  # enhancing wall
@@ -438,7 +438,7 @@ def _bowel(cv: _Canvas, allowed: np.ndarray) -> None:
 
 def _liver(cv: _Canvas, paint, below: np.ndarray) -> None:
     """Right and left lobes (moving with the diaphragm), brighter intrahepatic vessels."""
-    rng, dz = cv.rng, cv.masks["apex_shift"]
+    rng, dz = cv.rng, cv.regions["apex_shift"]
     size = rng.uniform(0.88, 1.15)
     for center, semi in (((70.0, 0.0, 55.0 + dz), (75.0, 85.0, 75.0)), ((-5.0, 45.0, 65.0 + dz), (50.0, 32.0, 35.0))):
         paint(6, _ellipsoid(cv.grid, rng, center, semi, deform=0.2, jitter=8.0, size=size), below)
@@ -462,7 +462,7 @@ def _kidney(cv: _Canvas, paint, below: np.ndarray, lab: int, center, yaw: float)
     sinus = _ellipsoid(cv.grid, rng, k.center + np.array([-side * 16.0, 6.0, 0.0], np.float32), (9.0, 8.0, 18.0),
                        deform=0.1, jitter=1.0)
     if sinus.box is not None:
-        sel = sinus.mask & (cv.label[sinus.box] == lab)
+        sel = sinus.inside & (cv.label[sinus.box] == lab)
         cv.label[sinus.box][sel] = 0
         cv.fill(sel, -70.0 + cv.jit(15), fine=10.0, box=sinus.box)
         cv.fill(sel & (sinus.r < 0.55), 10.0 + cv.jit(5), fine=3.0, box=sinus.box)  # pelvis (urine)
@@ -471,7 +471,7 @@ def _kidney(cv: _Canvas, paint, below: np.ndarray, lab: int, center, yaw: float)
 def _stomach(cv: _Canvas, paint, below: np.ndarray) -> None:
     """Stomach: enhancing wall, mottled contents, an anterior (non-dependent) gas pocket."""
     rng = cv.rng
-    sb = _ellipsoid(cv.grid, rng, (-50.0, 35.0, 55.0 + 0.5 * cv.masks["apex_shift"]), (40.0, 45.0, 45.0), yaw=20.0,
+    sb = _ellipsoid(cv.grid, rng, (-50.0, 35.0, 55.0 + 0.5 * cv.regions["apex_shift"]), (40.0, 45.0, 45.0), yaw=20.0,
                     deform=0.18, jitter=8.0, size=rng.uniform(0.85, 1.15))
     paint(7, sb, below, base=55.0 + cv.jit(8), fine=4.0)
     paint(7, _ellipsoid(cv.grid, rng, (0.0, 50.0, 20.0), (42.0, 20.0, 20.0), deform=0.12), below)
@@ -495,7 +495,7 @@ def _organs(cv: _Canvas, below: np.ndarray, organ_ok: np.ndarray) -> None:
     def paint(lab: int, s: _Shape, allowed: np.ndarray, base: float | None = None, fine: float | None = None) -> None:
         if s.box is None:
             return
-        sel = s.mask & allowed[s.box]
+        sel = s.inside & allowed[s.box]
         cv.label[s.box][sel] = lab
         if base is None:  # one level per organ and volume, shared by its parts
             base = level.setdefault(lab, ORGAN_HU[lab] + cv.jit(6))
@@ -503,7 +503,7 @@ def _organs(cv: _Canvas, below: np.ndarray, organ_ok: np.ndarray) -> None:
         cv.fill(sel, base, fine=f, coarse=c, box=s.box)
 
     _liver(cv, paint, below)
-    paint(1, _ellipsoid(cv.grid, rng, (-82.0, -40.0, 55.0 + 0.6 * cv.masks["apex_shift"]), (25.0, 50.0, 45.0),
+    paint(1, _ellipsoid(cv.grid, rng, (-82.0, -40.0, 55.0 + 0.6 * cv.regions["apex_shift"]), (25.0, 50.0, 45.0),
                         yaw=-35.0, deform=0.16, jitter=8.0, size=rng.uniform(0.8, 1.25)), below)
     _stomach(cv, paint, below)
     _kidney(cv, paint, below, 2, (72.0, -42.0, -15.0), -25.0)
@@ -512,7 +512,7 @@ def _organs(cv: _Canvas, below: np.ndarray, organ_ok: np.ndarray) -> None:
                     [9.0, 11.0, 15.0, 14.0], deform=0.2, jitter=6.0), below)
     pancreas = cv.label == 11
     cv.hu[pancreas & (cv.tex["fine"] > 1.35)] -= rng.uniform(25.0, 45.0)  # fatty lobulation
-    paint(4, _ellipsoid(cv.grid, rng, (58.0, 50.0, 5.0 + cv.masks["apex_shift"]), (16.0, 18.0, 30.0), yaw=15.0,
+    paint(4, _ellipsoid(cv.grid, rng, (58.0, 50.0, 5.0 + cv.regions["apex_shift"]), (16.0, 18.0, 30.0), yaw=15.0,
                         deform=0.1, jitter=8.0, size=rng.uniform(0.8, 1.2)), below)
     paint(10, _tube(cv.grid, rng, [(-72.0, -28.0, 38.0), (-25.0, -4.0, 24.0), (12.0, -4.0, 22.0), (45.0, 8.0, 48.0)],
                     [5.0, 6.0, 7.5, 7.0], deform=0.1, jitter=3.0), below)
@@ -582,9 +582,9 @@ def make_phantom(
         orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
     cv = _Canvas(rng, grid)
     _body(cv)
-    cav3 = cv.masks["cav3"]
-    pre_bone = cav3 & ~cv.masks["paraspinal"]
-    _bowel(cv, pre_bone & ~cv.masks["psoas"])
+    cav3 = cv.regions["cav3"]
+    pre_bone = cav3 & ~cv.regions["paraspinal"]
+    _bowel(cv, pre_bone & ~cv.regions["psoas"])
     bone = _spine(cv) | _pelvis(cv)
     above, ribs = _thorax(cv, bone)
     organ_ok = pre_bone & ~bone & ~ribs
