@@ -58,7 +58,7 @@ Hd95OneEmpty = Literal["diagonal", "inf", "nan"]
 
 
 def _bbox_crop(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop two same-shaped bool masks to the bounding box of their union grown by 1 voxel."""
+    """Crop two same-shaped bool segmentations to the bounding box of their union grown by 1 voxel."""
     union = pred | gt
     slices = []
     for axis in range(union.ndim):
@@ -102,9 +102,9 @@ def binary_metrics(
         spacing: voxel size in mm along (X, Y, Z).
         nsd_tolerance_mm: surface Dice tolerance in mm; None (default): the mean voxel spacing
             (:func:`default_nsd_tolerance`), so a boundary one voxel off still counts as a match.
-        both_empty: value of Dice when both masks are empty: ``"nan"`` (not scored) or ``"one"``;
+        both_empty: value of Dice when both segmentations are empty: ``"nan"`` (not scored) or ``"one"``;
             HD95 and surface Dice are NaN then either way (``"one"`` gives surface Dice 1 too).
-        hd95_one_empty: HD95 when exactly one mask is empty: ``"diagonal"`` (image diagonal in mm),
+        hd95_one_empty: HD95 when exactly one segmentation is empty: ``"diagonal"`` (image diagonal in mm),
             ``"inf"`` or ``"nan"``.
 
     Returns:
@@ -116,7 +116,7 @@ def binary_metrics(
         raise ValueError(f"prediction and reference differ in shape: {pred.shape} vs {gt.shape}")
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != pred.ndim:
-        raise ValueError(f"spacing {spacing} does not match a {pred.ndim}-D mask")
+        raise ValueError(f"spacing {spacing} does not match a {pred.ndim}-D segmentation")
     if nsd_tolerance_mm is None:
         nsd_tolerance_mm = default_nsd_tolerance(spacing)
     if nsd_tolerance_mm < 0:
