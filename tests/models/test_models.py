@@ -6,7 +6,7 @@ from mambamim.models import create_model, list_models, model_config
 TINY = dict(size="tiny")
 
 
-@pytest.mark.parametrize("name", ["hymamba", "vim_unetr", "mednext_cnn"])
+@pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("shape", [(32, 32, 32), (16, 32, 16)])
 def test_output_shape_cubic_and_non_cubic(name, shape):
     model = create_model(name, in_channels=2, num_classes=3, **TINY)
@@ -15,7 +15,7 @@ def test_output_shape_cubic_and_non_cubic(name, shape):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("name", ["hymamba", "vim_unetr"])
+@pytest.mark.parametrize("name", list_models())
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=2, **TINY)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mambamim.models import create_model
+from mambamim.models import create_encoder, create_model, get_entry, pretrainable_models
 from mambamim.masking import stage_masks
 from mambamim.pretrain import create_pretrainer
 
@@ -45,12 +45,18 @@ ABLATIONS = [
     dict(sparse_full_res=True),
     dict(sparse_full_res=True, sparse_levels=3),
 ]
-APPLIES = {
-    "hymamba": lambda kw: True,
-    "mednext_cnn": lambda kw: not (kw.get("bottom_up") is False),
-    "vim_unetr": lambda kw: "skip" not in kw and "bottom_up" not in kw and "sparse_full_res" not in kw,
-}
-CASES = [(n, kw) for n in APPLIES for kw in ABLATIONS if APPLIES[n](kw)]
+
+
+def _applies(name, kw):
+    """Which switches a registry entry takes: the CNN switches need CNN stages, the dense alternative
+    (bottom_up=False) a Mamba stage behind them."""
+    entry = get_entry(name)
+    if not entry.cnn_stages:
+        return "skip" not in kw and "bottom_up" not in kw and "sparse_full_res" not in kw
+    return kw.get("bottom_up") is not False or create_encoder(name, "tiny").mamba is not None
+
+
+CASES = [(n, kw) for n in pretrainable_models() for kw in ABLATIONS if _applies(n, kw)]
 
 
 @pytest.mark.parametrize("name,switches", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
@@ -76,7 +82,7 @@ def test_nothing_depends_on_masked_voxels(name, switches):
     assert not torch.equal(a["loss"], b["loss"])
 
 
-@pytest.mark.parametrize("name", ["hymamba", "mednext_cnn"])
+@pytest.mark.parametrize("name", [n for n in pretrainable_models() if get_entry(n).cnn_stages])
 def test_skip_blocks_are_blind_to_masked_voxels_and_feed_the_decoder(name):
     torch.manual_seed(0)
     model = create_pretrainer(name, **MICRO)
@@ -137,7 +143,7 @@ def test_visible_count_and_given_mask_round_trip():
         model(x, given.float())
 
 
-@pytest.mark.parametrize("name", ["hymamba", "vim_unetr", "mednext_cnn"])
+@pytest.mark.parametrize("name", pretrainable_models())
 def test_encoder_loads_into_the_segmentation_model_by_name(name):
     pre = create_pretrainer(name, **MICRO)
     seg = create_model(name, size="tiny", num_classes=3)
@@ -151,6 +157,28 @@ def test_decoder_width_follows_the_size_preset():
     assert create_pretrainer("hymamba", size="tiny").decoder.proj_bottleneck.out_channels == 32
     assert create_pretrainer("hymamba", size="tiny", decoder_width=64).decoder.proj_bottleneck.out_channels == 64
     assert create_pretrainer("vim_unetr").decoder.proj_bottleneck.out_channels == 768
+
+
+def test_unknown_model_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*hymamba.*vim_unetr"):
+        create_pretrainer("resnet", **MICRO)
+
+
+@pytest.mark.parametrize("name", pretrainable_models())
+def test_pretrainer_from_spec_rebuilds_the_same_module(name):
+    from mambamim.pretrain import pretrainer_from_spec
+
+    kwargs = dict(size="tiny", mask_ratio=0.6, token="learnable", scan="zigzag", decoder_width=16)
+    torch.manual_seed(0)
+    built = create_pretrainer(name, **kwargs)
+    torch.manual_seed(0)
+    again = pretrainer_from_spec({"name": name, "kwargs": kwargs})
+    assert built.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in built.state_dict().items())
+    assert again.mask_ratio == 0.6 and type(again.fill).__name__ == "LearnableMaskToken"
+    assert again.decoder.proj_bottleneck.out_channels == 16
+    with pytest.raises(ValueError, match="spec"):
+        pretrainer_from_spec({"kwargs": kwargs})
 
 
 def test_switches_change_the_model():
@@ -248,7 +276,7 @@ def test_sparse_full_res_is_the_same_computation(name, norm, levels):
     dense = create_pretrainer(name, norm=norm, **MICRO).double()
     sparse = create_pretrainer(name, norm=norm, sparse_full_res=True, sparse_levels=levels, **MICRO).double()
     sparse.load_state_dict(dense.state_dict())
-    assert sparse.sparse_levels == levels and sparse.config["sparse_levels"] == levels
+    assert sparse.sparse_levels == levels
     x = torch.rand(2, 1, 32, 32, 32, dtype=torch.float64)
     mask = mask_with_runs()
     outs = []

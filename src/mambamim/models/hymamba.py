@@ -14,7 +14,7 @@ preset rebuilds it tensor for tensor (:data:`mambamim.models.MODEL_PRESETS`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
@@ -26,6 +26,7 @@ from mambamim.blocks.vim import MambaStage
 from mambamim.layers.scan_order import ScanOrder
 from mambamim.layers.sparse import SparseConv3d, SparseMaxPool3d, apply_mask, channels_last_instance_norms
 from mambamim.masking import gather_blocks, scatter_blocks, stage_masks
+from mambamim.models.registry import PATCH_SIZE
 
 __all__ = ["HyMambaEncoder", "HyMamba"]
 
@@ -179,8 +180,8 @@ class HyMambaEncoder(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
-        if any(s % 16 for s in x.shape[2:]):
-            raise ValueError(f"spatial sides must be multiples of 16, got {tuple(x.shape[2:])}")
+        if any(s % PATCH_SIZE for s in x.shape[2:]):
+            raise ValueError(f"spatial sides must be multiples of {PATCH_SIZE}, got {tuple(x.shape[2:])}")
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
         self.check_input(x)
@@ -196,48 +197,38 @@ class HyMambaEncoder(nn.Module):
 
 class HyMamba(nn.Module):
     """HyMamba segmentation network. forward(x (B, C_in, D, H, W)) -> logits (B, num_classes, D, H, W);
-    sides must be multiples of 16 (non-cubic is fine).
+    sides must be multiples of :data:`~mambamim.models.registry.PATCH_SIZE` (non-cubic is fine).
 
     The encoder (:class:`HyMambaEncoder`, skip blocks included) is what pre-training trains; the decoder is
     trained fresh: MONAI UNETR up blocks from 1/16 to full resolution, optionally a residual block to
     ``final_channels`` (the authors' 64 -> 32 stage: channel LayerNorm, biases, 1x1x1 projection on the
     residual), and a 1x1x1 head.
 
-    Args: see :class:`HyMambaEncoder`, plus ``num_classes``, ``decoder_norm`` (MONAI norm name of the up
-    blocks) and ``final_channels`` (None: the head reads the 64-channel full-resolution map).
+    Args:
+        num_classes: output channels of the head.
+        decoder_norm: MONAI norm name of the up blocks.
+        final_channels: None: the head reads the full-resolution map (widths[0] channels).
+        channels_last_norms: compute the up blocks' instance norms as
+            :class:`~mambamim.layers.sparse.SparseInstanceNorm3d` (same function and state-dict keys, no layout
+            copies of channels-last activations); False keeps MONAI's ``nn.InstanceNorm3d``.
+        **encoder_kwargs: the encoder's arguments (in_channels, widths, scan, ...), see :class:`HyMambaEncoder`.
     """
 
     def __init__(
         self,
-        in_channels: int = 1,
         num_classes: int = 14,
-        stem_channels: int = 32,
-        widths: Sequence[int] = (64, 128, 192, 384),
-        depths: Sequence[int] = (2, 2, 2, 1),
-        expansions: Sequence[int] = (2, 4, 4, 4),
-        mamba_depth: int = 4,
-        mlp_ratio: float = 2.0,
-        scan: str = "raster",
-        norm: str = "group",
-        bidirectional: bool = True,
-        d_state: int = 16,
         decoder_norm: str = "instance",
-        widen: str = "conv_norm_act",
-        skip_norm: str = "instance",
-        skip_bias: bool = False,
-        final_norm: bool = True,
         final_channels: int | None = None,
+        channels_last_norms: bool = True,
+        **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if final_channels is not None and final_channels < 1:
             raise ValueError(f"final_channels must be >= 1 or None, got {final_channels}")
-        self.encoder = HyMambaEncoder(
-            in_channels, stem_channels, widths, depths, expansions, mamba_depth, mlp_ratio, scan, norm,
-            bidirectional, d_state, widen=widen, skip_norm=skip_norm, skip_bias=skip_bias, final_norm=final_norm,
-        )  # fmt: skip
-        w = tuple(widths)
+        self.encoder = HyMambaEncoder(**encoder_kwargs)
+        w = self.encoder.widths
         ups = []
         in_ch = w[-1]
         for level in (3, 2, 1, 0):
@@ -251,7 +242,8 @@ class HyMamba(nn.Module):
         if final_channels is not None:
             self.final_block = ResidualBlock(w[0], final_channels, norm="layer", bias=True)
         self.head = UnetOutBlock(3, final_channels or w[0], num_classes)
-        channels_last_instance_norms(self)  # MONAI's blocks build nn.InstanceNorm3d
+        if channels_last_norms:
+            channels_last_instance_norms(self)  # MONAI's blocks build nn.InstanceNorm3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)

@@ -1,6 +1,8 @@
 """MambaMIM pre-training model (paper section 3, SPEC section 2).
 
-One class pre-trains any of the three encoders:
+One class pre-trains the encoder of every pre-trainable entry of the model registry
+(:mod:`mambamim.models.registry`; what differs between them is data there: the default mask filling and
+whether the encoder has CNN stages). Today:
 
 - ``hymamba``: sparse MedNeXt CNN stages under bottom-up masks, the Mamba stage on visible tokens
   only, TOKI refills the masked bottleneck tokens, CNN scales are filled with one learnable token
@@ -12,7 +14,7 @@ One class pre-trains any of the three encoders:
   serialized bottleneck instead).
 
 ``forward(x, mask=None)`` returns ``{"loss", "reconstruction", "mask", "features"}``; ``reconstruction``
-is in per-16^3-patch normalised units (what the loss compares), so it never depends on masked voxels.
+is in per-16^3-patch normalised units (16 = :data:`~mambamim.models.registry.PATCH_SIZE`) (what the loss compares), so it never depends on masked voxels.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ from mambamim.masking import (
     stage_masks,
     validate_mask,
 )
-from mambamim.models import model_config
-from mambamim.models.hymamba import HyMambaEncoder
-from mambamim.models.vim_unetr import VimEncoder
+from mambamim.models.registry import create_encoder, get_entry, pretrainable_models
 from mambamim.ops.conv3d import conv3d_same
 from mambamim.ops.toki import TOKI, LearnableMaskToken
 from mambamim.layers.scan_order import ScanOrder
@@ -40,16 +40,11 @@ from mambamim.pretrain.loss import masked_patch_mse
 
 __all__ = ["MambaMIM", "LightDecoder", "MaskedSkip", "PRETRAINABLE"]
 
-PRETRAINABLE = ("hymamba", "vim_unetr", "mednext_cnn")
+PRETRAINABLE = tuple(pretrainable_models())  # read from the model registry
 TOKENS = ("toki", "learnable")
 # Light-decoder width at 1/16 per size preset (the paper's 768 for "base").
 DECODER_WIDTHS = {"base": 768, "authors": 768, "small": 384, "tiny": 32}
 
-_HYMAMBA_ENCODER_KEYS = (
-    "in_channels", "stem_channels", "widths", "depths", "expansions", "mamba_depth", "mlp_ratio", "scan", "norm",
-    "bidirectional", "d_state", "widen", "skip_norm", "skip_bias", "final_norm",
-)  # fmt: skip
-_VIM_ENCODER_KEYS = ("in_channels", "dim", "depth", "mlp_ratio", "scan", "bidirectional", "d_state")
 
 
 class MaskedSkip(NamedTuple):
@@ -158,10 +153,11 @@ class MambaMIM(nn.Module):
     """Masked image modeling pre-trainer.
 
     Args:
-        name: encoder (``hymamba``, ``vim_unetr``, ``mednext_cnn``).
+        name: a pre-trainable model of the registry (``hymamba``, ``vim_unetr``, ``mednext_cnn``).
         mask_ratio: fraction of bottleneck tokens masked (0.75).
-        token: ``toki`` (state-space token interpolation) or ``learnable`` (one learnable vector).
-        skip: use CNN skips in the decoder (HyMamba / CNN only).
+        token: ``toki`` (state-space token interpolation) or ``learnable`` (one learnable vector); None: the
+            registry entry's ``pretrain_token`` (``learnable`` for the pure CNN, else ``toki``).
+        skip: use CNN skips in the decoder (encoders with CNN stages only).
         bottom_up: sparse CNN under the upsampled masks (True) or a dense CNN on the masked, zeroed input
             with only the Mamba stage dropping tokens (False, the paper's Fig. 3c; HyMamba only). Either
             way nothing depends on the voxels inside masked cells.
@@ -170,7 +166,6 @@ class MambaMIM(nn.Module):
         decoder_width: light decoder width at 1/16, halved per level (None: 768 for ``base``, 384 for
             ``small``, 32 for ``tiny``).
         decoder_norm: ``batch`` or ``instance``.
-        patch_size: loss patch size (16: the bottleneck cell).
         sparse_full_res: compute the CNN's stem and full-resolution widening layer on the visible 16^3
             cells (plus the halo their kernels read) only, and the decoder's full-resolution skip
             projection from those cells and the mask token (:func:`project_masked_skip`), instead of over
@@ -181,6 +176,10 @@ class MambaMIM(nn.Module):
             on an H100 2 levels saved 0.75 GiB and was the fastest with CUDA graphs, but 3 ms slower
             without them (launch-bound small kernels).
         **encoder_kwargs: overrides of the encoder configuration (in_channels, widths, ...).
+
+    The loss patch is the bottleneck cell, ``patch_size`` = the registry entry's (16).
+    :meth:`mambamim.engine.config.PretrainConfig.pretrainer_spec` gives the arguments a training run uses;
+    ``create_pretrainer(spec["name"], **spec["kwargs"])`` rebuilds the same module.
 
     Shapes: forward(x (B, C, D, H, W), mask (B, D/16, H/16, W/16) bool or None) -> dict with
     ``loss`` (scalar), ``reconstruction`` (B, C, D, H, W) in per-patch normalised units, ``mask``
@@ -198,22 +197,21 @@ class MambaMIM(nn.Module):
         size: str = "base",
         decoder_width: int | None = None,
         decoder_norm: str = "batch",
-        patch_size: int = 16,
         sparse_full_res: bool = False,
         sparse_levels: int = 1,
         **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
-        if name not in PRETRAINABLE:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {PRETRAINABLE}")
+        entry = get_entry(name)
+        if not entry.pretrainable:
+            raise ValueError(f"model {name!r} cannot be pre-trained; pre-trainable models: "
+                             f"{', '.join(pretrainable_models())}")  # fmt: skip
         if token is None:
-            token = "learnable" if name == "mednext_cnn" else "toki"
+            token = entry.pretrain_token
         if token not in TOKENS:
             raise ValueError(f"token must be one of {TOKENS}, got {token!r}")
         num_visible(1000, mask_ratio)  # validates the ratio
-        if name == "mednext_cnn" and not bottom_up:
-            raise ValueError("a pure CNN has no Mamba stage to mask: bottom_up=False needs hymamba")
-        if sparse_full_res and (name == "vim_unetr" or not bottom_up):
+        if sparse_full_res and not (entry.cnn_stages and bottom_up):
             raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
                              "with bottom_up=True)")  # fmt: skip
         if isinstance(sparse_levels, bool) or not isinstance(sparse_levels, int) or not 1 <= sparse_levels <= 3:
@@ -222,22 +220,20 @@ class MambaMIM(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.token = token
         self.bottom_up = bool(bottom_up)
-        self.patch_size = patch_size
+        self.patch_size = entry.patch_size
+        self.cnn_stages = entry.cnn_stages
         self.sparse_full_res = bool(sparse_full_res)
         self.sparse_levels = sparse_levels
         if decoder_width is None:
             decoder_width = DECODER_WIDTHS.get(size, 768)
-        cfg = model_config(name, size, scan=scan, **encoder_kwargs)
-        if name == "vim_unetr":
-            self.encoder: nn.Module = VimEncoder(**{k: v for k, v in cfg.items() if k in _VIM_ENCODER_KEYS})
+        self.encoder: nn.Module = create_encoder(name, size, scan=scan, **encoder_kwargs)
+        if not self.cnn_stages:  # a sequence encoder (Vision Mamba): no CNN skips
             self.skip = False
             skip_channels = None
             self.mask_tokens = nn.ParameterList()
         else:
-            enc_cfg = {k: v for k, v in cfg.items() if k in _HYMAMBA_ENCODER_KEYS}
-            if name == "mednext_cnn":
-                enc_cfg["mamba_depth"] = 0
-            self.encoder = HyMambaEncoder(**enc_cfg)
+            if not bottom_up and self.encoder.mamba is None:
+                raise ValueError("a pure CNN has no Mamba stage to mask: bottom_up=False needs hymamba")
             self.skip = bool(skip)
             widths = self.encoder.widths
             skip_channels = list(widths[::-1]) if self.skip else None
@@ -251,11 +247,6 @@ class MambaMIM(nn.Module):
         # Only used where the bottleneck is not already a sequence (pure CNN).
         self.scan = ScanOrder(scan)
         self.decoder = LightDecoder(dim, skip_channels, self.in_channels, decoder_width, 4, decoder_norm)
-        self.config = dict(
-            name=name, mask_ratio=mask_ratio, token=token, skip=self.skip, bottom_up=bottom_up, scan=scan, size=size,
-            decoder_width=decoder_width, decoder_norm=decoder_norm, patch_size=patch_size,
-            sparse_full_res=self.sparse_full_res, sparse_levels=sparse_levels, **encoder_kwargs,
-        )  # fmt: skip
 
     def random_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         grid = tuple(s // self.patch_size for s in x.shape[2:])
@@ -279,10 +270,10 @@ class MambaMIM(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Sparse encoding. Returns (CNN skips fine to coarse, possibly empty; filled bottleneck grid)."""
         grid = tuple(mask.shape[1:])
-        if isinstance(self.encoder, VimEncoder):
+        if not self.cnn_stages:
             out = self.encoder(x, mask, num_visible=num_visible)
             return [], self._fill_sequence(out.tokens, out.visible, out.perm, grid)
-        enc: HyMambaEncoder = self.encoder
+        enc = self.encoder  # a HyMambaEncoder
         enc.check_input(x)
         masks = stage_masks(mask, x.shape[2:], 5, x.dtype)
         blocks = None
