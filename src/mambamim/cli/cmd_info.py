@@ -13,10 +13,11 @@ import sys
 import time
 from typing import Any
 
-# Kept literal so that building the parser imports no torch; tests/cli/test_fast_help.py checks they
-# match mambamim.models.list_models() and the presets.
-MODELS = ("hymamba", "mednext_cnn", "vim_unetr")
-SIZES = ("tiny", "mini", "small", "base", "authors")
+from mambamim.models.registry import PATCH_SIZE, get_entry, list_models, list_sizes
+
+# From the model registry, which imports no torch (building the parser stays instant).
+MODELS = tuple(list_models())
+SIZES = tuple(list_sizes())
 QUICK_CROP = 32  # the smallest side HyMamba's bottleneck norm accepts at batch size 1
 BENCHMARK_CROP = 96  # the paper's training crop
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset: base = the paper's configuration (default), small, tiny, "
                              "authors = the authors' released HyMamba (hymamba only)")
     parser.add_argument("--crop", type=int, nargs="+", default=None, metavar="N",
-                        help=f"input side(s), one value or D H W, multiples of 16 (default {QUICK_CROP}, "
+                        help=f"input side(s), one value or D H W, multiples of {PATCH_SIZE} (default {QUICK_CROP}, "
                              f"with --benchmark {BENCHMARK_CROP})")
     parser.add_argument("--batch-size", type=int, default=1, help="volumes per forward pass (default 1)")
     parser.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
@@ -87,7 +88,7 @@ def parameter_groups(model: Any) -> list[tuple[str, int]]:
 def _crop(args: argparse.Namespace) -> tuple[int, int, int] | None:
     sides = args.crop if args.crop is not None else [BENCHMARK_CROP if args.benchmark else QUICK_CROP]
     crop = tuple(sides) * 3 if len(sides) == 1 else tuple(sides)
-    if len(crop) != 3 or any(c < 16 or c % 16 for c in crop):
+    if len(crop) != 3 or any(c < PATCH_SIZE or c % PATCH_SIZE for c in crop):
         return None
     return crop  # type: ignore[return-value]
 
@@ -95,15 +96,15 @@ def _crop(args: argparse.Namespace) -> tuple[int, int, int] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mambamim.models import MODEL_PRESETS, create_model
+    from mambamim.models import create_model
 
-    if args.size not in MODEL_PRESETS[args.model]:
-        print(f"unknown size {args.size!r} for {args.model}; available: {sorted(MODEL_PRESETS[args.model])}",
-              file=sys.stderr)
+    entry = get_entry(args.model)
+    if args.size not in entry.presets:
+        print(f"unknown size {args.size!r} for {args.model}; available: {sorted(entry.presets)}", file=sys.stderr)
         return 2
     crop = _crop(args)
     if crop is None:
-        print(f"--crop needs 1 or 3 sides, each a positive multiple of 16; got {args.crop}", file=sys.stderr)
+        print(f"--crop needs 1 or 3 sides, each a positive multiple of {PATCH_SIZE}; got {args.crop}", file=sys.stderr)
         return 2
     if args.steps < 1:
         print(f"--steps must be >= 1; got {args.steps}", file=sys.stderr)
@@ -119,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     n_total = sum(p.numel() for p in model.parameters())
     encoder = getattr(model, "encoder", None)
     n_enc = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
-    print(f"model      {args.model} ({args.size}), scan {args.scan}; built in {built:.2f} s")
+    print(f"model      {args.model} ({args.size}), scan {args.scan}; built in {built:.2f} s: {entry.description}")
     print(f"device     {device}; fast paths: {fast_paths(device)}")
-    print(f"parameters {n_total / 1e6:.2f} M (encoder {n_enc / 1e6:.2f} M, pre-trainable)")
+    trainable = "pre-trainable" if entry.pretrainable else "not pre-trainable"
+    print(f"parameters {n_total / 1e6:.2f} M (encoder {n_enc / 1e6:.2f} M, {trainable})")
+    print(f"geometry   sides multiples of {entry.patch_size} (the patch size), training crop {entry.default_crop}^3")
     groups = parameter_groups(model)
     width = max(len(name) for name, _ in groups)
     for name, n in groups:

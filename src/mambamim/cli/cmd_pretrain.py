@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from mambamim.models.registry import PATCH_SIZE, list_models, list_sizes, pretrainable_models
 
 
-def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_default: int, wd_default: float) -> None:
-    """Options shared by ``pretrain`` and ``finetune``."""
+def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_default: int, wd_default: float,
+                                  models: Sequence[str] | None = None) -> None:
+    """Options shared by ``pretrain`` and ``finetune``; ``--model`` offers ``models`` (default: every model of
+    the registry), ``--size`` every size of the registry."""
     parser.add_argument("--data", help="a prepared cache folder (or its dataset.json), a Decathlon dataset.json, "
                                        "or a folder of NIfTI / DICOM (prepared into RUN/cache)")
     parser.add_argument("--out", help="run folder (created; one that already holds a run is refused unless "
@@ -23,9 +27,9 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     start.add_argument("--overwrite", action="store_true",
                        help="start over in an --out that already holds a run: its files are moved into "
                             "OUT/.overwritten-<timestamp>/ first")
-    parser.add_argument("--model", default="hymamba", choices=["hymamba", "vim_unetr", "mednext_cnn"],
+    parser.add_argument("--model", default="hymamba", choices=list(models or list_models()),
                         help="network (default hymamba)")
-    parser.add_argument("--size", "--arch", dest="size", default="base", choices=["tiny", "mini", "small", "base", "authors"],
+    parser.add_argument("--size", "--arch", dest="size", default="base", choices=list_sizes(),
                         help="network preset: base = the paper's configuration (ours), authors = the authors' "
                              "released HyMamba exactly (loads `mambamim convert authors` checkpoints), tiny for "
                              "tests and CPU demos")
@@ -34,7 +38,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     parser.add_argument("--batch-size", type=int, default=batch_default,
                         help=f"crops per step and process, a multiple of --num-crops (default {batch_default})")
     parser.add_argument("--num-crops", type=int, default=4, help="random crops per volume (default 4)")
-    parser.add_argument("--crop", type=int, default=96, help="crop side in voxels, a multiple of 16 (default 96)")
+    parser.add_argument("--crop", type=int, default=96,
+                        help=f"crop side in voxels, a multiple of {PATCH_SIZE} (default 96)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=wd_default, help=f"AdamW weight decay (default {wd_default})")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the run)")
@@ -151,7 +156,7 @@ def run_training_command(args: argparse.Namespace, command: str, make_config: Ca
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_training_arguments(parser, batch_default=8, wd_default=0.05)
+    add_common_training_arguments(parser, batch_default=8, wd_default=0.05, models=pretrainable_models())
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of bottleneck tokens masked (default 0.75)")
     parser.add_argument("--token", default="toki", choices=["toki", "learnable"],
                         help="how masked Mamba tokens are filled: TOKI or one learnable token")
@@ -159,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bottom-up", action="store_true", help="mask the Mamba stage only, CNN dense (ablation)")
     parser.add_argument("--sparse-full-res", action=argparse.BooleanOptionalAction, default=None,
                         help="compute the stem, the full-resolution encoder layer and the decoder skip projection "
-                             "from the visible 16^3 cells only: same result, less work and memory (default: on "
+                             f"from the visible {PATCH_SIZE}^3 cells only: same result, less work and memory (default: on "
                              "wherever it applies)")
     parser.add_argument("--sparse-levels", type=int, choices=(1, 2, 3), default=None,
                         help="with the sparse path: encoder levels computed on visible cells, 1 (full resolution) "

@@ -15,6 +15,7 @@ import yaml
 
 from mambamim.atomic import write_text_atomic
 from mambamim.data.cache import CACHE_FORMAT
+from mambamim.models.registry import PATCH_SIZE, get_entry, list_sizes, pretrainable_models
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,13 @@ __all__ = [
     "resolve_data",
     "read_cache_meta",
     "model_size_kwargs",
+    "resolve_sparse_full_res",
+    "resolve_sparse_levels",
+    "PATCH_SIZE",
 ]
 
-SIZES = ("tiny", "mini", "small", "base", "authors")  # "authors": the authors' released HyMamba, exactly
+# every size of the model registry ("authors": the authors' released HyMamba, exactly)
+SIZES = tuple(list_sizes())
 TOKENS = ("toki", "learnable")
 SCANS = ("raster", "zigzag", "hilbert", "shuffle")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -131,22 +136,25 @@ class _Config:
         raise NotImplementedError
 
     # shared checks
+    def _check_model(self) -> None:
+        """The model and size against the model registry (ValueErrors list the known ones)."""
+        entry = get_entry(self.model)
+        if self.size not in entry.presets:
+            raise ValueError(f"model {self.model!r} has no size {self.size!r}; its sizes: {', '.join(entry.sizes)}")
+        for name in ("crop",) + (("roi",) if getattr(self, "roi", None) is not None else ()):
+            side = getattr(self, name)
+            if side < entry.patch_size or side % entry.patch_size:
+                raise ValueError(f"{name} must be a positive multiple of {entry.patch_size} (the patch size of "
+                                 f"{self.model}), got {side}")  # fmt: skip
+
     def _check_common(self) -> None:
+        self._check_model()
         if not self.data and not self.resume:
             raise ValueError("data is required (a cache folder, a dataset.json or a folder of NIfTI / DICOM)")
         if not self.out and not self.resume:
             raise ValueError("out (the run folder) is required")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other (resume continues the run, overwrite starts over)")
-        from mambamim.models import MODEL_PRESETS, list_models
-
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
-        if self.size not in SIZES:
-            raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
-        if self.size not in MODEL_PRESETS[self.model]:
-            raise ValueError(f"model {self.model!r} has no size {self.size!r}; its sizes: "
-                             f"{', '.join(MODEL_PRESETS[self.model])}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         if self.amp not in AMP_MODES:
@@ -162,8 +170,6 @@ class _Config:
             )
         if not 0 < self.memory_budget <= 1:
             raise ValueError(f"memory_budget must be in (0, 1], got {self.memory_budget}")
-        if self.crop < 16 or self.crop % 16:
-            raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -230,6 +236,12 @@ class PretrainConfig(_Config):
     vis_every: int = 5
     cases: list[str] | None = None
 
+    def _check_model(self) -> None:
+        super()._check_model()
+        if not get_entry(self.model).pretrainable:
+            raise ValueError(f"model {self.model!r} cannot be pre-trained; pre-trainable models: "
+                             f"{', '.join(pretrainable_models())}")  # fmt: skip
+
     def validate(self) -> None:
         """Raise ValueError on an invalid option."""
         self._check_common()
@@ -243,7 +255,7 @@ class PretrainConfig(_Config):
             raise ValueError(f"decoder_width must be >= 8 (or None for the default), got {self.decoder_width}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile (it replays the compiled step as CUDA graphs)")
-        if self.sparse_full_res and (self.model == "vim_unetr" or not self.bottom_up):
+        if self.sparse_full_res and not (get_entry(self.model).cnn_stages and self.bottom_up):
             raise ValueError("sparse_full_res needs a CNN stage under bottom-up masking (hymamba or mednext_cnn "
                              "with bottom_up)")  # fmt: skip
         if self.sparse_levels is not None and (isinstance(self.sparse_levels, bool) or self.sparse_levels not in (1, 2, 3)):
@@ -252,6 +264,21 @@ class PretrainConfig(_Config):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 0 or self.vis_every < 0:
             raise ValueError("save_every and vis_every must be >= 0 (0 disables)")
+
+    def pretrainer_spec(self) -> dict[str, Any]:
+        """``{"name", "kwargs"}``: the complete, explicit arguments of the run's pre-trainer, so that
+        ``mambamim.pretrain.create_pretrainer(spec["name"], **spec["kwargs"])`` builds it, here and when a
+        checkpoint is read back (pre-training checkpoints and ``encoder.pt`` save it as ``pretrainer_spec``).
+        The sparse options are resolved (:func:`resolve_sparse_full_res`, :func:`resolve_sparse_levels`);
+        ``decoder_width`` is given when set (else the pre-trainer's default for the size)."""
+        kwargs: dict[str, Any] = dict(
+            in_channels=int(self.in_channels), mask_ratio=float(self.mask_ratio), token=self.token, skip=bool(self.skip),
+            bottom_up=bool(self.bottom_up), scan=self.scan, sparse_full_res=resolve_sparse_full_res(self),
+            sparse_levels=resolve_sparse_levels(self), **model_size_kwargs(self.size),
+        )  # fmt: skip
+        if self.decoder_width is not None:
+            kwargs["decoder_width"] = int(self.decoder_width)
+        return {"name": self.model, "kwargs": kwargs}
 
 
 @dataclass
@@ -293,14 +320,28 @@ class FinetuneConfig(_Config):
             raise ValueError(f"fold must be in [0, {self.num_folds}) (or -1: no validation), got {self.fold}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.roi is not None and (self.roi < 16 or self.roi % 16):
-            raise ValueError(f"roi must be a positive multiple of 16, got {self.roi}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
 
     @property
     def roi_size(self) -> int:
         return self.roi or self.crop
+
+
+def resolve_sparse_full_res(config: Any) -> bool:
+    """``config.sparse_full_res``, with None meaning: on wherever it applies (a CNN stage under bottom-up
+    masking, per the model registry)."""
+    if config.sparse_full_res is not None:
+        return bool(config.sparse_full_res)
+    return get_entry(config.model).cnn_stages and bool(config.bottom_up)
+
+
+def resolve_sparse_levels(config: Any) -> int:
+    """``config.sparse_levels``, with None meaning 2 under CUDA graphs and 1 otherwise: on an H100 the
+    half-resolution cells saved time only once kernel launches no longer cost host time."""
+    if config.sparse_levels is not None:
+        return int(config.sparse_levels)
+    return 2 if config.cuda_graphs else 1
 
 
 def model_size_kwargs(size: str) -> dict[str, Any]:

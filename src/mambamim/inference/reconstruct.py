@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mambamim.inference.sliding_window import centre_crop
+from mambamim.models.registry import PATCH_SIZE
 from mambamim.runtime.device import run_device
 
 __all__ = ["reconstruct_image"]
@@ -36,7 +37,7 @@ def reconstruct_image(
         out_png: the PNG to write (atomically).
         mask_ratio: fraction of bottleneck tokens masked; default the run's.
         seed: seeds the mask, so a figure is reproducible.
-        crop: crop side (multiple of 16); default the run's training crop.
+        crop: crop side (multiple of :data:`~mambamim.models.registry.PATCH_SIZE`); default the run's training crop.
 
     Returns:
         ``{"png": path, "loss": float, "visible": int, "tokens": int, "crop": int}``.
@@ -49,8 +50,8 @@ def reconstruct_image(
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
     side = int(crop or info.get("crop", 96))
-    if side < 16 or side % 16:
-        raise ValueError(f"crop must be a positive multiple of 16, got {side}")
+    if side < PATCH_SIZE or side % PATCH_SIZE:
+        raise ValueError(f"crop must be a positive multiple of {PATCH_SIZE}, got {side}")
     paths = [str(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [str(p) for p in image_paths]
     params = PreprocessParams.from_dict(info.get("preprocessing"))
     image, _ = preprocess_image(paths, params)
@@ -59,7 +60,7 @@ def reconstruct_image(
     pretrainer = pretrainer.to(dev).eval()
     x = x.to(dev)
     gen = torch.Generator().manual_seed(int(seed))
-    mask = random_bottleneck_mask(1, [side // 16] * 3, ratio, generator=gen, device=dev)
+    mask = random_bottleneck_mask(1, [side // PATCH_SIZE] * 3, ratio, generator=gen, device=dev)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         out = pretrainer(x, mask=mask)

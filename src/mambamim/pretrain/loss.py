@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mambamim.models.registry import PATCH_SIZE
+
 __all__ = ["patchify", "unpatchify", "patch_normalize", "denormalize_patches", "masked_patch_mse"]
 
 
@@ -27,7 +29,7 @@ def _check_volume(x: Tensor, patch_size: int, name: str) -> tuple[int, int, int]
     return spatial[0] // patch_size, spatial[1] // patch_size, spatial[2] // patch_size  # type: ignore[return-value]
 
 
-def patchify(x: Tensor, patch_size: int = 16) -> Tensor:
+def patchify(x: Tensor, patch_size: int = PATCH_SIZE) -> Tensor:
     """``(B, C, D, H, W)`` -> ``(B, L, C, p**3)``, patches in raster order of the patch grid."""
     d, h, w = _check_volume(x, patch_size, "x")
     B, C = x.shape[:2]
@@ -36,7 +38,7 @@ def patchify(x: Tensor, patch_size: int = 16) -> Tensor:
     return x.reshape(B, d * h * w, C, p**3)
 
 
-def unpatchify(patches: Tensor, grid: tuple[int, int, int], patch_size: int = 16) -> Tensor:
+def unpatchify(patches: Tensor, grid: tuple[int, int, int], patch_size: int = PATCH_SIZE) -> Tensor:
     """Inverse of :func:`patchify`: ``(B, L, C, p**3)`` with ``L = d*h*w`` -> ``(B, C, d*p, h*p, w*p)``."""
     d, h, w = grid
     p = patch_size
@@ -71,14 +73,14 @@ def _patch_stats(target: Tensor, patch_size: int, eps: float) -> tuple[Tensor, T
     return t, mean, (var + eps).sqrt()
 
 
-def patch_normalize(target: Tensor, patch_size: int = 16, eps: float = 1e-6) -> Tensor:
+def patch_normalize(target: Tensor, patch_size: int = PATCH_SIZE, eps: float = 1e-6) -> Tensor:
     """The regression target: ``(B, C, D, H, W)`` normalised per patch and channel (float32, or float64 for float64 input)."""
     _check_volume(target, patch_size, "target")
     t, mean, std = _patch_stats(target, patch_size, eps)
     return ((t - mean) / std).reshape(target.shape)
 
 
-def denormalize_patches(pred: Tensor, target: Tensor, patch_size: int = 16, eps: float = 1e-6) -> Tensor:
+def denormalize_patches(pred: Tensor, target: Tensor, patch_size: int = PATCH_SIZE, eps: float = 1e-6) -> Tensor:
     """Map a prediction in per-patch normalised units back to intensities (for visualisation).
 
     Args:
@@ -95,7 +97,7 @@ def denormalize_patches(pred: Tensor, target: Tensor, patch_size: int = 16, eps:
 
 
 def masked_patch_mse(
-    reconstruction: Tensor, target: Tensor, visible: Tensor, patch_size: int = 16, eps: float = 1e-6
+    reconstruction: Tensor, target: Tensor, visible: Tensor, patch_size: int = PATCH_SIZE, eps: float = 1e-6
 ) -> Tensor:
     """MSE between the reconstruction and the per-patch normalised target, over masked patches.
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mambamim.atomic import atomic_write
+from mambamim.models.registry import PATCH_SIZE
 from mambamim.pretrain.loss import denormalize_patches
 
 __all__ = ["render_reconstruction"]
@@ -58,7 +59,7 @@ def render_reconstruction(
     reconstruction: Tensor | np.ndarray,
     visible: Tensor | np.ndarray,
     out_png: str | os.PathLike,
-    patch_size: int = 16,
+    patch_size: int = PATCH_SIZE,
     slices: Sequence[int] | None = None,
     title: str | None = None,
     channel: int = 0,
