@@ -1,11 +1,13 @@
-"""Networks rebuilt from checkpoints for inference: a fine-tuned segmenter (:func:`load_segmenter`) and a
-MambaMIM pre-trainer (:func:`load_pretrainer`). What runs them is :mod:`mambamim.inference`."""
+"""Networks rebuilt from checkpoints for inference: a fine-tuned segmenter (:func:`load_segmenter`), a
+MambaMIM pre-trainer (:func:`load_pretrainer`) and its encoder (:func:`load_pretrained_encoder`), the last two
+from the checkpoint's ``pretrainer_spec`` (no defaults assumed). What runs them is :mod:`mambamim.inference`."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from mambamim.runtime.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_segmenter", "load_pretrainer"]
+__all__ = ["load_segmenter", "load_pretrainer", "load_pretrained_encoder", "pretrainer_spec_of"]
 
 
 def load_segmenter(
@@ -38,27 +40,52 @@ def load_segmenter(
     return model.to(dev).eval(), info
 
 
+def pretrainer_spec_of(ckpt: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, Any]:
+    """The ``{"name", "kwargs"}`` of the pre-trainer a checkpoint was trained with: its saved
+    ``pretrainer_spec``, else (older checkpoints) the one its saved run configuration describes
+    (``PretrainConfig.from_dict(ckpt["config"]).pretrainer_spec()``).
+
+    Raises:
+        mambamim.engine.checkpoint.CheckpointError: neither is there, or the configuration is invalid.
+    """
+    from mambamim.engine.checkpoint import CheckpointError
+    from mambamim.engine.config import PretrainConfig
+
+    spec = ckpt.get("pretrainer_spec")
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), Mapping):
+        return {"name": spec["name"], "kwargs": dict(spec["kwargs"])}
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{path} records neither a pretrainer_spec nor a pre-training configuration")
+    try:
+        return PretrainConfig.from_dict(dict(cfg)).pretrainer_spec()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its saved configuration does not describe a pre-trainer ({exc})") from exc
+
+
 def load_pretrainer(
     checkpoint: str | os.PathLike, device: str | torch.device | None = "auto"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a MambaMIM pre-trainer (encoder + light decoder) from a pre-training checkpoint.
+    """Rebuild a MambaMIM pre-trainer (encoder + light decoder) exactly as it was trained, from a
+    pre-training checkpoint: built from the checkpoint's ``pretrainer_spec`` (or, for older checkpoints,
+    from its saved configuration; :func:`pretrainer_spec_of`), weights loaded strictly.
 
     Args:
         checkpoint: ``RUN/checkpoints/last.pt`` (or ``epoch_NNNN.pt``) of ``mambamim pretrain``, or the run
-            folder itself.
+            folder itself. (``encoder.pt`` holds no decoder: use :func:`load_pretrained_encoder`.)
 
     Returns:
-        ``(pretrainer in eval mode on device, info)``; info has ``config`` (the run's PretrainConfig
-        dict), ``preprocessing`` (dict or None), ``crop`` (training crop side), ``mask_ratio``,
-        ``step`` and ``path``.
+        ``(pretrainer in eval mode on device, info)``; info has ``spec`` (``{"name", "kwargs"}``), ``config``
+        (the run's PretrainConfig dict, {} if not saved), ``preprocessing`` (dict or None), ``crop`` (training
+        crop side), ``mask_ratio``, ``in_channels``, ``step`` and ``path``.
 
     Raises:
         FileNotFoundError: no such file / no checkpoint in the run folder.
         mambamim.engine.checkpoint.CheckpointError: unreadable, or not a pre-training checkpoint.
     """
-    from pathlib import Path
-
     from mambamim.engine.checkpoint import CheckpointError, load_checkpoint
+    from mambamim.models.registry import get_entry
+    from mambamim.pretrain import pretrainer_from_spec
 
     path = Path(checkpoint)
     run_dir = None
@@ -74,53 +101,86 @@ def load_pretrainer(
             f"{path} holds only the pre-trained encoder; the reconstruction needs the decoder too: "
             "give the run's checkpoints/last.pt"
         )
-    if fmt != "mambamim-pretrain" or not isinstance(ckpt.get("config"), dict) or "pretrainer" not in ckpt:
+    if fmt != "mambamim-pretrain" or "pretrainer" not in ckpt:
         raise CheckpointError(f"{path} is not a mambamim pre-training checkpoint (format={fmt!r})")
-    cfg = ckpt["config"]
-    pretrainer = _build_pretrainer(cfg)
-    state = ckpt["pretrainer"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    pretrainer.load_state_dict(state, strict=True)
+    spec = pretrainer_spec_of(ckpt, path)
+    cfg = dict(ckpt["config"]) if isinstance(ckpt.get("config"), Mapping) else {}
+    try:
+        pretrainer = pretrainer_from_spec(spec)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its pre-trainer from {spec} ({exc})") from exc
+    pretrainer.load_state_dict(_strip_module(ckpt["pretrainer"]), strict=True)
     preprocessing = ckpt.get("preprocessing")
     if preprocessing is None:
         preprocessing = _preprocessing_near(path, run_dir, cfg)
     info = {
+        "spec": spec,
         "config": cfg,
         "preprocessing": preprocessing,
-        "crop": int(cfg.get("crop", 96)),
-        "mask_ratio": float(cfg.get("mask_ratio", 0.75)),
-        "in_channels": int(cfg.get("in_channels", 1)),
+        "crop": int(cfg.get("crop", get_entry(spec["name"]).default_crop)),
+        "mask_ratio": float(pretrainer.mask_ratio),
+        "in_channels": int(pretrainer.in_channels),
         "step": ckpt.get("step"),
         "path": str(path),
     }
     return pretrainer.to(resolve_device(device)).eval(), info
 
 
-def _build_pretrainer(cfg: dict[str, Any]) -> nn.Module:
-    """The pre-trainer a run's saved configuration describes, built as the training loop builds it."""
+def load_pretrained_encoder(checkpoint: str | os.PathLike, device: str | torch.device | None = "cpu") -> nn.Module:
+    """The pre-trained encoder, rebuilt exactly as it was trained and with its weights (strict), in eval mode.
+
+    Args:
+        checkpoint: ``encoder.pt``, a pre-training ``last.pt`` / ``epoch_NNNN.pt``, or a pre-training run folder
+            (its ``encoder.pt``, else ``checkpoints/last.pt``). Checkpoints without a pre-trainer spec or
+            configuration (fine-tuning checkpoints, ``mambamim convert`` output) are read by
+            :func:`mambamim.models.pretrained.load_pretrained_encoder`.
+        device: where the module goes (``auto``: CUDA when available).
+
+    Returns:
+        the encoder: on a dense batch x (B, C, D, H, W) it returns the maps the segmentation decoder consumes,
+        finest first (HyMamba: L0..L3 and the 1/16 map).
+
+    Raises:
+        FileNotFoundError: no such file / nothing to load in the run folder.
+        mambamim.engine.checkpoint.CheckpointError: unreadable, or its weights do not fit the encoder it describes.
+    """
+    from mambamim.engine.checkpoint import CheckpointError, load_checkpoint
+    from mambamim.models.pretrained import load_pretrained_encoder as load_by_model_name
+    from mambamim.pretrain import encoder_from_spec
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        candidates = (path / "encoder.pt", path / "checkpoints" / "last.pt")
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"no encoder.pt or checkpoints/last.pt in {checkpoint}")
+    ckpt = load_checkpoint(path)
+    if not (isinstance(ckpt.get("pretrainer_spec"), Mapping) or isinstance(ckpt.get("config"), Mapping)):
+        try:
+            encoder = load_by_model_name(path)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        return encoder.to(resolve_device(device))
+    spec = pretrainer_spec_of(ckpt, path)
+    if isinstance(ckpt.get("encoder"), Mapping):
+        weights = dict(ckpt["encoder"])
+    elif isinstance(ckpt.get("pretrainer"), Mapping):
+        weights = {k[len("encoder."):]: v for k, v in _strip_module(ckpt["pretrainer"]).items() if k.startswith("encoder.")}
+    else:
+        raise CheckpointError(f"{path} holds no encoder weights")
     try:
-        from mambamim.engine.config import PretrainConfig
-        from mambamim.engine.pretrain_loop import _make_pretrainer
+        encoder = encoder_from_spec(spec)
+        encoder.load_state_dict(weights, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its encoder weights do not fit the encoder of {spec} ({exc})") from exc
+    return encoder.to(resolve_device(device)).eval()
 
-        return _make_pretrainer(PretrainConfig.from_dict(dict(cfg)))
-    except (ImportError, TypeError, ValueError) as exc:  # an older / foreign config: build from its keys
-        logger.debug("building the pre-trainer from raw config keys (%s)", exc)
-    from mambamim.engine.config import model_size_kwargs
-    from mambamim.pretrain import create_pretrainer
 
-    extra = {} if cfg.get("decoder_width") is None else {"decoder_width": int(cfg["decoder_width"])}
-    return create_pretrainer(
-        cfg.get("model", "hymamba"),
-        in_channels=int(cfg.get("in_channels", 1)),
-        mask_ratio=float(cfg.get("mask_ratio", 0.75)),
-        token=cfg.get("token", "toki"),
-        skip=bool(cfg.get("skip", True)),
-        bottom_up=bool(cfg.get("bottom_up", True)),
-        scan=cfg.get("scan", "raster"),
-        **model_size_kwargs(cfg.get("size", "base")),
-        **extra,
-    )
+def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A DDP state dict without its ``module.`` prefix."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
 
 
 def _preprocessing_near(path, run_dir, cfg: dict) -> dict | None:

@@ -4,11 +4,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
+from torch import nn
+
+from mambamim.models.registry import create_encoder
 from mambamim.pretrain.mambamim import PRETRAINABLE, LightDecoder, MambaMIM
 
-__all__ = ["create_pretrainer", "pretrainer_from_spec", "MambaMIM", "LightDecoder", "PRETRAINABLE"]
+__all__ = ["create_pretrainer", "pretrainer_from_spec", "encoder_from_spec", "MambaMIM", "LightDecoder", "PRETRAINABLE"]
 
 
 def create_pretrainer(name: str = "hymamba", **kwargs: Any) -> MambaMIM:
@@ -23,10 +27,26 @@ def create_pretrainer(name: str = "hymamba", **kwargs: Any) -> MambaMIM:
     return MambaMIM(name, **kwargs)
 
 
-def pretrainer_from_spec(spec: Mapping[str, Any]) -> MambaMIM:
-    """``create_pretrainer(spec["name"], **spec["kwargs"])``, with a clear ValueError for a malformed spec."""
+def _checked(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not isinstance(
         spec.get("kwargs", {}), Mapping
     ):
         raise ValueError(f"a pre-trainer spec is {{'name': str, 'kwargs': dict}}, got {spec!r}")
-    return create_pretrainer(spec["name"], **dict(spec.get("kwargs", {})))
+    return spec["name"], dict(spec.get("kwargs", {}))
+
+
+def pretrainer_from_spec(spec: Mapping[str, Any]) -> MambaMIM:
+    """``create_pretrainer(spec["name"], **spec["kwargs"])``, with a clear ValueError for a malformed spec."""
+    name, kwargs = _checked(spec)
+    return create_pretrainer(name, **kwargs)
+
+
+def encoder_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """The encoder ``pretrainer_from_spec(spec)`` would hold (same class, arguments and state-dict keys),
+    built without the light decoder."""
+    name, kwargs = _checked(spec)
+    params = inspect.signature(MambaMIM).parameters
+    own = {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    size = kwargs.get("size", params["size"].default)
+    scan = kwargs.get("scan", params["scan"].default)
+    return create_encoder(name, size, scan=scan, **{k: v for k, v in kwargs.items() if k not in own})
