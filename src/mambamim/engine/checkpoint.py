@@ -6,9 +6,14 @@ Checkpoints are plain dicts of tensors and plain Python containers so that they 
 Formats written by the engine (``"format"`` key):
 
 - ``mambamim-pretrain``: full pre-training state (``pretrainer``, optimiser, scheduler, scaler,
-  RNG, data position, config).
+  RNG, data position, config, ``pretrainer_spec``).
 - ``mambamim-encoder``: ``encoder.pt`` of a pre-training run: ``encoder`` (state_dict),
-  ``model`` ({"name", "kwargs"}), ``config``, ``step``.
+  ``model`` ({"name", "kwargs"}), ``config``, ``pretrainer_spec``, ``step``.
+
+``pretrainer_spec`` is ``PretrainConfig.pretrainer_spec()`` ({"name", "kwargs"} of
+``create_pretrainer``): :func:`mambamim.engine.inference.load_pretrainer` and
+:func:`~mambamim.engine.inference.load_pretrained_encoder` rebuild from it (older checkpoints
+without it: from their ``config``).
 - ``mambamim-finetune``: ``model`` (state_dict of the segmentation network), ``model_config``
   ({"name", "kwargs"}), ``labels`` ({"0": "background", ...}), ``preprocessing`` (the cache's
   preprocessing parameters), plus training state in ``last.pt``.

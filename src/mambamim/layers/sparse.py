@@ -181,7 +181,8 @@ def channels_last_instance_norms(module: nn.Module) -> nn.Module:
     """Replace every ``nn.InstanceNorm3d`` without running statistics inside ``module`` (MONAI's UNETR blocks
     build them) by :class:`SparseInstanceNorm3d` with the same ``eps`` and ``affine``: the same function and
     state-dict keys, computed without the reshape that turns channels-last activations into layout copies.
-    Returns ``module``, changed in place."""
+    Returns ``module``, changed in place. Networks expose it as their ``channels_last_norms`` constructor option
+    (on by default); call it directly only on MONAI blocks built outside them."""
     for name, child in module.named_children():
         if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
             norm = SparseInstanceNorm3d(child.num_features, eps=child.eps, affine=child.affine)
