@@ -120,13 +120,13 @@ def fake_cache(root: Path, n: int = 6) -> Path:
 def patch_pretrain(monkeypatch, nan_at_call=None, signal_at_call=None):
     from mambamim.engine import pretrain_loop
 
-    monkeypatch.setattr(pretrain_loop, "_make_pretrainer",
-                        lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio, nan_at_call=nan_at_call,
-                                                   signal_at_call=signal_at_call))
+    monkeypatch.setattr(pretrain_loop.PretrainTrainer, "build_model",
+                        lambda self: TinyPretrainer(self.config.in_channels, self.config.mask_ratio,
+                                                    nan_at_call=nan_at_call, signal_at_call=signal_at_call))
     monkeypatch.setattr(pretrain_loop, "make_train_loader",
                         lambda cache, cfg, ctx, labeled, augment, case_ids=None:
                         make_loader(cfg.crop, cfg.batch_size, labeled=labeled, distributed=ctx.distributed))
-    monkeypatch.setattr(pretrain_loop, "_fixed_volume", lambda *a, **k: None)
+    monkeypatch.setattr(pretrain_loop.PretrainTrainer, "preview_volume", lambda self: None)
 
 
 def patch_finetune(monkeypatch):

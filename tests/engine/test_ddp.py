@@ -35,9 +35,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         seen.append(loader)
         return loader
 
-    pretrain_loop._make_pretrainer = make_pretrainer
+    pretrain_loop.PretrainTrainer.build_model = lambda self: make_pretrainer(self.config)
     pretrain_loop.make_train_loader = make
-    pretrain_loop._fixed_volume = lambda *a, **k: None
+    pretrain_loop.PretrainTrainer.preview_volume = lambda self: None
     cfg = PretrainConfig(data=os.path.join(root, "cache"), out=os.path.join(root, "run"), crop=16, batch_size=2,
                          num_crops=1, steps=3, warmup_steps=1, workers=0, device="cpu", progress=False, vis_every=0,
                          log_every=1, save_every=0, lr=1e-2, seed=0)

@@ -113,10 +113,10 @@ def _rank_main(argv: list[str]) -> int:
 
     record: dict = {"env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE")},
                     "reads": []}
-    make_pretrainer, make_loader = pretrain_loop._make_pretrainer, pretrain_loop.make_train_loader
+    build_model, make_loader = pretrain_loop.PretrainTrainer.build_model, pretrain_loop.make_train_loader
 
-    def recording_pretrainer(config):
-        model = make_pretrainer(config)
+    def recording_pretrainer(trainer):
+        model = build_model(trainer)
         record["model"] = model  # the module DDP wraps: its parameters are the replica's
         record["init"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         return model
@@ -136,7 +136,7 @@ def _rank_main(argv: list[str]) -> int:
         record["ctx"] = {"world_size": ctx.world_size, "backend": ctx.backend, "distributed": ctx.distributed}
         return loader
 
-    pretrain_loop._make_pretrainer = recording_pretrainer
+    pretrain_loop.PretrainTrainer.build_model = recording_pretrainer
     pretrain_loop.make_train_loader = recording_loader
     code = main(argv)
     model = record.pop("model")

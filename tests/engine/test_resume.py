@@ -230,10 +230,13 @@ def test_cuda_graphs_need_a_cuda_device(caplog):
 
 
 def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
-    from mambamim.engine.pretrain_loop import _make_pretrainer
+    from mambamim.pretrain import pretrainer_from_spec
+
+    def _make_pretrainer(config):
+        return pretrainer_from_spec(config.pretrainer_spec())
 
     model = _make_pretrainer(_cfg(tmp_path, "x", size="tiny", sparse_full_res=True))
-    assert model.sparse_full_res and model.config["sparse_full_res"] is True
+    assert model.sparse_full_res is True
     assert not _make_pretrainer(_cfg(tmp_path, "y", size="tiny", sparse_full_res=False)).sparse_full_res
     # the default (None) turns it on wherever it applies, and off where it cannot
     assert _make_pretrainer(_cfg(tmp_path, "d", size="tiny")).sparse_full_res
@@ -247,7 +250,7 @@ def test_sparse_full_res_option_reaches_the_pretrainer(tmp_path):
     assert _make_pretrainer(_cfg(tmp_path, "h", size="tiny", compile=True, cuda_graphs=True)).sparse_levels == 2
     assert _make_pretrainer(_cfg(tmp_path, "i", size="tiny", compile=True, cuda_graphs=True,
                                  sparse_levels=1)).sparse_levels == 1
-    assert _make_pretrainer(_cfg(tmp_path, "j", size="tiny", sparse_levels=3)).config["sparse_levels"] == 3
+    assert _make_pretrainer(_cfg(tmp_path, "j", size="tiny", sparse_levels=3)).sparse_levels == 3
     for bad in (0, 4, True):
         with pytest.raises(ValueError, match="sparse_levels"):
             _cfg(tmp_path, "k", sparse_levels=bad).validate()

@@ -51,8 +51,9 @@ def tiny_models(monkeypatch):
     """Stand-in networks (fast); the data path is the real one (cache, crops, augmentation, workers)."""
     from mambamim.engine import finetune_loop, pretrain_loop
 
-    monkeypatch.setattr(pretrain_loop, "_make_pretrainer", lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio))
-    monkeypatch.setattr(pretrain_loop, "_fixed_volume", lambda *a, **k: None)
+    monkeypatch.setattr(pretrain_loop.PretrainTrainer, "build_model",
+                        lambda self: TinyPretrainer(self.config.in_channels, self.config.mask_ratio))
+    monkeypatch.setattr(pretrain_loop.PretrainTrainer, "preview_volume", lambda self: None)
     monkeypatch.setattr(finetune_loop, "_make_model",
                         lambda spec: TinySegNet(spec["kwargs"]["in_channels"], spec["kwargs"]["num_classes"]))
 
@@ -81,8 +82,9 @@ def full_pretrain(cache, tmp_path_factory):
     from mambamim.engine import pretrain_loop
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pretrain_loop, "_make_pretrainer", lambda cfg: TinyPretrainer(cfg.in_channels, cfg.mask_ratio))
-        mp.setattr(pretrain_loop, "_fixed_volume", lambda *a, **k: None)
+        mp.setattr(pretrain_loop.PretrainTrainer, "build_model",
+                   lambda self: TinyPretrainer(self.config.in_channels, self.config.mask_ratio))
+        mp.setattr(pretrain_loop.PretrainTrainer, "preview_volume", lambda self: None)
         return pretrain_loop.pretrain(_pre(cache, tmp_path_factory.mktemp("full") / "run"))
 
 

@@ -47,6 +47,19 @@ def test_pretrain_then_finetune_cli(tiny_cache, tmp_path, capsys):
     enc = load_checkpoint(run / "encoder.pt")
     assert enc["format"] == "mambamim-encoder" and enc["model"]["name"] == "hymamba" and enc["step"] == 2
     assert enc["preprocessing"]["spacing"] == [8.0, 8.0, 8.0]
+    # the run's checkpoints rebuild exactly what was trained (spec saved by the trainer)
+    from mambamim.engine.inference import load_pretrained_encoder, load_pretrainer
+
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert enc["pretrainer_spec"] == last["pretrainer_spec"]
+    assert last["pretrainer_spec"]["kwargs"]["decoder_width"] == 16
+    assert last["pretrainer_spec"]["kwargs"]["sparse_levels"] == 2
+    rebuilt, _ = load_pretrainer(run, device="cpu")
+    assert rebuilt.sparse_levels == 2
+    for key, value in rebuilt.state_dict().items():
+        torch.testing.assert_close(value, last["pretrainer"][key], rtol=0, atol=0, msg=key)
+    encoder = load_pretrained_encoder(run / "encoder.pt")
+    assert encoder.state_dict().keys() == enc["encoder"].keys()
 
     ft = tmp_path / "ft"
     assert main(["finetune", "--data", str(tiny_cache), "--out", str(ft), *COMMON, "--pretrained", str(run),

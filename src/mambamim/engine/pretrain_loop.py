@@ -26,7 +26,7 @@ from torch import nn
 from mambamim.engine import distributed as D
 from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.checkpoint import save_checkpoint
-from mambamim.engine.config import PretrainConfig, model_size_kwargs, read_cache_meta
+from mambamim.engine.config import PATCH_SIZE, PretrainConfig, model_size_kwargs, read_cache_meta
 from mambamim.engine.loop import NonFiniteLossError, TrainingInterrupted, TrainLoop
 from mambamim.engine.schedule import DataPosition
 from mambamim.engine.trainer import Trainer, make_train_loader
@@ -34,40 +34,6 @@ from mambamim.engine.trainer import Trainer, make_train_loader
 logger = logging.getLogger(__name__)
 
 __all__ = ["pretrain", "PretrainTrainer", "NonFiniteLossError", "TrainingInterrupted"]
-
-
-def _make_pretrainer(config: PretrainConfig) -> nn.Module:
-    from mambamim.pretrain import create_pretrainer
-
-    extra = {} if config.decoder_width is None else {"decoder_width": config.decoder_width}
-    return create_pretrainer(
-        config.model,
-        in_channels=config.in_channels,
-        mask_ratio=config.mask_ratio,
-        token=config.token,
-        skip=config.skip,
-        bottom_up=config.bottom_up,
-        scan=config.scan,
-        sparse_full_res=resolve_sparse_full_res(config),
-        sparse_levels=resolve_sparse_levels(config),
-        **model_size_kwargs(config.size),
-        **extra,
-    )
-
-
-def resolve_sparse_full_res(config: Any) -> bool:
-    """``config.sparse_full_res``, with None meaning: on wherever it applies (a CNN stage under bottom-up masking)."""
-    if config.sparse_full_res is not None:
-        return bool(config.sparse_full_res)
-    return config.model != "vim_unetr" and bool(config.bottom_up)
-
-
-def resolve_sparse_levels(config: Any) -> int:
-    """``config.sparse_levels``, with None meaning 2 under CUDA graphs and 1 otherwise: on an H100 the
-    half-resolution cells saved time only once kernel launches no longer cost host time."""
-    if config.sparse_levels is not None:
-        return int(config.sparse_levels)
-    return 2 if config.cuda_graphs else 1
 
 
 def _fixed_volume(cache: Path, case_ids: list[str] | None, crop: int) -> torch.Tensor | None:
@@ -107,7 +73,7 @@ def _render_preview(model: nn.Module, volume: torch.Tensor, mask_ratio: float, s
     was_training = module.training
     try:
         x = volume.to(loop.device)
-        grid = [s // 16 for s in x.shape[2:]]
+        grid = [s // PATCH_SIZE for s in x.shape[2:]]
         gen = torch.Generator().manual_seed(seed)
         mask = random_bottleneck_mask(1, grid, mask_ratio, generator=gen, device=loop.device)
         module.eval()
@@ -153,7 +119,9 @@ class PretrainTrainer(Trainer):
         return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
 
     def build_model(self) -> nn.Module:
-        return _make_pretrainer(self.config)
+        from mambamim.pretrain import pretrainer_from_spec
+
+        return pretrainer_from_spec(self.config.pretrainer_spec())
 
     def after_setup(self) -> None:
         config = self.config
@@ -202,13 +170,15 @@ class PretrainTrainer(Trainer):
             self.checkpoint()
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"format": "mambamim-pretrain", "version": 1, "model": self.model_info}
+        return {"format": "mambamim-pretrain", "version": 1, "model": self.model_info,
+                "pretrainer_spec": self.config.pretrainer_spec()}
 
     def after_checkpoint(self) -> None:
         save_checkpoint(self.run / "encoder.pt", {
             "format": "mambamim-encoder", "version": 1,
             "encoder": D.unwrap(self.loop.model).encoder.state_dict(),
-            "model": self.model_info, "config": self.config.to_dict(), "step": self.loop.step,
+            "model": self.model_info, "pretrainer_spec": self.config.pretrainer_spec(),
+            "config": self.config.to_dict(), "step": self.loop.step,
             "preprocessing": self.meta.get("preprocessing"),
         })
 
