@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from mambamim.atomic import write_json_atomic, write_text_atomic
+from mambamim.models.registry import PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ class DemoSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_unlabeled < 0:
             raise ValueError(f"num_unlabeled must be >= 0, got {self.num_unlabeled}")
-        if self.crop < 16 or self.crop % 16:
-            raise ValueError(f"crop must be a positive multiple of 16, got {self.crop}")
+        if self.crop < PATCH_SIZE or self.crop % PATCH_SIZE:
+            raise ValueError(f"crop must be a positive multiple of {PATCH_SIZE}, got {self.crop}")
         if self.spacing <= 0:
             raise ValueError(f"spacing must be > 0, got {self.spacing}")
         if self.batch_size % self.num_crops or self.pretrain_batch % self.pretrain_crops:

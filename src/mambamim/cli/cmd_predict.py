@@ -50,8 +50,10 @@ def error(command: str, message: str) -> int:
 def roi_arg(value: int | None) -> tuple[int, int, int] | None:
     if value is None:
         return None
-    if value < 16 or value % 16:
-        raise ValueError(f"--roi must be a positive multiple of 16, got {value}")
+    from mambamim.models.registry import PATCH_SIZE  # torch-free: --help stays instant
+
+    if value < PATCH_SIZE or value % PATCH_SIZE:
+        raise ValueError(f"--roi must be a positive multiple of {PATCH_SIZE}, got {value}")
     return (value,) * 3
 
 

@@ -38,7 +38,6 @@ from mambamim.engine.checkpoint import (
     save_checkpoint,
 )
 from mambamim.engine.config import FinetuneConfig, model_size_kwargs
-from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.trainer import Trainer, make_train_loader
 
 logger = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ class FinetuneTrainer(Trainer):
     """Segmentation fine-tuning: Dice + CE on labelled crops; validation on held-out cases every
     ``val_every`` iterations keeps ``best.pt`` (weights only) by mean validation Dice."""
 
-    kind, unit, module_key = "finetune", "iteration", "model"
+    kind, verb, unit, module_key = "finetune", "fine-tuning", "iteration", "model"
     config_cls = FinetuneConfig
 
     def read_dataset(self) -> None:
@@ -274,11 +273,8 @@ class FinetuneTrainer(Trainer):
             "encoder_load": self.load_summary,  # what --pretrained loaded (None: from scratch)
         }
 
-    def banner(self) -> str:
-        c = self.config
-        return (f"fine-tuning {c.model} ({c.size}, {self.parameter_count() / 1e6:.2f} M parameters, "
-                f"{self.num_classes} classes) on {self.cache}: {self.total} iterations, warm-up {self.warmup} "
-                f"iterations, {precision_words(self.loop.amp)}, {processes_words(self.ctx.world_size, self.ctx.device)}")
+    def model_words(self) -> str:
+        return f", {self.num_classes} classes"
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         x = self.inputs(batch)

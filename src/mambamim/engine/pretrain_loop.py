@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
-from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.checkpoint import save_checkpoint
 from mambamim.engine.config import PATCH_SIZE, PretrainConfig, model_size_kwargs, read_cache_meta
 from mambamim.engine.loop import NonFiniteLossError, TrainingInterrupted, TrainLoop
@@ -96,7 +95,7 @@ class PretrainTrainer(Trainer):
     ends with a checkpoint, ``encoder.pt`` and (every ``vis_every`` epochs) a reconstruction
     preview of a fixed volume."""
 
-    kind, unit, module_key = "pretrain", "step", "pretrainer"
+    kind, verb, unit, module_key = "pretrain", "pre-training", "step", "pretrainer"
     config_cls = PretrainConfig
 
     def read_dataset(self) -> None:
@@ -135,11 +134,8 @@ class PretrainTrainer(Trainer):
         """The fixed volume of the reconstruction previews, or None."""
         return _fixed_volume(self.cache, self.config.cases, self.config.crop)
 
-    def banner(self) -> str:
-        c = self.config
-        return (f"pre-training {c.model} ({c.size}, {self.parameter_count() / 1e6:.2f} M parameters) on {self.cache}: "
-                f"{self.total} steps ({self.steps_per_epoch} per epoch), warm-up {self.warmup} steps, "
-                f"{precision_words(self.loop.amp)}, {processes_words(self.ctx.world_size, self.ctx.device)}")
+    def schedule_words(self) -> str:
+        return f"{self.total} steps ({self.steps_per_epoch} per epoch), warm-up {self.warmup} steps"
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.forward(self.inputs(batch))["loss"]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mambamim.engine import distributed as D
+from mambamim.engine.banner import precision_words, processes_words
 from mambamim.engine.checkpoint import save_checkpoint
 from mambamim.engine.config import resolve_data, read_cache_meta
 from mambamim.engine.logging_utils import MetricsWriter, RunLog
@@ -60,7 +61,8 @@ class Trainer:
     forward and its input layout), ``metrics``.
     """
 
-    kind = "train"          # the progress bar's and the log's word for the run
+    kind = "train"          # the progress bar's word for the run
+    verb = "training"       # the start line's
     unit = "step"           # what one optimiser step is called in messages
     module_key = "model"    # the model's key in last.pt
     config_cls: type = object
@@ -195,7 +197,16 @@ class Trainer:
 
     def banner(self) -> str:
         """The start line of the run, in words."""
-        raise NotImplementedError
+        c = self.config
+        return (f"{self.verb} {c.model} ({c.size}, {self.parameter_count() / 1e6:.2f} M parameters"
+                f"{self.model_words()}) on {self.cache}: {self.schedule_words()}, {precision_words(self.loop.amp)}, "
+                f"{processes_words(self.ctx.world_size, self.ctx.device)}")
+
+    def model_words(self) -> str:
+        return ""
+
+    def schedule_words(self) -> str:
+        return f"{self.total} {self.unit}s, warm-up {self.warmup} {self.unit}s"
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
