@@ -116,6 +116,18 @@ def toki_fill(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) ->
     return torch.where(visible.unsqueeze(-1), tokens, filled)
 
 
+
+def _token_parameter(dim: int, std: float, std_name: str) -> nn.Parameter:
+    """A learnable (dim,) token, truncated-normal (std, cut at 2 std) or zero when std is 0."""
+    if not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if std < 0:
+        raise ValueError(f"{std_name} must be >= 0, got {std}")
+    token = nn.Parameter(torch.zeros(dim))
+    if std > 0:
+        nn.init.trunc_normal_(token, std=std, a=-2 * std, b=2 * std)
+    return token
+
 class TOKI(nn.Module):
     """TOKI mask-token generator with a learnable state matrix A' and edge token.
 
@@ -128,15 +140,10 @@ class TOKI(nn.Module):
 
     def __init__(self, dim: int, edge_init_std: float = 0.02) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if edge_init_std < 0:
-            raise ValueError(f"edge_init_std must be >= 0, got {edge_init_std}")
+        token = _token_parameter(dim, edge_init_std, "edge_init_std")
         self.dim = dim
-        self.A = nn.Parameter(torch.zeros(dim, dim))
-        self.edge_token = nn.Parameter(torch.zeros(dim))
-        if edge_init_std > 0:
-            nn.init.trunc_normal_(self.edge_token, std=edge_init_std, a=-2 * edge_init_std, b=2 * edge_init_std)
+        self.A = nn.Parameter(torch.zeros(dim, dim))  # registered first: the optimiser's parameter order
+        self.edge_token = token
 
     def forward(self, tokens: Tensor, visible: Tensor) -> Tensor:
         """tokens ``(B, L, C)`` scan order, visible ``(B, L)`` bool -> ``(B, L, C)`` filled."""
@@ -154,14 +161,8 @@ class LearnableMaskToken(nn.Module):
 
     def __init__(self, dim: int, init_std: float = 0.02) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {init_std}")
         self.dim = dim
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        if init_std > 0:
-            nn.init.trunc_normal_(self.mask_token, std=init_std, a=-2 * init_std, b=2 * init_std)
+        self.mask_token = _token_parameter(dim, init_std, "init_std")
 
     def forward(self, tokens: Tensor, visible: Tensor) -> Tensor:
         """tokens ``(B, L, C)``, visible ``(B, L)`` bool -> ``(B, L, C)``; masked -> mask_token."""
