@@ -57,8 +57,8 @@ def raw(tmp_path_factory):
 
 def test_lazy_names_resolve_without_importing_torch_first():
     code = ("import sys, mambamim; assert 'torch' not in sys.modules; "
-            "from mambamim import predict_folder, evaluate_run, compare_runs, finetune; "
-            "assert predict_folder.__module__ == 'mambamim.api' and callable(finetune)")
+            "from mambamim import predict_folder, evaluate_run, compare_runs, reconstruct_file, finetune; "
+            "assert predict_folder.__module__ == reconstruct_file.__module__ == 'mambamim.api' and callable(finetune)")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError):
         mambamim.no_such_name  # noqa: B018

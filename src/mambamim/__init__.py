@@ -18,6 +18,7 @@ _LAZY = {
     "predict_folder": "mambamim.api",
     "evaluate_run": "mambamim.api",
     "compare_runs": "mambamim.api",
+    "reconstruct_file": "mambamim.api",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

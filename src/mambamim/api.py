@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["predict_folder", "evaluate_run", "compare_runs", "EvaluationPlan", "EvaluationResult",
+__all__ = ["predict_folder", "evaluate_run", "compare_runs", "reconstruct_file", "EvaluationPlan", "EvaluationResult",
            "ComparisonResult", "EvaluationFailed", "RUN_SPLITS", "run_folder", "split_of_run"]
 
 
@@ -596,3 +596,25 @@ def compare_runs(
     md_path, json_path = save_comparison(results, shared, out, name_a, name_b)
     return ComparisonResult(results=results, shared=list(shared), name_a=name_a, name_b=name_b,
                             markdown_path=Path(md_path), json_path=Path(json_path), evaluated=done)
+
+
+def reconstruct_file(checkpoint: str | os.PathLike, image: str | os.PathLike | Sequence[str], out_png: str | os.PathLike, *,
+                     mask_ratio: float | None = None, seed: int = 0, crop: int | None = None,
+                     device: str = "auto", amp: str = "auto") -> dict:
+    """The paper's Fig. 9 for one image file: the pre-trainer of ``checkpoint`` (last.pt, an epoch
+    checkpoint or the run folder) rebuilt exactly as trained, the image preprocessed as in the run,
+    a centred crop masked with a seeded random bottleneck mask, and masked input / reconstruction /
+    original written as one PNG.
+
+    Returns:
+        {"png", "crop", "visible", "tokens", "loss"} (see :func:`mambamim.inference.reconstruct_image`).
+
+    Raises:
+        FileNotFoundError / ValueError / RuntimeError: an unreadable checkpoint or a bad option;
+        mambamim.data.errors.DataError (a ValueError): an unreadable image.
+    """
+    from mambamim.engine.inference import load_pretrainer
+    from mambamim.inference import reconstruct_image
+
+    pretrainer, info = load_pretrainer(checkpoint, device)
+    return reconstruct_image(pretrainer, info, image, out_png, mask_ratio=mask_ratio, seed=seed, crop=crop, amp=amp)

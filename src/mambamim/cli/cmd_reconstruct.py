@@ -24,18 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mambamim.data.errors import DataError
-    from mambamim import inference
-    from mambamim.engine import inference as loaders
+    from mambamim.api import reconstruct_file
 
     try:
-        pretrainer, info = loaders.load_pretrainer(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        return error("reconstruct", str(exc))
-    try:
-        res = inference.reconstruct_image(pretrainer, info, args.input, args.out, mask_ratio=args.mask_ratio,
-                                          seed=args.seed, crop=args.crop, amp=args.amp)
-    except (DataError, ValueError) as exc:
+        res = reconstruct_file(args.checkpoint, args.input, args.out, mask_ratio=args.mask_ratio, seed=args.seed,
+                               crop=args.crop, device=args.device, amp=args.amp)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # DataError is a ValueError
         return error("reconstruct", str(exc))
     print(f"wrote {res['png']} ({res['crop']}^3 crop, {res['visible']}/{res['tokens']} tokens visible, "
           f"masked-patch loss {res['loss']:.4f})")
