@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mambamim.models.registry import PATCH_SIZE, list_models, list_sizes, pretrainable_models
+from mambamim.models.registry import PATCH_SIZE, get_entry, list_models, list_sizes, pretrainable_models
 
 
 def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_default: int, wd_default: float,
@@ -38,8 +38,9 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
     parser.add_argument("--batch-size", type=int, default=batch_default,
                         help=f"crops per step and process, a multiple of --num-crops (default {batch_default})")
     parser.add_argument("--num-crops", type=int, default=4, help="random crops per volume (default 4)")
-    parser.add_argument("--crop", type=int, default=96,
-                        help=f"crop side in voxels, a multiple of {PATCH_SIZE} (default 96)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help=f"crop side in voxels, a multiple of {PATCH_SIZE} (default: the model's, 96 for every "
+                             "registered model)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=wd_default, help=f"AdamW weight decay (default {wd_default})")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the run)")
@@ -101,7 +102,8 @@ def explicit_fields(args: argparse.Namespace) -> set[str] | None:
 def common_values(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data or "", out=args.out or "", model=args.model, size=args.size, scan=args.scan,
-        batch_size=args.batch_size, num_crops=args.num_crops, crop=args.crop, lr=args.lr,
+        batch_size=args.batch_size, num_crops=args.num_crops, crop=get_entry(args.model).default_crop if args.crop is None else args.crop,
+        lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
         amp=args.amp, compile=args.compile, memory_budget=args.memory_budget, device=args.device, seed=args.seed,
         workers=args.workers, log_every=args.log_every,
