@@ -24,7 +24,8 @@ for part in "$@"; do
   echo "== $part"
   case $part in
     tests)
-      CUDA_VISIBLE_DEVICES=0 timeout ${TESTS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_conv3d.py \
+      # -k: pytest ignored SIGTERM once (issue 20) and the call ran on to its own limit
+      CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${TESTS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_conv3d.py \
         tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/ops/test_toki.py \
         tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py} \
         -W ignore > $OUT/tests.log 2>&1
