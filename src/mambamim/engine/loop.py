@@ -231,16 +231,17 @@ class TrainLoop:
         self.position = DataPosition.from_state(state.get("position"))
         return state.get("rng")
 
-    def resume_from(self, path: Path, module_key: str) -> tuple[dict[str, Any], list[Any] | None]:
+    def resume_from(self, path: Path, module_key: str,
+                    state: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any] | None]:
         """Load a checkpoint into this loop (see :meth:`load_state_dict`) and count it as the last
         checkpoint; returns (the checkpoint dict, its per-rank RNG list).
 
         ``path``: a checkpoint file, or a run folder: its ``checkpoints/last.pt``, or the newest valid
         ``checkpoints/epoch_NNNN.pt`` when last.pt is missing or damaged (see
-        :func:`mambamim.engine.checkpoint.load_resume_checkpoint`)."""
-        if Path(path).is_dir():
+        :func:`mambamim.engine.checkpoint.load_resume_checkpoint`). ``state``: that file, already loaded."""
+        if state is None and Path(path).is_dir():
             path, state = load_resume_checkpoint(path, map_location="cpu")
-        else:
+        elif state is None:
             state = load_checkpoint(path, map_location="cpu")
         try:
             rng = self.load_state_dict(state, module_key)

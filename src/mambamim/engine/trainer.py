@@ -32,7 +32,7 @@ from torch import nn
 
 from mambamim.engine import distributed as D
 from mambamim.engine.banner import precision_words, processes_words
-from mambamim.engine.checkpoint import save_checkpoint
+from mambamim.engine.checkpoint import load_resume_checkpoint, save_checkpoint
 from mambamim.engine.config import resolve_data, read_cache_meta
 from mambamim.engine.logging_utils import MetricsWriter, RunLog
 from mambamim.engine.loop import (
@@ -159,6 +159,9 @@ class Trainer:
         """Everything before the first step, in the order the hooks depend on each other."""
         config, ctx = self.config, self.ctx
         self.read_dataset()
+        if self.resuming:
+            self.resume_path, self.resume_state = load_resume_checkpoint(self.run, map_location="cpu")
+            self.match_global_batch(self.resume_state)
         self.loader = self.build_loader()
         self.total = self.planned_steps()
         model = self.build_model().to(ctx.device)
@@ -213,10 +216,42 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ resume
 
+    def match_global_batch(self, state: dict[str, Any]) -> None:
+        """Resumed on another number of processes: change the per-process batch so that the global
+        batch (crops per optimiser step over all processes) stays the run's.
+
+        The sampler's order is one permutation per (seed, epoch), sharded by interleaving, and an item's
+        crops and augmentation depend only on (seed, epoch, index): with the global batch kept, global
+        batch b holds the same volumes on any number of processes, so the data position carries over.
+        The per-rank random streams (e.g. the masks) cannot be mapped and restart from the seed.
+
+        Raises:
+            ValueError: the global batch does not split into whole volumes per process.
+        """
+        config, world = self.config, self.ctx.world_size
+        saved_world = int(state.get("world_size") or len(state.get("rng") or []) or 1)
+        if saved_world == world:
+            return
+        global_batch = config.batch_size * saved_world
+        per_process, crops = global_batch // world, config.num_crops
+        if global_batch % world or per_process % crops or per_process < crops:
+            fits = [n for n in range(1, global_batch // crops + 1) if (global_batch // crops) % n == 0]
+            raise ValueError(
+                f"cannot resume {self.run} on {world} processes: its global batch of {global_batch} crops "
+                f"({saved_world} processes x {config.batch_size}, {crops} crops per volume) does not split into "
+                f"whole volumes per process; resume on {', '.join(map(str, fits))} processes")
+        logger.warning("the run was trained on %d processes, this session has %d: %d crops per process instead of "
+                       "%d keep the global batch at %d; the per-process random streams restart from the seed",
+                       saved_world, world, per_process, config.batch_size, global_batch)
+        config.batch_size = per_process
+        if self.main:
+            self.save_config()
+
     def resume(self) -> None:
         """Load ``RUN/checkpoints/last.pt`` (or the newest valid epoch checkpoint) into the loop; a
         run keeps the step total its schedule was planned for."""
-        state, self.rng = self.loop.resume_from(self.run, self.module_key)
+        state, self.rng = self.loop.resume_from(self.resume_path, self.module_key, self.resume_state)
+        self.resume_state = None  # the loop holds what it needs
         saved_total = state.get("total_steps")
         if saved_total and int(saved_total) != self.total:
             # e.g. --epochs on another number of processes: the restored schedule keeps the run's length
@@ -328,7 +363,7 @@ class Trainer:
         loop = self.loop
         state = loop.state_dict(self.module_key)  # collective
         if self.main:
-            state.update({"total_steps": self.total, "config": self.config.to_dict(),
+            state.update({"total_steps": self.total, "world_size": self.ctx.world_size, "config": self.config.to_dict(),
                           "preprocessing": self.meta.get("preprocessing"), **self.checkpoint_extras()})
             save_checkpoint(self.last_path, state)
             if periodic:
