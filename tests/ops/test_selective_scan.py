@@ -85,3 +85,16 @@ def test_shape_errors_are_clear():
     inp["B"] = inp["B"][:, :, :5]
     with pytest.raises(ValueError, match="B must be"):
         selective_scan_ref(**inp)
+
+
+def test_reference_is_the_public_op_with_the_reference_backend():
+    torch.manual_seed(0)
+    b, d, n, length = 2, 3, 4, 10
+    args = (torch.randn(b, d, length), torch.randn(b, d, length), -torch.rand(d, n), torch.randn(b, n, length),
+            torch.randn(b, n, length), torch.randn(d))
+    torch.testing.assert_close(selective_scan_ref(*args, delta_softplus=True),
+                               selective_scan(*args, delta_softplus=True, backend="reference"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        selective_scan(*args, backend="triton-please")
+    with pytest.raises(ValueError):  # the shapes are checked on the reference path too
+        selective_scan_ref(args[0][:, :2], *args[1:])

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -95,19 +97,10 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _LinearScan.apply(a, b)
 
 
-def selective_scan_ref(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
-    """Plain-PyTorch selective scan; runs on any device. Computes in float32 (float64 stays float64)."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+def _reference_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                    delta_softplus: bool) -> torch.Tensor:
+    """The plain-PyTorch scan (shapes already checked); computes in float32, float64 stays float64."""
     out_dtype = u.dtype
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
@@ -125,6 +118,12 @@ def selective_scan_ref(
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(out_dtype)
+
+
+def selective_scan_ref(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Plain-PyTorch selective scan on any device, computing in float32 (float64 stays float64): the
+    reference the fast kernel's parity tests compare with. The arguments of :func:`selective_scan`."""
+    return selective_scan(*args, backend="reference", **kwargs)
 
 
 def _selective_scan_fused(*args):
@@ -166,6 +165,8 @@ def selective_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Selective scan with a fused Triton kernel on CUDA (when Triton is there) and PyTorch elsewhere.
 
@@ -178,10 +179,13 @@ def selective_scan(
         z: optional (batch, dim, length) gate; y *= silu(z).
         delta_bias: optional (dim,) added to delta.
         delta_softplus: apply softplus to delta (after the bias).
+        backend: ``"auto"`` (the fast kernel where it runs) or ``"reference"`` (plain PyTorch everywhere).
     Returns:
         y: (batch, dim, length) in u's dtype; state and accumulation are float32.
     """
-    if _use_fast_path(u):
-        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if backend == "auto" and _use_fast_path(u):
         return _selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
