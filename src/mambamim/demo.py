@@ -69,7 +69,9 @@ class DemoSettings:
     BTCV ids labelled (:data:`DEMO_ORGANS`: those several voxels thick at 6 mm; ``ALL_ORGANS`` for all 13).
     Pre-training: ``pretrain_steps`` steps of ``pretrain_batch`` crops (``pretrain_crops`` per volume)
     at ``lr_pretrain``. Fine-tuning: ``finetune_iterations`` of ``batch_size`` crops (``num_crops``
-    per volume) at ``lr_finetune``, validated ``validations`` times.
+    per volume) at ``lr_finetune``, validated ``validations`` times. ``repeats`` > 1 fine-tunes and
+    evaluates both arms again with the fine-tuning seeds ``seed + 1`` ... (same data, same pre-trained
+    encoder) and tests the difference over runs, the unit that varies.
     """
 
     num_unlabeled: int = 48
@@ -94,10 +96,11 @@ class DemoSettings:
     validations: int = 5
     overlap: float = 0.25
     seed: int = 0
+    repeats: int = 1
 
     def validate(self) -> None:
         """Raise ValueError on an invalid setting."""
-        for name in ("num_train", "num_val", "num_test", "pretrain_steps", "pretrain_batch", "pretrain_crops",
+        for name in ("num_train", "num_val", "num_test", "pretrain_steps", "pretrain_batch", "pretrain_crops", "repeats",
                      "finetune_iterations", "batch_size", "num_crops", "validations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,6 +159,7 @@ class DemoResult:
     verdict: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    over_runs: list[dict[str, float]] | None = None  # with repeats > 1: mean Dice of both arms per seed
 
 
 class _Stage:
@@ -281,13 +285,13 @@ def verdict(results: list[Any], a: str = "scratch", b: str = "pretrained", alpha
 
 
 def _evaluate_arms(cache: Path, runs: dict[str, Path], test_ids: list[str], out: Path, s: DemoSettings, device: str,
-                   seconds: dict[str, float]) -> tuple[dict[str, Any], dict[str, Path], dict[str, np.ndarray]]:
+                   seconds: dict[str, float], tag: str = "") -> tuple[dict[str, Any], dict[str, Path], dict[str, np.ndarray]]:
     from mambamim.engine.inference import load_segmenter
     from mambamim.evaluation.report import evaluate_on_cache, write_evaluation
 
     tables, evals, preds = {}, {}, {}
     for name, run in runs.items():
-        with _Stage(f"evaluation ({name})", seconds):
+        with _Stage(f"evaluation ({name}{tag})", seconds):
             model, info = load_segmenter(run, device)
 
             def keep(cid: str, pred: np.ndarray, case: dict, name: str = name) -> None:
@@ -300,6 +304,43 @@ def _evaluate_arms(cache: Path, runs: dict[str, Path], test_ids: list[str], out:
             write_evaluation(table, evals[name], title=f"Evaluation on the test cases: fine-tuned {name}")
             tables[name] = table
     return tables, evals, preds
+
+
+def _repeat_runs(cache: Path, out: Path, pre_run: Path, test_ids: list[str], s: DemoSettings, device: str,
+                 progress: bool, seconds: dict[str, float], first: dict[str, float]) -> list[dict[str, float]]:
+    """Mean test Dice of both arms per fine-tuning seed: ``first`` (seed ``s.seed``, already run), then
+    ``s.repeats - 1`` more pairs under ``OUT/repeats/seed<N>/``."""
+    rows = [{"seed": s.seed, **first}]
+    for k in range(1, s.repeats):
+        seed, folder = s.seed + k, out / "repeats" / f"seed{s.seed + k}"
+        common = {**_common(s, device, progress), "seed": seed}
+        runs = {name: folder / f"finetune_{name}" for name in ARMS}
+        for name, run in runs.items():
+            with _Stage(f"fine-tuning ({name}, seed {seed})", seconds):
+                _finetune(cache, run, pre_run / "encoder.pt" if name == "pretrained" else None, s, common)
+        tables, _, _ = _evaluate_arms(cache, runs, test_ids, folder, s, device, seconds, tag=f", seed {seed}")
+        rows.append({"seed": seed, **{n: t.summary()["mean"]["dice"] for n, t in tables.items()}})
+    return rows
+
+
+def verdict_over_runs(rows: list[dict[str, float]], a: str = "scratch", b: str = "pretrained",
+                      alpha: float = 0.05) -> str:
+    """One paragraph in words on the mean test Dice of ``b`` against ``a`` over paired fine-tuning runs
+    (``rows``: one ``{"seed", a, b}`` per run pair)."""
+    from mambamim.evaluation.stats import paired_tests
+
+    xa, xb = [r[a] for r in rows], [r[b] for r in rows]
+    n, diff = len(rows), float(np.mean(xb) - np.mean(xa))
+    p_t, p_w = paired_tests(xa, xb)
+    ahead = sum(y > x for x, y in zip(xa, xb))
+    head = (f"Over {n} fine-tuning runs of each arm (seeds {rows[0]['seed']}-{rows[-1]['seed']}), mean test Dice is "
+            f"{np.mean(xb):.3f} {b} against {np.mean(xa):.3f} {a} (difference {diff:+.3f}, {b} ahead in {ahead} of "
+            f"{n} runs; paired Wilcoxon p = {p_w:.3g}, paired t-test p = {p_t:.3g}).")
+    if math.isfinite(p_w) and p_w < alpha:
+        return head + f" Over runs, {b if diff > 0 else a} is significantly better at alpha = {alpha:g}."
+    floor = 2.0 / 2 ** n
+    return head + (f" No significant difference over runs at alpha = {alpha:g}"
+                   + (f" ({n} runs cannot give a Wilcoxon p below {floor:.3g})" if floor >= alpha else "") + ".")
 
 
 def _plot_finetune(runs: dict[str, Path], out_png: Path) -> Path:
@@ -384,15 +425,19 @@ def run_demo(out: str | os.PathLike, device: str = "auto", settings: DemoSetting
     with _Stage("figures", seconds):
         figs, rec = _figures(out, pre_run, runs, tables, preds, cache, ids["test"][0],
                              raw / "imagesTr" / f"{ids['test'][0]}.nii.gz", s, dev)
-    seconds["total"] = round(time.perf_counter() - t_all, 2)
     mean_dice = {n: t.summary()["mean"]["dice"] for n, t in tables.items()}
-    text = verdict(results)
-    report_path = _write_report(out, s, dev, ids, tables, results, shared, text, figs, seconds, rec, runs, pre_run)
+    over_runs = _repeat_runs(cache, out, pre_run, ids["test"], s, dev, progress, seconds, mean_dice) \
+        if s.repeats > 1 else None
+    seconds["total"] = round(time.perf_counter() - t_all, 2)
+    text = verdict(results) + (" " + verdict_over_runs(over_runs) if over_runs else "")
+    report_path = _write_report(out, s, dev, ids, tables, results, shared, text, figs, seconds, rec, runs, pre_run,
+                                over_runs)
     write_json_atomic(out / "demo.json", {
         "settings": asdict(s), "device": dev, "seconds": seconds, "mean_dice": mean_dice, "verdict": text,
+        "over_runs": over_runs,
         "cases": ids, "torch": torch.__version__, "threads": torch.get_num_threads()})
     return DemoResult(report=report_path, out=out, pretrain_run=pre_run, finetune_runs=runs, evaluations=evals,
-                      mean_dice=mean_dice, verdict=text, seconds=seconds, figures=figs)
+                      mean_dice=mean_dice, verdict=text, seconds=seconds, figures=figs, over_runs=over_runs)
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -429,7 +474,8 @@ def _pretrain_summary(pre_run: Path) -> str:
 
 def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[str]], tables: dict[str, Any],
                   results: list[Any], shared: list[str], text: str, figs: dict[str, Path],
-                  seconds: dict[str, float], rec: dict, runs: dict[str, Path], pre_run: Path) -> Path:
+                  seconds: dict[str, float], rec: dict, runs: dict[str, Path], pre_run: Path,
+                  over_runs: list[dict[str, float]] | None = None) -> Path:
     def rel(p: Path) -> str:
         return os.path.relpath(p, out)
 
@@ -453,8 +499,9 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[s
         f"{best['pretrained']} pre-trained.",
         f"- Evaluation on {len(ids['test'])} held-out test cases ({', '.join(ids['test'])}), sliding window "
         f"(overlap {s.overlap}).", "",
-        "## Result", "", text, "", _missed(tables, s.finetune_iterations), "", ONE_DRAW, "",
+        "## Result", "", text, "", _missed(tables, s.finetune_iterations), "",
     ]
+    lines += _runs_table(over_runs) if over_runs else [ONE_DRAW, ""]
     lines += _class_table(tables, results)
     lines += ["", "Mean over classes with HD95 and surface Dice:", "",
               "| run | Dice | HD95 (mm) | surface Dice |", "| --- | ---: | ---: | ---: |"]
@@ -476,6 +523,16 @@ def _write_report(out: Path, s: DemoSettings, device: str, ids: dict[str, list[s
               "- `finetune_scratch/`, `finetune_pretrained/`: fine-tuning runs (`checkpoints/best.pt`, `metrics.csv`)",
               "- `eval_*/per_case.csv`, `summary.json`, `summary.md`; `compare/comparison.{md,json}`", ""]
     return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def _runs_table(rows: list[dict[str, float]]) -> list[str]:
+    """Markdown lines: mean test Dice of both arms per fine-tuning seed (the first run is the one above)."""
+    lines = ["The per-case test is over the first run's cases; the test over runs (last sentence above) is the one "
+             "that speaks for pre-training. Mean test Dice per fine-tuning seed:", "",
+             "| fine-tuning seed | scratch | pretrained | difference |", "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['seed']} | {r['scratch']:.3f} | {r['pretrained']:.3f} | {r['pretrained'] - r['scratch']:+.3f} |"
+              for r in rows]
+    return lines + [""]
 
 
 def _organ_names(organs: tuple[int, ...]) -> list[str]:

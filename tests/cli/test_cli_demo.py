@@ -17,7 +17,7 @@ from mambamim.evaluation.metrics import MetricTable
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    rc = main(["demo", "--out", str(out), "--quick", "--device", "cpu", "--no-progress"])
+    rc = main(["demo", "--out", str(out), "--quick", "--device", "cpu", "--no-progress", "--repeats", "2"])
     assert rc == 0
     return out
 
@@ -52,6 +52,26 @@ def test_demo_quick_report(demo_out, capsys):
     load = json.loads((out / "finetune_pretrained" / "encoder_load_report.json").read_text())
     assert load["summary"].startswith("loaded 84 of 84 encoder tensors")
     assert meta["seconds"]["total"] > 0
+    # --repeats 2: a second fine-tuning pair (seed 1, same data and encoder), tested over runs
+    runs = meta["over_runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["scratch"] == pytest.approx(meta["mean_dice"]["scratch"])
+    for arm in ("scratch", "pretrained"):
+        again = out / "repeats" / "seed1" / f"finetune_{arm}"
+        assert (again / "checkpoints" / "best.pt").exists() and "seed: 1" in (again / "config.yaml").read_text()
+        assert (out / "repeats" / "seed1" / f"eval_{arm}" / "per_case.csv").exists()
+    assert "Over 2 fine-tuning runs of each arm (seeds 0-1)" in report and "| fine-tuning seed |" in report
+    assert "2 runs cannot give a Wilcoxon p below 0.5" in report and "This is one draw" not in report
+
+
+def test_verdict_over_runs_in_words():
+    from mambamim.demo import verdict_over_runs
+
+    rows = [{"seed": k, "scratch": 0.5 + 0.01 * k, "pretrained": 0.55 + 0.01 * k + 0.001 * k} for k in range(6)]
+    text = verdict_over_runs(rows)
+    assert "pretrained ahead in 6 of 6 runs" in text and "pretrained is significantly better" in text
+    rows[0]["pretrained"], rows[1]["pretrained"] = 0.3, 0.2  # two runs go the other way
+    assert "No significant difference over runs" in verdict_over_runs(rows)
 
 
 def test_demo_settings_from_text():

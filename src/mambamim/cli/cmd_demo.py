@@ -15,12 +15,13 @@ from mambamim.cli.cmd_predict import error
 # The defaults of mambamim.demo.DemoSettings, written out so that building the parser does not
 # import the engine (and torch); tests/cli/test_fast_help.py checks that they match.
 DEFAULTS = dict(num_unlabeled=48, num_train=3, num_val=2, num_test=8, crop=32, pretrain_steps=150,
-                finetune_iterations=230, model="hymamba", size="mini", seed=0)
+                finetune_iterations=230, model="hymamba", size="mini", seed=0, repeats=1)
 _HELP = dict(num_unlabeled="unlabelled phantoms (pre-training only)", num_train="labelled cases that fine-tune",
              num_val="labelled cases that pick the best checkpoint", num_test="labelled held-out test cases",
              crop="crop side, multiple of 16", pretrain_steps="pre-training steps",
              finetune_iterations="fine-tuning iterations per run", model="network", size="network size preset",
-             seed="seed of data, masks and weights")
+             seed="seed of data, masks and weights",
+             repeats="fine-tuning runs per arm, seeds SEED, SEED+1, ...; > 1 adds a test over runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
