@@ -53,8 +53,8 @@ ALL_ORGANS = tuple(range(1, 14))
 # Said in every report: the test above is over cases of this one run, not over runs.
 ONE_DRAW = ("This is one draw: the test is over the test cases of this run, not over runs. With three labelled "
             "cases and a short schedule, which arm comes out ahead changes with `--seed` (docs/DEMO.md lists five "
-            "seeds); the GPU replication (docs/REPLICATION.md, 5 folds) is the evidence for or against "
-            "pre-training.")
+            "seeds); `--repeats N` fine-tunes both arms N times and tests over runs, and the GPU replication "
+            "(docs/REPLICATION.md, 5 folds) is the evidence for or against pre-training.")
 
 
 @dataclass
