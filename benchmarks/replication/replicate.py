@@ -205,32 +205,27 @@ def metrics_progress(run: Path) -> tuple[int, float | None, float | None]:
     return step, sec, loss
 
 
-def loss_curve(run: Path) -> list[tuple[int, float]]:
+def metric_curve(run: Path, *columns: str) -> list[tuple[int, float]]:
+    """(step, value) of RUN/metrics.csv rows where the first of ``columns`` present holds a number."""
     out = []
     path = run / "metrics.csv"
     if path.is_file():
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
-                lv = row.get("loss") or row.get("train/loss") or ""
+                value = next((row[c] for c in columns if row.get(c)), "")
                 try:
-                    out.append((int(float(row["step"])), float(lv)))
+                    out.append((int(float(row["step"])), float(value)))
                 except (KeyError, ValueError):
                     continue
     return out
+
+
+def loss_curve(run: Path) -> list[tuple[int, float]]:
+    return metric_curve(run, "loss", "train/loss")
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
-    out = []
-    path = run / "metrics.csv"
-    if path.is_file():
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                v = row.get("val_mean_dice") or ""
-                try:
-                    out.append((int(float(row["step"])), float(v)))
-                except (KeyError, ValueError):
-                    continue
-    return out
+    return metric_curve(run, "val_mean_dice")
 
 
 def read_calls(root: Path) -> list[dict]:

@@ -321,7 +321,8 @@ def _group_of(key: str) -> str:
     return ".".join(parts[:depth]) or key
 
 
-def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """``state`` without ``prefix`` on its keys when every key has it (DDP's ``module.``), else a copy."""
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
     return dict(state)
@@ -337,7 +338,7 @@ def extract_encoder_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torc
     Returns:
         (encoder state dict, ignored keys).
     """
-    state = _strip_prefix(state_dict, "module.")
+    state = strip_prefix(state_dict, "module.")
     if any(k.startswith("encoder.") for k in state):
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         ignored = [k for k in state if not k.startswith("encoder.")]
@@ -496,7 +497,7 @@ def model_from_checkpoint(
 
     kwargs = dict(model_config.get("kwargs", {}))
     model = create_model(model_config["name"], **kwargs)
-    state = migrate_legacy_keys(_strip_prefix(ckpt["model"], "module."))
+    state = migrate_legacy_keys(strip_prefix(ckpt["model"], "module."))
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
     labels = ckpt.get("labels")

@@ -83,7 +83,7 @@ def load_pretrainer(
         FileNotFoundError: no such file / no checkpoint in the run folder.
         mambamim.engine.checkpoint.CheckpointError: unreadable, or not a pre-training checkpoint.
     """
-    from mambamim.engine.checkpoint import CheckpointError, load_checkpoint
+    from mambamim.engine.checkpoint import CheckpointError, load_checkpoint, strip_prefix
     from mambamim.models.registry import get_entry
     from mambamim.pretrain import pretrainer_from_spec
 
@@ -109,7 +109,7 @@ def load_pretrainer(
         pretrainer = pretrainer_from_spec(spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild its pre-trainer from {spec} ({exc})") from exc
-    pretrainer.load_state_dict(_strip_module(ckpt["pretrainer"]), strict=True)
+    pretrainer.load_state_dict(strip_prefix(ckpt["pretrainer"]), strict=True)
     preprocessing = ckpt.get("preprocessing")
     if preprocessing is None:
         preprocessing = _preprocessing_near(path, run_dir, cfg)
@@ -144,7 +144,7 @@ def load_pretrained_encoder(checkpoint: str | os.PathLike, device: str | torch.d
         FileNotFoundError: no such file / nothing to load in the run folder.
         mambamim.engine.checkpoint.CheckpointError: unreadable, or its weights do not fit the encoder it describes.
     """
-    from mambamim.engine.checkpoint import CheckpointError, load_checkpoint
+    from mambamim.engine.checkpoint import CheckpointError, extract_encoder_state, load_checkpoint
     from mambamim.models.pretrained import load_pretrained_encoder as load_by_model_name
     from mambamim.pretrain import encoder_from_spec
 
@@ -165,7 +165,7 @@ def load_pretrained_encoder(checkpoint: str | os.PathLike, device: str | torch.d
     if isinstance(ckpt.get("encoder"), Mapping):
         weights = dict(ckpt["encoder"])
     elif isinstance(ckpt.get("pretrainer"), Mapping):
-        weights = {k[len("encoder."):]: v for k, v in _strip_module(ckpt["pretrainer"]).items() if k.startswith("encoder.")}
+        weights = extract_encoder_state(ckpt["pretrainer"])[0]
     else:
         raise CheckpointError(f"{path} holds no encoder weights")
     try:
@@ -176,17 +176,8 @@ def load_pretrained_encoder(checkpoint: str | os.PathLike, device: str | torch.d
     return encoder.to(resolve_device(device)).eval()
 
 
-def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A DDP state dict without its ``module.`` prefix."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def _preprocessing_near(path, run_dir, cfg: dict) -> dict | None:
     """The preprocessing of a pre-training run: its encoder.pt, else the cache it trained on."""
-    from pathlib import Path
-
     from mambamim.engine.checkpoint import load_checkpoint
 
     run = run_dir or Path(path).resolve().parent.parent
