@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-loss", action="store_true", help="fine-tuning: compile the DiceCE loss too")
     parser.add_argument("--sparse-full-res", action="store_true")
+    parser.add_argument("--sparse-levels", type=int, default=1, help="encoder levels on visible cells")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--dump", help="write every kernel (ms, calls, name) to this TSV file")
@@ -54,7 +55,8 @@ def main() -> None:
     device = torch.device("cuda")
     x = torch.rand(args.batch, 1, 96, 96, 96, device=device)
     if args.task == "pretrain":
-        model = create_pretrainer("hymamba", sparse_full_res=args.sparse_full_res).to(device)
+        model = create_pretrainer("hymamba", sparse_full_res=args.sparse_full_res,
+                                  sparse_levels=args.sparse_levels).to(device)
     else:
         from monai.losses import DiceCELoss
 
