@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 import torch
+from _interpreter import run_interpreter_check
 
 from mambamim.masking import gather_visible, scatter_visible
 from mambamim.ops.toki import TOKI, LearnableMaskToken, toki_fill
@@ -229,3 +233,88 @@ def test_cuda_matches_cpu():
     tokens, visible, A, edge = _case(4, 64, 16, visible, dtype=torch.float32)
     out = toki_fill(tokens.cuda(), visible.cuda(), A.cuda(), edge.cuda())
     torch.testing.assert_close(out.cpu(), toki_fill(tokens, visible, A, edge), rtol=1e-4, atol=1e-4)
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_cases(device, dtype):
+    """(tokens, visible, A, edge, label) covering long runs, runs at both ends, all-masked and all-visible
+    samples, C not a multiple of the tile and L + 2 not a power of two."""
+    g = torch.Generator().manual_seed(5)
+    for B, L, C, ratio in [(3, 30, 20, 0.75), (2, 62, 70, 0.9), (2, 7, 3, 0.5)]:
+        visible = torch.rand(B, L, generator=g) > ratio
+        visible[0] = False  # no visible token at all
+        visible[-1, :2] = True
+        if B > 2:
+            visible[1] = True  # nothing to fill
+        tokens, visible, A, edge = _case(B, L, C, visible, seed=L, dtype=torch.float32, a_scale=0.5)
+        tokens[~visible] = float("nan")  # must reach nothing
+        yield (tokens.to(device=device, dtype=dtype), visible.to(device), A.to(device), edge.to(device), (B, L, C))
+
+
+def _check_triton_against_reference(device, dtype, fill):
+    for tokens, visible, A, edge, label in _triton_cases(device, dtype):
+        out = fill(tokens, visible, A, edge)
+        ref = toki_fill_reference(tokens.double().cpu().nan_to_num(), visible.cpu(), A.double().cpu(), edge.double().cpu())
+        assert out.dtype == tokens.dtype and torch.equal(out[visible], tokens[visible]), label
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol, msg=str(label))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_forward_on_cuda(dtype):
+    """Without a gradient, toki_fill on CUDA takes the Triton forward: the loop reference, visible tokens
+    bit-exact; with a gradient it takes the differentiable version, and both agree."""
+    from mambamim.ops import toki
+
+    def fill(tokens, visible, A, edge):
+        assert toki._use_triton(tokens, A, edge)
+        with torch.no_grad():
+            return toki_fill(tokens, visible, A.requires_grad_(True), edge)
+
+    _check_triton_against_reference("cuda", dtype, fill)
+    tokens, visible, A, edge, _ = next(_triton_cases("cuda", dtype))
+    A.requires_grad_(True)
+    assert not toki._use_triton(tokens, A, edge)
+    with torch.no_grad():
+        fast = toki_fill(tokens, visible, A, edge)
+    torch.testing.assert_close(toki_fill(tokens, visible, A, edge).detach(), fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+def test_triton_forward_in_a_cuda_graph():
+    tokens, visible, A, edge, _ = next(_triton_cases("cuda", torch.float32))
+    with torch.no_grad():
+        eager = toki_fill(tokens, visible, A, edge)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            toki_fill(tokens, visible, A, edge)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = toki_fill(tokens, visible, A, edge)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.nan_to_num(), eager.nan_to_num())
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs triton; on GPUs the CUDA tests cover it")
+def test_triton_interpreter_parity():
+    """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors (a subprocess: the flag is read at import)."""
+    run_interpreter_check(__file__)
+
+
+def _interpreter_check() -> None:
+    from mambamim.ops.toki_triton import toki_fill_triton
+
+    _check_triton_against_reference("cpu", torch.float32, toki_fill_triton)
+    print("INTERPRETER OK")
+
+
+if __name__ == "__main__" and "--interpreter-check" in sys.argv:
+    _interpreter_check()

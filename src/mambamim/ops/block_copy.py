@@ -100,46 +100,51 @@ if _HAS_TRITON:
         tl.store(out_ptr + dst[:, None] + c[None, :], val, mask=vm[:, None] & cm[None, :])
 
     @triton.jit
-    def _scatter_kernel(blocks_ptr, lookup_ptr, out_ptr, total, D, H, W, C, gd, gh, gw,
+    def _scatter_kernel(blocks_ptr, lookup_ptr, out_ptr, gd, gh, gw, C,
                         CELL: tl.constexpr, HALO: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-        # Grid: (cdiv(B*D*H*W, BV), cdiv(C, BC)). Output voxels p (channels-last order), channels c; each
-        # sums the windows covering it: its own cell's and, with a halo (< CELL), the 26 neighbours'.
+        # Grid: (B * gd * gh * gw, cdiv(CELL^3, BV), cdiv(C, BC)). Voxels v of output cell q, channels c;
+        # each sums the windows covering it: its own cell's and, with a halo (< CELL), the 26 neighbours'.
+        # A neighbour's block index is one scalar load per program, and an absent neighbour (a masked cell,
+        # or beyond the grid) is skipped by the whole program: masked cells only write their zeros.
         SIDE: tl.constexpr = CELL + 2 * HALO
         R: tl.constexpr = 1 if HALO > 0 else 0
-        p = tl.program_id(0).to(tl.int64) * BV + tl.arange(0, BV)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm = p < total
+        q = tl.program_id(0)
+        v = tl.program_id(1) * BV + tl.arange(0, BV)
+        c = tl.program_id(2) * BC + tl.arange(0, BC)
+        b = q // (gd * gh * gw)
+        cz = (q // (gh * gw)) % gd
+        cy = (q // gw) % gh
+        cx = q % gw
+        lz = v // (CELL * CELL)
+        ly = (v // CELL) % CELL
+        lx = v % CELL
+        vm = v < CELL * CELL * CELL
         cm = c < C
-        b = p // (D * H * W)
-        r = p % (D * H * W)
-        z = (r // (H * W)).to(tl.int32)
-        y = ((r // W) % H).to(tl.int32)
-        x = (r % W).to(tl.int32)
         acc = tl.zeros((BV, BC), dtype=tl.float32)
         for oz in tl.static_range(-R, R + 1):
-            nz = z // CELL + oz
-            wz = z % CELL - oz * CELL + HALO
-            okz = pm & (nz >= 0) & (nz < gd) & (wz >= 0) & (wz < SIDE)
             for oy in tl.static_range(-R, R + 1):
-                ny = y // CELL + oy
-                wy = y % CELL - oy * CELL + HALO
-                oky = okz & (ny >= 0) & (ny < gh) & (wy >= 0) & (wy < SIDE)
                 for ox in tl.static_range(-R, R + 1):
-                    nx = x // CELL + ox
-                    wx = x % CELL - ox * CELL + HALO
-                    ok = oky & (nx >= 0) & (nx < gw) & (wx >= 0) & (wx < SIDE)
-                    blk = tl.load(lookup_ptr + (b * gd + nz) * (gh * gw) + ny * gw + nx, mask=ok, other=-1)
-                    ok = ok & (blk >= 0)
-                    src = (blk.to(tl.int64) * (SIDE * SIDE * SIDE) + (wz * SIDE + wy) * SIDE + wx) * C
-                    acc += tl.load(blocks_ptr + src[:, None] + c[None, :], mask=ok[:, None] & cm[None, :],
-                                   other=0.0).to(tl.float32)  # fmt: skip
-        tl.store(out_ptr + p[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+                    nz, ny, nx = cz + oz, cy + oy, cx + ox
+                    in_grid = (nz >= 0) & (nz < gd) & (ny >= 0) & (ny < gh) & (nx >= 0) & (nx < gw)
+                    blk = tl.load(lookup_ptr + ((b * gd + nz) * gh + ny) * gw + nx, mask=in_grid, other=-1)
+                    if blk >= 0:
+                        wz = lz - oz * CELL + HALO
+                        wy = ly - oy * CELL + HALO
+                        wx = lx - ox * CELL + HALO
+                        ok = vm & (wz >= 0) & (wz < SIDE) & (wy >= 0) & (wy < SIDE) & (wx >= 0) & (wx < SIDE)
+                        src = (blk.to(tl.int64) * (SIDE * SIDE * SIDE) + (wz * SIDE + wy) * SIDE + wx) * C
+                        acc += tl.load(blocks_ptr + src[:, None] + c[None, :], mask=ok[:, None] & cm[None, :],
+                                       other=0.0).to(tl.float32)  # fmt: skip
+        z = (cz * CELL + lz).to(tl.int64)
+        p = ((b.to(tl.int64) * (gd * CELL) + z) * (gh * CELL) + cy * CELL + ly) * (gw * CELL) + cx * CELL + lx
+        tl.store(out_ptr + p[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=vm[:, None] & cm[None, :])
 
 
-def _tile(C: int) -> tuple[int, int]:
-    """(voxels, channels) per program: up to 64 channels, about 4096 elements."""
+def _tile(C: int, voxels: int = 4096) -> tuple[int, int]:
+    """(voxels, channels) per program: up to 64 channels, about 4096 elements, no more voxels than ``voxels``
+    needs (a cell's, for the scatter)."""
     bc = min(64, triton.next_power_of_2(max(C, 1)))
-    return max(16, 4096 // bc), bc
+    return max(16, min(4096 // bc, triton.next_power_of_2(voxels))), bc
 
 
 def _gather_triton(x: torch.Tensor, cells: torch.Tensor, lookup: torch.Tensor, cell: int, halo: int) -> torch.Tensor:
@@ -160,12 +165,11 @@ def _scatter_triton(blocks: torch.Tensor, cells: torch.Tensor, lookup: torch.Ten
     D, H, W = gd * cell, gh * cell, gw * cell
     blocks = blocks.contiguous(memory_format=_CL)
     out = torch.empty((B, D, H, W, C), device=blocks.device, dtype=blocks.dtype)
-    total = B * D * H * W
     if out.numel():
-        bv, bc = _tile(C)
-        _scatter_kernel[(triton.cdiv(total, bv), triton.cdiv(C, bc))](
-            blocks, lookup.contiguous(), out, total, D, H, W, C, gd, gh, gw, CELL=cell, HALO=halo, BV=bv, BC=bc,
-            num_warps=4)  # fmt: skip
+        bv, bc = _tile(C, cell**3)
+        grid = (B * gd * gh * gw, triton.cdiv(cell**3, bv), triton.cdiv(C, bc))
+        _scatter_kernel[grid](blocks, lookup.contiguous(), out, gd, gh, gw, C, CELL=cell, HALO=halo, BV=bv, BC=bc,
+                              num_warps=4)  # fmt: skip
     return out.permute(0, 4, 1, 2, 3)
 
 

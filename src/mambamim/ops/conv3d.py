@@ -32,7 +32,7 @@ def depthwise_conv3d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 def triton_disabled(name: str) -> bool:
     """True when the environment variable ``MAMBAMIM_DISABLE_TRITON`` lists ``name`` (comma-separated:
-    ``dwconv``, ``scan``, ``blocks``) or says ``all``: an escape hatch back to the PyTorch paths."""
+    ``dwconv``, ``scan``, ``blocks``, ``toki``) or says ``all``: an escape hatch back to the PyTorch paths."""
     names = {n.strip() for n in os.environ.get("MAMBAMIM_DISABLE_TRITON", "").split(",")}
     return name in names or "all" in names
 

@@ -32,6 +32,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mambamim.ops import toki_triton
+from mambamim.ops.conv3d import triton_disabled
+
 __all__ = [
     "toki_fill",
     "TOKI",
@@ -77,6 +80,24 @@ def toki_fill(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) ->
     if tuple(edge_token.shape) != (C,):
         raise ValueError(f"edge_token must be ({C},), got {tuple(edge_token.shape)}")
 
+    if _use_triton(tokens, A, edge_token):
+        return toki_triton.toki_fill_triton(tokens, visible, A, edge_token)
+    return _toki_fill_torch(tokens, visible, A, edge_token)
+
+
+def _use_triton(tokens: Tensor, A: Tensor, edge_token: Tensor) -> bool:
+    """The Triton forward where no gradient is asked for, outside torch.compile (whose graph fuses this
+    module's version), on CUDA; ``MAMBAMIM_DISABLE_TRITON=toki`` turns it off."""
+    if not (toki_triton.supports(tokens) and A.is_cuda and edge_token.is_cuda) or triton_disabled("toki"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, A, edge_token)))
+
+
+def _toki_fill_torch(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) -> Tensor:
+    """toki_fill in PyTorch ops (differentiable; any device): the doubling scan described above."""
+    B, L, C = tokens.shape
     cdt = _compute_dtype(tokens.dtype)
     device = tokens.device
     T = L + 2
