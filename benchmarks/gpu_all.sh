@@ -3,6 +3,8 @@
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine; TESTS=... picks)
+#   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
+#   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs and fraction of the card's limits per op
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
@@ -25,11 +27,21 @@ for part in "$@"; do
   case $part in
     tests)
       # -k: pytest ignored SIGTERM once (issue 20) and the call ran on to its own limit
+      # the CUDA-graphs training test compiles two runs cold and needs a call of its own: the graphs part
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${TESTS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_conv3d.py \
-        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/ops/test_toki.py \
-        tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py} \
+        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/ops/test_toki.py tests/ops/test_block_copy.py \
+        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_under_every_switch \
+        tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py \
+        --deselect tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda} \
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
+    graphs)
+      CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
+        tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1
+      echo "rc=$?"; grep -E "weights:|passed|failed|Error" $OUT/graphs.log | tail -5 ;;
+    roofline)
+      ( cd benchmarks && CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ROOF_LIMIT:-150} python3 roofline.py --rows ${ROOF_ROWS:-10} \
+        > $OUT/roofline.log 2>&1 ); grep -v -i warn $OUT/roofline.log | tail -14 ;;
     pretrain)
       CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 6 7} --iters 8 \
         > $OUT/bench_pretrain.log 2>&1; grep "^\[row\]\|^\[mem\]" $OUT/bench_pretrain.log ;;

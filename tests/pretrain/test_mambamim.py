@@ -259,6 +259,33 @@ def test_no_leak_on_cuda_fast_paths(sparse):
         assert torch.equal(a["reconstruction"], b["reconstruction"])
 
 
+CUDA_CASES = [(n, kw) for n, kw in CASES if n == "hymamba"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("switches", [kw for _, kw in CUDA_CASES],
+                         ids=["-".join(f"{k}={v}" for k, v in kw.items()) or "default" for _, kw in CUDA_CASES])
+def test_no_leak_on_cuda_under_every_switch(switches):
+    """Every ablation switch of HyMamba on the CUDA fast paths (Triton kernels, the Triton TOKI forward,
+    channels-last), in float32 and under bf16 autocast: changing masked voxels changes nothing."""
+    torch.manual_seed(0)
+    kw = dict(switches)
+    ratio = kw.pop("mask_ratio", 0.75)
+    model = create_pretrainer("hymamba", mask_ratio=ratio, **kw, **MICRO).cuda().train()
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = torch.rand(2, 1, 32, 32, 64)
+    mask = random_mask(2, (2, 2, 4), ratio).cuda()
+    xs = [t.cuda().contiguous(memory_format=torch.channels_last_3d) for t in (x, masked_change(x, mask.cpu()))]
+    for autocast in (False, True):
+        outs = []
+        for xin in xs:
+            torch.manual_seed(1)  # the same shuffle permutation in both passes
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                outs.append(model(xin, mask))
+        assert torch.equal(outs[0]["reconstruction"], outs[1]["reconstruction"]), autocast
+        assert torch.equal(outs[0]["features"], outs[1]["features"]), autocast
+
+
 def whole_volume_layers(model, levels):
     """The layers the sparse path runs on visible cells (``levels`` of them) instead of calling their
     whole-volume forward."""
