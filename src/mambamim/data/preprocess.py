@@ -120,11 +120,14 @@ def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _reorient(vol: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Apply a nibabel orientation transform to the last three axes of ``vol`` (..., X, Y, Z)."""
+    """Apply a nibabel orientation transform to the last three axes of ``vol`` (..., X, Y, Z).
+
+    Returns a view (flips and transposes): a copy into C order here cost 1.1 s for a 512x512x200 CT, which
+    NIfTI stores X-fastest; the resampling passes and the final crop write C-ordered arrays anyway."""
     if vol.ndim == 3:
-        return np.ascontiguousarray(nio.apply_orientation(vol, transform))
+        return nio.apply_orientation(vol, transform)
     moved = np.moveaxis(vol, 0, -1)  # (X, Y, Z, C): apply_orientation acts on the leading axes
-    return np.ascontiguousarray(np.moveaxis(nio.apply_orientation(moved, transform), -1, 0))
+    return np.moveaxis(nio.apply_orientation(moved, transform), -1, 0)
 
 
 def _resample3d(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
@@ -204,12 +207,17 @@ def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], 
         return np.stack([_resample3d(v, m, out_shape, order) for v in vol])
     lead = vol.ndim - 3
     scales, offsets = np.diag(m[:3, :3]), m[:3, 3]
+    # Run the passes in memory order: NIfTI arrays come X-fastest, and a pass along X into a C-ordered
+    # output was a strided gather (2.4 s for a 512x512x200 CT, against 0.3 s in memory order).
+    mem = np.argsort([-abs(vol.strides[lead + a]) for a in range(3)], kind="stable")  # slowest axis first
+    vol = vol.transpose(list(range(lead)) + [lead + int(a) for a in mem])
+    where = {int(a): lead + i for i, a in enumerate(mem)}  # spatial axis -> its position in vol
     # shrink first so the later passes touch less data
     for ax in sorted(range(3), key=lambda a: -scales[a]):
-        if scales[ax] == 1.0 and offsets[ax] == 0.0 and vol.shape[lead + ax] == int(out_shape[ax]):
+        if scales[ax] == 1.0 and offsets[ax] == 0.0 and vol.shape[where[ax]] == int(out_shape[ax]):
             continue
-        vol = _resample_axis(vol, lead + ax, float(scales[ax]), float(offsets[ax]), int(out_shape[ax]), order)
-    return np.ascontiguousarray(vol)
+        vol = _resample_axis(vol, where[ax], float(scales[ax]), float(offsets[ax]), int(out_shape[ax]), order)
+    return vol.transpose(list(range(lead)) + [where[a] for a in range(3)])  # a view; callers copy if they must
 
 
 def _is_identity(m: np.ndarray) -> bool:
@@ -302,9 +310,8 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     ref_affine = None
     for p in paths:
         vol, affine, info = read_image(p, dtype=np.float32)
-        bad = ~np.isfinite(vol)
-        if bad.any():
-            raise DataError(p, f"{int(bad.sum())} non-finite voxels (NaN/inf) in image")
+        if vol.size and not (np.isfinite(vol.min()) and np.isfinite(vol.max())):  # min and max carry any NaN
+            raise DataError(p, f"{int((~np.isfinite(vol)).sum())} non-finite voxels (NaN/inf) in image")
         if ref_affine is None:
             ref_affine = affine
         else:
@@ -314,7 +321,7 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
                 raise DataError(p, f"channel affine differs from channel 0 ({paths[0]})")
         vols.append(vol)
         infos.append(info)
-    data = np.stack(vols)  # (C, X, Y, Z)
+    data = vols[0][None] if len(vols) == 1 else np.stack(vols)  # (C, X, Y, Z); one channel: a view, no copy
     meta: dict[str, Any] = {"format": "mambamim-case-meta", "version": META_VERSION,
                             "case_id": case_id, "source": {"images": paths, "label": None},
                             "input_format": infos[0]["format"],
