@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests (about 4 minutes on a cold machine; TESTS=... picks)
 #   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
-#   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs and fraction of the card's limits per op
+#   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs, fraction of the limits per op (ROOF_ARGS=--task finetune)
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
 #   bash benchmarks/gpu_all.sh finetune           # fine-tuning step, sliding window, TOKI (baseline + best)
 #   bash benchmarks/gpu_all.sh profile cli        # module profile; CLI smoke run with --compile
@@ -40,7 +40,7 @@ for part in "$@"; do
         tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1
       echo "rc=$?"; grep -E "weights:|passed|failed|Error" $OUT/graphs.log | tail -5 ;;
     roofline)
-      ( cd benchmarks && CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ROOF_LIMIT:-150} python3 roofline.py --rows ${ROOF_ROWS:-10} \
+      ( cd benchmarks && CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ROOF_LIMIT:-150} python3 roofline.py --rows ${ROOF_ROWS:-10} ${ROOF_ARGS:-} \
         > $OUT/roofline.log 2>&1 ); grep -v -i warn $OUT/roofline.log | tail -14 ;;
     pretrain)
       CUDA_VISIBLE_DEVICES=0 timeout ${PRE_LIMIT:-560} python3 benchmarks/bench_steps.py --only pretrain --variants ${PRE_VARIANTS:-4 6 7} --iters 8 \

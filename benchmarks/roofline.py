@@ -1,4 +1,4 @@
-"""Roofline table of a pre-training step: for the ops that take the most GPU time, their time, the bytes
+"""Roofline table of a pre-training (or fine-tuning) step: for the ops that take the most GPU time, their time, the bytes
 they read and write, their FLOPs and the fraction of the card's memory or matrix limit they reach.
 
     python benchmarks/roofline.py [--size base] [--crop 96] [--batch 8] [--rows 10] [--eager-only]
@@ -137,10 +137,25 @@ def card_limits(device: torch.device) -> tuple[float, float]:
     return copy, matmul
 
 
-def build_step(args, device):
-    from mambamim.pretrain import create_pretrainer
+def _model_and_loss(args):
+    """(model, loss(model, x)): the pre-trainer (its own loss) or the segmentation network with DiceCE."""
+    if args.task == "pretrain":
+        from mambamim.pretrain import create_pretrainer
 
-    model = create_pretrainer("hymamba", size=args.size, sparse_full_res=True, sparse_levels=args.sparse_levels)
+        model = create_pretrainer("hymamba", size=args.size, sparse_full_res=True, sparse_levels=args.sparse_levels)
+        return model, lambda m, x: m(x)["loss"]
+    from monai.losses import DiceCELoss
+
+    from mambamim.models import create_model
+
+    model = create_model("hymamba", size=args.size, num_classes=14)
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    y = torch.randint(0, 14, (args.batch, 1, args.crop, args.crop, args.crop), generator=torch.Generator().manual_seed(0))
+    return model, lambda m, x: dice_ce(m(x).float(), y.to(x.device))
+
+
+def build_step(args, device):
+    model, loss_of = _model_and_loss(args)
     model = model.to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -153,8 +168,8 @@ def build_step(args, device):
 
     def step():
         with amp():
-            out = model(x)
-        out["loss"].backward()
+            loss = loss_of(model, x)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -192,6 +207,8 @@ def table(rows, step_s: float, copy: float, matmul: float, n: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                        help="finetune: the segmentation network, 14 classes, DiceCE")
     parser.add_argument("--size", default="base")
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
