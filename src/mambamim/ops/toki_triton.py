@@ -28,11 +28,14 @@ __all__ = ["toki_fill_triton", "supports"]
 
 _BM, _BN, _BK = 64, 64, 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_T = 4096  # the interpolation kernel holds a whole padded sequence per program
+_PREP_TILE = 16384  # elements of its (sequence, channels) tile
 
 
 def supports(tokens: torch.Tensor) -> bool:
-    """True where :func:`toki_fill_triton` applies: CUDA tensors of a 16/32-bit float dtype, Triton present."""
-    return HAS_TRITON and tokens.is_cuda and tokens.dtype in _DTYPES
+    """True where :func:`toki_fill_triton` applies: CUDA tensors of a 16/32-bit float dtype, sequences of at
+    most ``_MAX_T - 2`` tokens, Triton present."""
+    return HAS_TRITON and tokens.is_cuda and tokens.dtype in _DTYPES and tokens.shape[1] + 2 <= _MAX_T
 
 
 if HAS_TRITON:
@@ -139,9 +142,10 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     z = torch.empty((2, B * T, C), device=dev, dtype=torch.float32)
     n = torch.empty(B * T, device=dev, dtype=torch.int32)
     out = torch.empty_like(tokens)
-    bc = min(64, triton.next_power_of_2(C))
+    tp = triton.next_power_of_2(T)
+    bc = min(64, triton.next_power_of_2(C), max(1, _PREP_TILE // tp))
     _prep_kernel[(B, triton.cdiv(C, bc))](tokens, vis, edge_token.detach().contiguous(), z[0], n, L, C,
-                                         TP=triton.next_power_of_2(T), BC=bc, num_warps=8)  # fmt: skip
+                                         TP=tp, BC=bc, num_warps=8)  # fmt: skip
     steps = max(1, math.ceil(math.log2(T)))
     powers = [A.detach().to(torch.float32).contiguous()] + [torch.empty((C, C), device=dev) for _ in range(2 if steps > 1 else 0)]
     nt = triton.cdiv(C, _BN)
