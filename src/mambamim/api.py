@@ -70,7 +70,8 @@ def predict_folder(
         compile: torch.compile the network (:func:`mambamim.inference.compile_segmenter`).
         options: :class:`mambamim.inference.batch.PredictOptions`: ``suffix`` ("_seg.nii.gz"),
             ``overwrite``, ``skip_existing``, ``progress`` (a tqdm bar), ``on_case`` (called with each
-            case's outcome as it is known) and the sliding-window options (:class:`mambamim.inference.WindowOptions`;
+            case's outcome as it is known), ``overlap_io`` (True: read the next case and write the last ones
+            in threads while the network runs) and the sliding-window options (:class:`mambamim.inference.WindowOptions`;
             the CLI passes ``sw_batch_size=8``).
 
     Returns:

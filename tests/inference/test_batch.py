@@ -77,6 +77,30 @@ def test_existing_outputs_are_refused_skipped_or_replaced(tmp_path, inputs):
         predict_files(ThresholdSegmenter(), INFO, folder, out, overwrite=True, skip_existing=True)
 
 
+def test_overlapped_reading_and_writing_change_nothing(tmp_path, inputs):
+    """overlap_io reads the next case and writes the last ones in threads while the network runs: the same
+    outcomes in the same order, reported in order, the same files; a case whose write fails (its output
+    path is a folder) is reported failed, naming it, and the cases after it still run."""
+    folder, _ = inputs
+    files = [folder / "a.nii.gz", folder / "broken.nii.gz", folder / "b.nii.gz", folder / "a.nii.gz"]
+    results = {}
+    for overlap in (False, True):
+        out = tmp_path / f"out{int(overlap)}"
+        (out / "a_2_seg.nii.gz").mkdir(parents=True)  # the second "a" cannot be written
+        seen = []
+        res = predict_files(ThresholdSegmenter(), INFO, files, out, device="cpu", overwrite=True,
+                            on_case=seen.append, overlap_io=overlap)
+        assert seen == res.cases
+        results[overlap] = res
+        assert [c.status for c in res.cases] == ["written", "failed", "written", "failed"]
+        assert "a_2_seg.nii.gz" in res.cases[3].message
+    plain, overlapped = results[False], results[True]
+    assert [(c.case_id, c.status) for c in plain.cases] == [(c.case_id, c.status) for c in overlapped.cases]
+    for name in ("a_seg.nii.gz", "b_seg.nii.gz"):
+        a, b = (nib.load(results[o].out_dir + "/" + name) for o in (False, True))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.array_equal(a.affine, b.affine)
+
+
 def test_no_input_is_an_error_and_an_empty_folder_a_failed_case(tmp_path):
     with pytest.raises(ValueError, match="no NIfTI files or DICOM series"):
         predict_files(ThresholdSegmenter(), INFO, [], tmp_path / "out")

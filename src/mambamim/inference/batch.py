@@ -12,12 +12,14 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
+import torch
 from torch import nn
 
-from mambamim.inference.sliding_window import WindowOptions
+from mambamim.inference.sliding_window import WindowOptions, predict_labels
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -89,13 +91,14 @@ class PredictionResult:
 class PredictOptions(WindowOptions, total=False):
     """The keywords of :func:`predict_files` after its positional arguments (also those of
     :func:`mambamim.api.predict_folder`): the window options and ``suffix``, ``overwrite``,
-    ``skip_existing``, ``progress``, ``on_case``."""
+    ``skip_existing``, ``progress``, ``on_case``, ``overlap_io``."""
 
     suffix: str
     overwrite: bool
     skip_existing: bool
     progress: bool
     on_case: Callable[[CaseOutcome], None] | None
+    overlap_io: bool
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputCase]:
@@ -131,15 +134,15 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
     return out
 
 
-def _progress(items: list, desc: str, enabled: bool) -> Iterable:
-    """A tqdm bar on stderr over ``items`` (plain iteration when disabled or tqdm is missing)."""
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr counting to ``total`` (None when disabled or tqdm is missing)."""
     if not enabled:
-        return items
+        return None
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
-        return items
-    return tqdm(items, desc=desc, total=len(items), file=sys.stderr, dynamic_ncols=True, leave=True)
+        return None
+    return tqdm(desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def predict_files(
@@ -153,6 +156,7 @@ def predict_files(
     skip_existing: bool = False,
     progress: bool = False,
     on_case: Callable[[CaseOutcome], None] | None = None,
+    overlap_io: bool = True,
     **window: Unpack[WindowOptions],
 ) -> PredictionResult:
     """Segment every case under ``inputs`` with a loaded network, writing ``out_dir/<case><suffix>``.
@@ -171,6 +175,8 @@ def predict_files(
         skip_existing: mark cases whose output exists as "skipped" (not run) instead of refused.
         progress: a tqdm bar on stderr.
         on_case: called with each :class:`CaseOutcome` as soon as it is known (e.g. to report it live).
+        overlap_io: read and preprocess the next case, and map back and write the last one, in background
+            threads while the network runs (the same results; False runs the stages one after another).
         window: sliding-window options (:class:`mambamim.inference.WindowOptions`: ``roi`` (default: the
             checkpoint's), ``overlap``, ``sw_batch_size``, ``tta_flips``, ``device``, ``amp``).
 
@@ -190,30 +196,122 @@ def predict_files(
     os.makedirs(out, exist_ok=True)
     result = PredictionResult(out_dir=out)
     t0 = time.perf_counter()
-    for case in _progress(cases, "predict", progress):
-        outcome = _predict_one(model, info, case, os.path.join(out, f"{case.case_id}{suffix}"), overwrite=overwrite,
-                               skip_existing=skip_existing, **window)
+    jobs = [_Job(case, os.path.join(out, f"{case.case_id}{suffix}")) for case in cases]
+    for job in jobs:
+        job.outcome = _before_running(job, overwrite=overwrite, skip_existing=skip_existing)
+    bar = _progress(len(jobs), "predict", progress)
+    for outcome in _run_in_order(model, info, jobs, overlap_io, window):
         logger.debug("%s: %s %s", outcome.case_id, outcome.status, outcome.message or outcome.output)
         result.cases.append(outcome)
+        if bar is not None:
+            bar.update(1)
         if on_case is not None:
             on_case(outcome)
+    if bar is not None:
+        bar.close()
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _predict_one(model: nn.Module, info: dict[str, Any], case: InputCase, out_path: str, *, overwrite: bool,
-                 skip_existing: bool, **window: Unpack[WindowOptions]) -> CaseOutcome:
-    """One case of :func:`predict_files`: its outcome (never raises for a bad input)."""
-    from mambamim.inference.segment import segment_image
+@dataclass
+class _Job:
+    """A case and its output path; ``outcome`` is set once known, or holds the Future of its write stage."""
 
+    case: InputCase
+    out_path: str
+    outcome: CaseOutcome | Future | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.case.image_paths or ())
+
+    def failed(self, exc: BaseException) -> CaseOutcome:
+        msg = str(exc) if self.paths and self.paths[0] in str(exc) else f"{(self.paths or [self.case.source])[0]}: {exc}"
+        return CaseOutcome(self.case.case_id, self.case.source, "failed", message=msg)
+
+
+def _before_running(job: _Job, *, overwrite: bool, skip_existing: bool) -> CaseOutcome | None:
+    """The outcome of a case that will not run (unreadable, or its output exists); None if it runs."""
+    case = job.case
     if case.error is not None or case.image_paths is None:
         return CaseOutcome(case.case_id, case.source, "failed", message=case.error, unreadable=True)
-    if os.path.lexists(out_path) and not overwrite:
-        return CaseOutcome(case.case_id, case.source, "skipped" if skip_existing else "refused", output=out_path)
-    paths = list(case.image_paths)
+    if os.path.lexists(job.out_path) and not overwrite:
+        return CaseOutcome(case.case_id, case.source, "skipped" if skip_existing else "refused", output=job.out_path)
+    return None
+
+
+class _Inline:
+    """The executor interface, running each call at once in this thread (``overlap_io=False``)."""
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _write_stage(job: _Job, labels: Any, meta: dict[str, Any]) -> CaseOutcome:
+    from mambamim.inference.segment import write_case
+
     try:
-        segment_image(model, info, paths, out_path, **window)
+        write_case(labels, meta, job.out_path)
     except Exception as exc:  # one bad case must not stop the others
-        msg = str(exc) if paths[0] in str(exc) else f"{paths[0]}: {exc}"
-        return CaseOutcome(case.case_id, case.source, "failed", message=msg)
-    return CaseOutcome(case.case_id, case.source, "written", output=out_path)
+        return job.failed(exc)
+    return CaseOutcome(job.case.case_id, job.case.source, "written", output=job.out_path)
+
+
+def _run_in_order(model: nn.Module, info: dict[str, Any], jobs: list[_Job], overlap_io: bool,
+                  window: dict[str, Any]) -> Iterator[CaseOutcome]:
+    """Every job's outcome, in input order, as soon as it and those before it are known. The network runs
+    here; with ``overlap_io`` the next case's reading (one ahead) and the last ones' writing (two at most)
+    run in worker threads meanwhile."""
+    from mambamim.inference.segment import load_case
+
+    runnable = [job for job in jobs if job.outcome is None]
+    with (ThreadPoolExecutor(max_workers=2, thread_name_prefix="mambamim-io") if overlap_io else _Inline()) as pool:
+        loads = {id(job): pool.submit(load_case, info, job.paths) for job in runnable[:1]}
+        shown = 0
+        for k, job in enumerate(runnable):
+            if k + 1 < len(runnable):
+                loads[id(runnable[k + 1])] = pool.submit(load_case, info, runnable[k + 1].paths)
+            try:
+                image, meta = loads.pop(id(job)).result()
+                labels = predict_labels(model, info, torch.from_numpy(image), **window)
+            except Exception as exc:  # one bad case must not stop the others
+                job.outcome = job.failed(exc)
+            else:
+                _wait_for_writes(jobs, limit=1)
+                job.outcome = pool.submit(_write_stage, job, labels, meta)
+            shown = yield from _ready(jobs, shown, block=False)
+        yield from _ready(jobs, shown, block=True)
+
+
+def _wait_for_writes(jobs: list[_Job], limit: int) -> None:
+    """Block until at most ``limit`` write stages are still running (bounds the label maps held)."""
+    running = [job.outcome for job in jobs if isinstance(job.outcome, Future) and not job.outcome.done()]
+    for fut in running[: max(0, len(running) - limit)]:
+        fut.result()
+
+
+def _ready(jobs: list[_Job], shown: int, block: bool) -> Iterator[CaseOutcome]:
+    """Yield the outcomes from ``jobs[shown]`` on while they are known (waiting for writes if ``block``);
+    returns the new count shown."""
+    while shown < len(jobs):
+        outcome = jobs[shown].outcome
+        if isinstance(outcome, Future):
+            if not (block or outcome.done()):
+                break
+            outcome = jobs[shown].outcome = outcome.result()
+        if outcome is None:
+            break
+        yield outcome
+        shown += 1
+    return shown

@@ -14,7 +14,7 @@ from mambamim.inference.sliding_window import WindowOptions, predict_labels
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["segment_image"]
+__all__ = ["segment_image", "load_case", "write_case"]
 
 
 def segment_image(
@@ -43,16 +43,35 @@ def segment_image(
     Raises:
         mambamim.data.errors.DataError: the input cannot be read (names the file).
     """
+    image, meta = load_case(info, image_paths)
+    labels = predict_labels(model, info, torch.from_numpy(image), **window)
+    return write_case(labels, meta, out_path)
+
+
+def load_case(info: dict[str, Any], image_paths: Sequence[str] | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first stage of :func:`segment_image`: read and preprocess with the checkpoint's parameters.
+
+    Returns ``(image (C, X, Y, Z) float32, meta)``. Raises DataError naming the file for a bad input or a
+    channel count the network does not take. Runs no network: :func:`mambamim.inference.batch.predict_files`
+    calls it for the next case while the network runs on the current one."""
     from mambamim.data.errors import DataError
-    from mambamim.data.preprocess import PreprocessParams, preprocess_image, restore_to_original, save_nifti_atomic
+    from mambamim.data.preprocess import PreprocessParams, preprocess_image
 
     paths = [str(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [str(p) for p in image_paths]
-    params = PreprocessParams.from_dict(info.get("preprocessing"))
-    image, meta = preprocess_image(paths, params)
+    image, meta = preprocess_image(paths, PreprocessParams.from_dict(info.get("preprocessing")))
     want = int(info.get("in_channels") or image.shape[0])
     if image.shape[0] != want:
         raise DataError(paths[0], f"{image.shape[0]} input channel(s) given, the model expects {want}")
-    labels = predict_labels(model, info, torch.from_numpy(image), **window)
+    return image, meta
+
+
+def write_case(labels: np.ndarray, meta: dict[str, Any], out_path: str | os.PathLike | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The last stage of :func:`segment_image`: a label map in cache space back to the input's grid
+    (uint8, or uint16 past 255 classes), written atomically to ``out_path`` unless None.
+    Returns ``(labels in the input's grid, its affine)``."""
+    from mambamim.data.preprocess import restore_to_original, save_nifti_atomic
+
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
     restored, affine = restore_to_original(labels.astype(dtype), meta, is_label=True)
     restored = restored.astype(dtype, copy=False)
