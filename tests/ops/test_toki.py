@@ -271,14 +271,15 @@ def test_triton_forward_on_cuda(dtype):
     from mambamim.ops import toki
 
     def fill(tokens, visible, A, edge):
-        assert toki._use_triton(tokens, A, edge)
+        assert toki._use_triton(tokens, visible, A, edge)
         with torch.no_grad():
             return toki_fill(tokens, visible, A.requires_grad_(True), edge)
 
     _check_triton_against_reference("cuda", dtype, fill)
     tokens, visible, A, edge, _ = next(_triton_cases("cuda", dtype))
     A.requires_grad_(True)
-    assert not toki._use_triton(tokens, A, edge)
+    assert not toki._use_triton(tokens, visible, A, edge)
+    assert not toki._use_triton(tokens, visible.cpu(), A.detach(), edge)  # mixed devices: the PyTorch path
     with torch.no_grad():
         fast = toki_fill(tokens, visible, A, edge)
     torch.testing.assert_close(toki_fill(tokens, visible, A, edge).detach(), fast, rtol=1e-5, atol=1e-5)

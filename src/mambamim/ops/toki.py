@@ -80,15 +80,17 @@ def toki_fill(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) ->
     if tuple(edge_token.shape) != (C,):
         raise ValueError(f"edge_token must be ({C},), got {tuple(edge_token.shape)}")
 
-    if _use_triton(tokens, A, edge_token):
+    if _use_triton(tokens, visible, A, edge_token):
         return toki_triton.toki_fill_triton(tokens, visible, A, edge_token)
     return _toki_fill_torch(tokens, visible, A, edge_token)
 
 
-def _use_triton(tokens: Tensor, A: Tensor, edge_token: Tensor) -> bool:
+def _use_triton(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) -> bool:
     """The Triton forward where no gradient is asked for, outside torch.compile (whose graph fuses this
-    module's version), on CUDA; ``MAMBAMIM_DISABLE_TRITON=toki`` turns it off."""
-    if not (toki_triton.supports(tokens) and A.is_cuda and edge_token.is_cuda) or triton_disabled("toki"):
+    module's version), on CUDA with every input on the tokens' device (else the PyTorch version, which
+    reports a mixed-device call); ``MAMBAMIM_DISABLE_TRITON=toki`` turns it off."""
+    same_device = all(t.device == tokens.device for t in (visible, A, edge_token))
+    if not (toki_triton.supports(tokens) and same_device) or triton_disabled("toki"):
         return False
     if torch.compiler.is_compiling():
         return False
