@@ -23,6 +23,9 @@ sequence: ``ceil(log2(L + 2))`` steps, each one ``(B * (L + 2), C) x (C, C)`` ma
 data-dependent shape or host sync, so it works under ``torch.compile`` and CUDA graphs, on any
 device. The recurrence runs in float32 (float64 stays float64) with autocast disabled; the
 filled tokens are cast back to the dtype of ``tokens``.
+
+On CUDA, a call that needs no gradient (inference, the no-grad previews) runs the same scan as Triton
+kernels (:mod:`mambamim.ops.toki_triton`: 1 + ceil(log2(L + 2)) launches instead of about 65).
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ def _use_triton(tokens: Tensor, visible: Tensor, A: Tensor, edge_token: Tensor) 
     """The Triton forward where no gradient is asked for, outside torch.compile (whose graph fuses this
     module's version), on CUDA with every input on the tokens' device (else the PyTorch version, which
     reports a mixed-device call); ``MAMBAMIM_DISABLE_TRITON=toki`` turns it off."""
+    if torch.compiler.is_compiling():  # first: under Dynamo nothing below gets traced
+        return False
     same_device = all(t.device == tokens.device for t in (visible, A, edge_token))
     if not (toki_triton.supports(tokens) and same_device) or triton_disabled("toki"):
-        return False
-    if torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, A, edge_token)))
 
