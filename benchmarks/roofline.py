@@ -49,15 +49,16 @@ def _nbytes(args, kwargs, out) -> int:
 
 
 def _custom_flops(name: str, args) -> float:
-    """FLOPs of our own ops, which flop_counter does not know."""
+    """FLOPs of our own ops, which flop_counter does not know. The backward ops take the output gradient
+    first: (dy, u, delta, A, ...) and (gy, x, weight)."""
+    back = name.endswith("_backward")
     if name.startswith("mambamim::selective_scan"):
-        u, A = args[0], args[2]
-        per = 9 if "backward" not in name else 20  # exp, 2 mul-add of the state, C-sum; about twice back
-        return float(per * u.numel() * A.shape[-1])
+        u, A = (args[1], args[3]) if back else (args[0], args[2])
+        # exp, two multiply-adds of the state and the C-sum per (b, d, t, n); about twice that backward
+        return float((20 if back else 9) * u.numel() * A.shape[-1])
     if name.startswith("mambamim::depthwise_conv3d"):
-        x, w = args[0], args[1]
-        per = 2 if "backward" not in name else 4  # input and weight gradients
-        return float(per * x.numel() * math.prod(w.shape[1:]))
+        x, w = (args[1], args[2]) if back else (args[0], args[1])
+        return float((4 if back else 2) * x.numel() * math.prod(w.shape[1:]))  # backward: input and weight grads
     return 0.0
 
 
