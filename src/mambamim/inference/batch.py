@@ -278,7 +278,7 @@ def _run_in_order(model: nn.Module, info: dict[str, Any], jobs: list[_Job], over
     runnable = [job for job in jobs if job.outcome is None]
     with (ThreadPoolExecutor(max_workers=2, thread_name_prefix="mambamim-io") if overlap_io else _Inline()) as pool:
         loads = {id(job): pool.submit(load_case, info, job.paths) for job in runnable[:1]}
-        shown = 0
+        shown = yield from _ready(jobs, 0, block=False)  # cases that do not run, ahead of the first that does
         for k, job in enumerate(runnable):
             if k + 1 < len(runnable):
                 loads[id(runnable[k + 1])] = pool.submit(load_case, info, runnable[k + 1].paths)
