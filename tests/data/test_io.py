@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 
 import nibabel as nib
@@ -31,6 +32,26 @@ def test_read_nifti_values_affine_and_squeeze(tmp_path, dh):
     p4 = dh.write_nifti(tmp_path / "b.nii", img[..., None], a)  # singleton 4th dim is squeezed
     data4, _, _ = read_image(p4)
     assert data4.shape == (12, 10, 8) and np.array_equal(data4, data)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("isal") is None, reason="python-isal is not installed")
+def test_fast_gzip_reading_gives_nibabels_array(tmp_path, dh):
+    """python-isal's one-call decompression and nibabel's gzip stream give the same scaled array, for
+    integer data with a slope and intercept as for floats; a truncated file fails either way."""
+    from mambamim.data.io import read_array
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1000, 2000, (30, 20, 10)).astype(np.int16)
+    img = nib.Nifti1Image(vol, dh.AFFINES["LPS"])
+    img.header.set_slope_inter(0.5, -3.0)
+    p = str(tmp_path / "s.nii.gz")
+    nib.save(img, p)
+    fast, plain = read_array(p, nib.load(p)), read_array(p, nib.load(p), fast=False)
+    assert fast.dtype == plain.dtype and np.array_equal(fast, plain) and np.array_equal(plain, vol * 0.5 - 3.0)
+    raw = open(p, "rb").read()
+    (tmp_path / "t.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image(tmp_path / "t.nii.gz")
 
 
 @pytest.mark.parametrize("oblique", [False, True])
