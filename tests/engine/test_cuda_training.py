@@ -63,7 +63,7 @@ def test_compiled_pretrain_with_cuda_graphs_on_cuda(tmp_path):
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(plain), rtol=1e-3, atol=1e-5)
     a, b = (load_checkpoint(runs[g] / "checkpoints" / "last.pt") for g in (False, True))
     assert b["step"] == 4
-    lrs = _lrs(runs[False])
+    lrs = [float(r["lr"]) for r in _train_rows(runs[False])]
     bound = 2 * 3.2 * sum(lrs)
     worst, diff_sq, numel = ("", 0.0), 0.0, 0
     for key, v in a["pretrainer"].items():
@@ -82,15 +82,14 @@ def test_compiled_pretrain_with_cuda_graphs_on_cuda(tmp_path):
     assert rel <= 0.05, f"the runs' weights differ by {rel:.1%} of a typical update"
 
 
-def _lrs(run) -> list[float]:
+def _train_rows(run) -> list[dict]:
+    """The training rows of a run's metrics.csv."""
     import csv
 
-    return [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("phase", "train") == "train"]
+    return [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("phase", "train") == "train"]
 
 
 def _loss_curve(run) -> tuple[list[int], list[float]]:
     """(steps, training losses) of a run's metrics.csv."""
-    import csv
-
-    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("phase", "train") == "train"]
+    rows = _train_rows(run)
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]

@@ -306,11 +306,12 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     """
     params = params or PreprocessParams()
     paths = _as_paths(image_paths)
-    vols, infos = [], []
+    vols, infos, ranges = [], [], []
     ref_affine = None
     for p in paths:
         vol, affine, info = read_image(p, dtype=np.float32)
-        if vol.size and not (np.isfinite(vol.min()) and np.isfinite(vol.max())):  # min and max carry any NaN
+        ranges.append((float(vol.min()), float(vol.max())) if vol.size else (0.0, 0.0))
+        if not (np.isfinite(ranges[-1][0]) and np.isfinite(ranges[-1][1])):  # min and max carry any NaN
             raise DataError(p, f"{int((~np.isfinite(vol)).sum())} non-finite voxels (NaN/inf) in image")
         if ref_affine is None:
             ref_affine = affine
@@ -325,7 +326,7 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
     meta: dict[str, Any] = {"format": "mambamim-case-meta", "version": META_VERSION,
                             "case_id": case_id, "source": {"images": paths, "label": None},
                             "input_format": infos[0]["format"],
-                            "input_range": [float(data.min()), float(data.max())]}
+                            "input_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)]}
     warnings = [{"file": f, "problem": f"not a readable DICOM file (corrupt or not DICOM): left out of the "
                                       f"series {info['path']}"}
                 for info in infos for f in info.get("unreadable_files", [])]

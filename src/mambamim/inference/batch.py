@@ -226,7 +226,9 @@ class _Job:
         return list(self.case.image_paths or ())
 
     def failed(self, exc: BaseException) -> CaseOutcome:
-        msg = str(exc) if self.paths and self.paths[0] in str(exc) else f"{(self.paths or [self.case.source])[0]}: {exc}"
+        """The outcome of a case that ran and failed, its message naming the (first) input file."""
+        first = self.paths[0]
+        msg = str(exc) if first in str(exc) else f"{first}: {exc}"
         return CaseOutcome(self.case.case_id, self.case.source, "failed", message=msg)
 
 

@@ -146,12 +146,14 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     bc = min(64, triton.next_power_of_2(C), max(1, _PREP_TILE // tp))
     _prep_kernel[(B, triton.cdiv(C, bc))](tokens, vis, edge_token.detach().contiguous(), z[0], n, L, C,
                                          TP=tp, BC=bc, num_warps=8)  # fmt: skip
-    steps = max(1, math.ceil(math.log2(T)))
-    powers = [A.detach().to(torch.float32).contiguous()] + [torch.empty((C, C), device=dev) for _ in range(2 if steps > 1 else 0)]
+    steps = math.ceil(math.log2(T))  # T >= 3: at least 2
+    a32 = A.detach().to(torch.float32).contiguous()
+    squares = (torch.empty_like(a32), torch.empty_like(a32))  # A^(2^j), alternating: step j reads one, fills the other
     nt = triton.cdiv(C, _BN)
     for j in range(steps):
         last = j == steps - 1
-        p, p2 = powers[0 if j == 0 else 1 + (j - 1) % 2], powers[1 + j % 2] if not last else powers[0]
+        p = a32 if j == 0 else squares[(j - 1) % 2]
+        p2 = squares[j % 2]
         grid = (triton.cdiv(B * T, _BM) * nt + (0 if last else nt * nt),)
         _step_kernel[grid](z[j % 2], n, p, z[(j + 1) % 2], p2, tokens, vis, out, B * T, T, L, 1 << j, C=C,
                            SQUARE=not last, LAST=last, BM=_BM, BN=_BN, BK=_BK, num_warps=4)  # fmt: skip
