@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_all.sh profstep           # top kernels of one compiled step (PROF_ARGS=--sparse-full-res)
 #   bash benchmarks/gpu_all.sh unmeasured cli     # --memory-budget step, CLI compiled inference; compiled CLI run
 #   bash benchmarks/gpu_all.sh engine             # the engine's own step: base CLI runs with --cuda-graphs and without
+#                                                 # (ENGINE_RUNS=--cuda-graphs: that one; ENGINE_EXTRA="--memory-budget 0.5")
 #   bash benchmarks/gpu_all.sh audit              # where an engine step (eager, base) makes the host wait for the GPU
 #   bash benchmarks/gpu_all.sh ddp                # on a 2-GPU machine: DDP scaling 1 -> 2 GPUs
 #
@@ -75,7 +76,7 @@ for part in "$@"; do
       W=/tmp/we; rm -rf $W; mkdir -p $W
       ( cd $W && python3 -m mambamim data synth --out raw --num 8 --seed 0 >/dev/null \
         && python3 -m mambamim data prepare --input raw --out cache --no-progress --min-size 96 >/dev/null
-        A="--data cache --size base --crop 96 --batch-size 8 --num-crops 4 --steps 16 --log-every 1 --workers 4 --no-progress --vis-every 0 --compile --device cuda"
+        A="--data cache --size base --crop 96 --batch-size 8 --num-crops 4 --steps 16 --log-every 1 --workers 4 --no-progress --vis-every 0 --compile --device cuda ${ENGINE_EXTRA:-}"
         for g in ${ENGINE_RUNS:---cuda-graphs --no-cuda-graphs}; do
           CUDA_VISIBLE_DEVICES=0 timeout -s KILL ${ENGINE_LIMIT:-270} python3 -m mambamim pretrain --out run$g $A \
             $([ $g = --cuda-graphs ] && echo --cuda-graphs) > $OUT/engine$g.log 2>&1
