@@ -1,10 +1,11 @@
 """Segmenting a folder of real-size CTs: the stages one after another vs reading the next case and writing
 the last one in threads while the network runs (``predict_files(..., overlap_io=...)``), in the same run.
 
-    python benchmarks/bench_predict_folder.py [--cases 4] [--size base] [--device cuda] [--spacing 1.5]
+    python benchmarks/bench_predict_folder.py [--cases 4] [--size base] [--device cuda] [--spacing 1.5] [--compile]
 
 The CTs are bench_preprocess.py's synthetic 512x512x200 scans; the network is an untrained HyMamba of
-``--size`` (its weights do not change the time). Prints seconds per case for both modes.
+``--size`` (its weights do not change the time); ``--compile`` runs it as `mambamim predict --compile` does
+(:func:`mambamim.inference.compile_segmenter`). Prints seconds per case for both modes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--spacing", type=float, default=1.5, help="the checkpoint's preprocessing spacing (mm)")
     parser.add_argument("--roi", type=int, default=96)
+    parser.add_argument("--compile", action="store_true", help="the CLI's --compile: torch.compile, channels-last")
     args = parser.parse_args()
     root = tempfile.mkdtemp()
     folder = os.path.join(root, "in")
@@ -35,6 +37,10 @@ def main() -> None:
         synthetic_ct((512, 512, 200), [0.78, 0.78, 2.0], os.path.join(folder, f"ct{i}.nii.gz"))
     device = torch.device(args.device)
     model = create_model("hymamba", size=args.size, num_classes=14).to(device).eval()
+    if args.compile:
+        from mambamim.inference import compile_segmenter
+
+        model = compile_segmenter(model)
     info = {"num_classes": 14, "in_channels": 1, "roi_size": args.roi,
             "preprocessing": {"spacing": [args.spacing] * 3, "hu_min": -175.0, "hu_max": 250.0,
                               "crop_foreground": True, "min_size": [args.roi] * 3, "crop_margin": 4}}
@@ -47,7 +53,7 @@ def main() -> None:
         rows.append((overlap, res.seconds / args.cases))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{args.cases} CTs of 512x512x200 at 0.78x0.78x2 mm, {args.size} HyMamba, {args.spacing} mm, roi {args.roi}, "
-          f"{name}")
+          f"{name}" + (", compiled" if args.compile else ""))
     print("| mode | s per case |\n| --- | ---: |")
     for overlap, secs in rows:
         print(f"| {'overlapped (threads)' if overlap else 'one stage after another'} | {secs:.3f} |")
