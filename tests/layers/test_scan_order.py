@@ -74,3 +74,32 @@ def test_serialize_round_trip_and_order(order):
 def test_unknown_order_is_refused():
     with pytest.raises(ValueError, match="unknown scan order"):
         ScanOrder("spiral")
+
+
+@pytest.mark.parametrize("order", ["hilbert", "shuffle"])
+def test_serialize_gradients_are_gathers_equal_to_plain_indexing(order):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    scan = ScanOrder(order).train()
+    perm = scan.permutation((3, 4, 5))
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    seq = ScanOrder.serialize(x, perm)
+    back = ScanOrder.deserialize(seq * torch.arange(1.0, 7.0, dtype=torch.float64), perm, (3, 4, 5))
+    w = torch.randn_like(back)
+    with Ops() as ops:
+        (g,) = torch.autograd.grad((back * w).sum(), x)
+    ref_seq = x.flatten(2).transpose(1, 2)[:, perm] * torch.arange(1.0, 7.0, dtype=torch.float64)
+    ref = ref_seq[:, inverse_permutation(perm)].transpose(1, 2).reshape(x.shape)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    assert not [n for n in ops.names if n.startswith("index_put")], ops.names
+    torch.autograd.gradcheck(lambda t: ScanOrder.serialize(t, perm), (x,))
