@@ -37,13 +37,9 @@ def timed(fn, device, warmup: int, iters: int, peak_after_first: bool = False) -
         raise ValueError("peak_after_first needs at least two warm-up calls")
     for i in range(warmup):
         fn()
-        if device.type == "cuda" and i < 2 and peak_after_first:
-            # as the engine does (Trainer.release_compile_memory): the blocks cached by compiling and the eager
-            # warm-up go back to the driver, after the compiling call and after the recording one
+        if device.type == "cuda" and i == 0 and peak_after_first:
             _sync(device)
-            torch.cuda.empty_cache()
-            if i == 0:
-                torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     if device.type == "cuda" and not peak_after_first:
         torch.cuda.reset_peak_memory_stats(device)

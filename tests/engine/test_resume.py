@@ -321,24 +321,3 @@ def test_resume_keeps_the_runs_planned_length(tmp_path, monkeypatch, caplog):
         pretrain(PretrainConfig(resume=str(part), device="cpu", workers=0, progress=False))
     assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 8
     assert "the run was planned for 8" in caplog.text
-
-
-def test_compile_memory_is_released_after_the_first_two_steps_of_each_session(tmp_path, monkeypatch):
-    from mambamim.engine.trainer import Trainer
-
-    fake_cache(tmp_path / "cache")
-    patch_pretrain(monkeypatch)
-    seen = []
-    original = Trainer.release_compile_memory
-
-    def spy(self):
-        seen.append(self.loop.step)
-        original(self)  # compile off, CPU: nothing to release, and no CUDA call
-
-    monkeypatch.setattr(Trainer, "release_compile_memory", spy)
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    part = pretrain(_cfg(tmp_path, "part", stop_after=4))
-    pretrain(PretrainConfig(resume=str(part), device="cpu", workers=0, progress=False))
-    assert seen == [1, 2, 5, 6]  # steps just finished: the compiling step and the recording one, per session
-    assert emptied == []

@@ -284,10 +284,8 @@ class Trainer:
         self.t_last = time.perf_counter()
         loop.model.train()
         batches = loop.batches(self.loader, self.rng, self.ctx.rank, self.ctx.world_size) if loop.step < end else iter(())
-        for done, batch in enumerate(batches, 1):
+        for batch in batches:
             loss_value, grad_norm = self.train_step(batch)
-            if done <= 2:
-                self.release_compile_memory()
             self.window.append(loss_value)
             self.last_loss = loss_value
             if self.pbar is not None:
@@ -309,15 +307,6 @@ class Trainer:
         with self.loop.autocast():
             loss = self.compute_loss(batch)
         return self.loop.backward_step(loss)
-
-    def release_compile_memory(self) -> None:
-        """After each of a session's first two steps, compiled on CUDA: hand the blocks the caching allocator
-        keeps from compiling (autotuning buffers) and from the eager warm-up back to the driver. CUDA graphs
-        are recorded in step 2 into a private pool that cached blocks cannot serve, so without this they
-        stay reserved beside it for the whole run (benchmarks/RESULTS.md: 23.9 GiB reserved for 16.0 GiB
-        allocated in a base pre-training step before). It waits for the GPU, twice per session."""
-        if self.config.compile and self.ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's image (B, C, D, H, W) on the device, in the forward's memory layout."""
