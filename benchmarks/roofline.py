@@ -1,7 +1,7 @@
 """Roofline table of a pre-training (or fine-tuning) step: for the ops that take the most GPU time, their time, the bytes
 they read and write, their FLOPs and the fraction of the card's memory or matrix limit they reach.
 
-    python benchmarks/roofline.py [--size base] [--crop 96] [--batch 8] [--rows 10] [--eager-only]
+    python benchmarks/roofline.py [--task finetune] [--size base] [--crop 96] [--batch 8] [--rows 10] [--ncdhw]
 
 Method. The step (bf16 autocast, channels_last, sparse full resolution on ``--sparse-levels`` levels,
 fused AdamW) runs eagerly under a TorchDispatchMode that brackets every ATen / custom op, forward and
@@ -15,7 +15,9 @@ larger of the two. Ops are grouped by (name, shapes); a row's time sums its call
 
 Eager, not compiled: Inductor fuses the elementwise ops (whose rows here therefore overstate them) but
 calls the same convolutions, matmuls and our Triton kernels, which is where the table points. The compiled
-step's own kernel list comes from benchmarks/profile_pretrain.py.
+step's own kernel list comes from benchmarks/profile_pretrain.py. Channels-last is what the engine runs
+compiled; eagerly it runs NCDHW (``--ncdhw``), and eager ops that want contiguous inputs (``F.group_norm``)
+copy channels-last ones, rows that neither the compiled nor the eager engine step has.
 """
 
 from __future__ import annotations
@@ -159,11 +161,9 @@ def build_step(args, device):
     model, loss_of = _model_and_loss(args)
     model = model.to(device)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last_3d)
-    x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    layout = torch.channels_last_3d if cuda and not args.ncdhw else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    x = torch.rand(args.batch, 1, args.crop, args.crop, args.crop, device=device).contiguous(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
 
@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sparse-levels", type=int, default=2)
     parser.add_argument("--rows", type=int, default=10)
+    parser.add_argument("--ncdhw", action="store_true", help="NCDHW activations (the eager engine's layout), not channels-last")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
