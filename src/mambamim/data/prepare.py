@@ -131,18 +131,20 @@ def _check_not_a_label(spec: CaseSpec) -> None:
 
 
 def prepare_case(spec: CaseSpec, out: str | os.PathLike, params: PreprocessParams,
-                 labels: dict[str, str] | None = None, keep_constant: bool = False) -> dict[str, Any]:
+                 labels: dict[str, str] | None = None, keep_constant: bool = False,
+                 threads: int | None = None) -> dict[str, Any]:
     """Preprocess one case and write it into the cache at ``out`` (image, label, then meta.json last).
 
     Returns ``{"id", "status": "ok"|"failed"|"excluded", "shape", "has_label", "label_values", "warnings",
     "error"}``; never raises for data problems (they come back as ``error = {"case", "file", "problem"}``).
     A constant image is ``excluded`` (nothing written) unless ``keep_constant``, which keeps it with a warning.
+    ``threads``: for the resampling (see :func:`mambamim.data.preprocess.preprocess_image`).
     """
     result: dict[str, Any] = {"id": spec.case_id, "status": "failed", "warnings": [], "error": None}
     try:
         if spec.label_named:
             _check_not_a_label(spec)
-        image, meta = preprocess_image(spec.image_paths, params, case_id=spec.case_id)
+        image, meta = preprocess_image(spec.image_paths, params, case_id=spec.case_id, threads=threads)
         constant = _constant_problem(meta, image)
         d = case_dir(out, spec.case_id)
         meta_path = d / "meta.json"
@@ -300,7 +302,8 @@ def prepare_dataset(input: str | os.PathLike, out: str | os.PathLike, params: Pr
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context()) as pool:
-                futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels, keep_constant)
+                # one resampling thread per worker process: the processes already fill the cores
+                futures = [pool.submit(prepare_case, spec, out_p, params, ds.labels, keep_constant, 1)
                            for spec in todo]
                 for fut in as_completed(futures):
                     collect(fut.result())

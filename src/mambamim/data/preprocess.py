@@ -171,10 +171,12 @@ def _row_parity(shape: Sequence[int], axis: int) -> np.ndarray:
     return (total & 1).astype(bool)
 
 
-def _resample_axis(vol: np.ndarray, axis: int, scale: float, offset: float, n_out: int, order: int) -> np.ndarray:
+def _resample_axis(vol: np.ndarray, axis: int, scale: float, offset: float, n_out: int, order: int,
+                   threads: int = 1) -> np.ndarray:
     """1-D resampling along ``axis``: output index i samples input coordinate ``i * scale + offset``
     (edge values beyond the ends; order 0 nearest, ties split by ``_nearest_axis``; order 1 linear). Both
-    orders use this one coordinate, so labels and images land on the same voxel centres."""
+    orders use this one coordinate, so labels and images land on the same voxel centres. Linear passes run
+    in ``threads`` threads over slabs of another axis (numpy releases the GIL): the same values."""
     n_in = vol.shape[axis]
     c = np.clip(np.arange(n_out, dtype=np.float64) * scale + offset, 0, n_in - 1)
     if order == 0:
@@ -184,15 +186,50 @@ def _resample_axis(vol: np.ndarray, axis: int, scale: float, offset: float, n_ou
     shape = [1] * vol.ndim
     shape[axis] = n_out
     w = (c - i0).astype(np.float32).reshape(shape)
-    a0 = np.take(vol, i0, axis=axis)
-    a1 = np.take(vol, i1, axis=axis)
-    a1 -= a0
-    a1 *= w
-    a0 += a1
-    return a0
+    out_shape = list(vol.shape)
+    out_shape[axis] = n_out
+    out = np.empty(out_shape, dtype=vol.dtype)
+
+    def lerp(slab: tuple) -> None:
+        src, dst = vol[slab], out[slab]
+        np.take(src, i0, axis=axis, out=dst, mode="clip")  # indices are in range: "clip" avoids a buffer
+        a1 = np.take(src, i1, axis=axis, mode="clip")
+        a1 -= dst
+        a1 *= w
+        dst += a1
+
+    _for_each_slab(lerp, out_shape, axis, threads)
+    return out
 
 
-def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
+def _for_each_slab(fn: Any, shape: Sequence[int], skip: int, threads: int) -> None:
+    """Call ``fn(index)`` for slabs that tile an array of ``shape`` along its slowest axis other than ``skip``
+    with at least ``2 * threads`` planes (the whole array at once when there is none, or ``threads`` is 1),
+    in ``threads`` threads."""
+    split = next((a for a in range(len(shape)) if a != skip and shape[a] >= 2 * threads), None)
+    if threads <= 1 or split is None:
+        fn((Ellipsis,))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, shape[split], threads + 1).round().astype(int)
+    slabs = [(slice(None),) * split + (slice(a, b),) for a, b in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mambamim-resample") as pool:
+        list(pool.map(fn, slabs))  # list(): re-raises a slab's exception here
+
+
+def _default_threads() -> int:
+    """Threads for one case's resampling: the CPUs this process may use, at most 8 (the passes are
+    memory-bound; more threads stopped paying)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], order: int,
+              threads: int = 1) -> np.ndarray:
     """Resample the last three axes of ``vol`` ((X, Y, Z) or (C, X, Y, Z)) onto ``out_shape``.
 
     An axis-aligned ``out_to_in`` (always the case for this pipeline) runs as three separable 1-D passes,
@@ -216,7 +253,8 @@ def _resample(vol: np.ndarray, out_to_in: np.ndarray, out_shape: Sequence[int], 
     for ax in sorted(range(3), key=lambda a: -scales[a]):
         if scales[ax] == 1.0 and offsets[ax] == 0.0 and vol.shape[where[ax]] == int(out_shape[ax]):
             continue
-        vol = _resample_axis(vol, where[ax], float(scales[ax]), float(offsets[ax]), int(out_shape[ax]), order)
+        vol = _resample_axis(vol, where[ax], float(scales[ax]), float(offsets[ax]), int(out_shape[ax]), order,
+                             threads)
     return vol.transpose(list(range(lead)) + [where[a] for a in range(3)])  # a view; callers copy if they must
 
 
@@ -256,14 +294,15 @@ def plan_geometry(affine: np.ndarray, shape: Sequence[int], params: PreprocessPa
     }
 
 
-def _forward_geometry(vol: np.ndarray, meta: dict, order: int) -> np.ndarray:
-    """Reorient + resample ``vol`` (X, Y, Z) or (C, X, Y, Z) from the original grid to the resampled grid."""
+def _forward_geometry(vol: np.ndarray, meta: dict, order: int, threads: int = 1) -> np.ndarray:
+    """Reorient + resample ``vol`` (X, Y, Z) or (C, X, Y, Z) from the original grid to the resampled grid
+    (linear passes in ``threads`` threads)."""
     to_ras = np.asarray(meta["ras"]["ornt_transform"])
     vol = _reorient(vol, to_ras)
     ras_a, res_a = np.asarray(meta["ras"]["affine"]), np.asarray(meta["resampled"]["affine"])
     out_to_in = np.linalg.solve(ras_a, res_a)  # resampled voxel -> RAS voxel
     if not _is_identity(out_to_in):
-        vol = _resample(vol, out_to_in, meta["resampled"]["shape"], order)
+        vol = _resample(vol, out_to_in, meta["resampled"]["shape"], order, threads)
     return vol
 
 
@@ -297,8 +336,10 @@ def _as_paths(image_paths: Sequence[str] | str | os.PathLike) -> list[str]:
 
 
 def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams | None = None,
-                     case_id: str | None = None) -> tuple[np.ndarray, dict]:
+                     case_id: str | None = None, threads: int | None = None) -> tuple[np.ndarray, dict]:
     """Read and preprocess one case's image (one path per channel; NIfTI or DICOM series folder).
+    ``threads`` for the resampling (None: :func:`_default_threads`; pass 1 where processes already run in
+    parallel); the result does not depend on it.
 
     Returns ``(image, meta)``: image float32 ``(C, X, Y, Z)`` in cache space (RAS, target spacing, values
     in [0, 1], cropped and padded), meta a JSON-able dict for ``restore_to_original`` /
@@ -334,7 +375,7 @@ def preprocess_image(image_paths: Sequence[str] | str, params: PreprocessParams 
         meta["dicom"] = {"series_uid": infos[0].get("series_uid"), "folder": infos[0].get("folder"),
                          "n_slices": infos[0].get("n_slices")}
     meta.update(plan_geometry(ref_affine, data.shape[1:], params))
-    data = _forward_geometry(data, meta, order=1)
+    data = _forward_geometry(data, meta, order=1, threads=_default_threads() if threads is None else threads)
     lo, hi = params.hu_min, params.hu_max
     body = (data > lo).any(axis=0)
     res_shape = list(data.shape[1:])
