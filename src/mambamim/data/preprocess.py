@@ -219,8 +219,8 @@ def _for_each_slab(fn: Any, shape: Sequence[int], skip: int, threads: int) -> No
 
 
 def _default_threads() -> int:
-    """Threads for one case's resampling: the CPUs this process may use, at most 8 (the passes are
-    memory-bound; more threads stopped paying)."""
+    """Threads for one case's resampling: the CPUs this process may use, at most 8 (a cap, not a measured
+    optimum: the passes are memory-bound, and a host's other cores have the network to feed)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
