@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from mambamim.atomic import atomic_write
 from mambamim.data.errors import DataError
-from mambamim.data.io import read_image, read_label
+from mambamim.data.io import gzip_nifti, read_image, read_label
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +512,9 @@ def restore_to_original(array: np.ndarray, meta: dict, is_label: bool = True) ->
     arr = arr[sl]
     # undo crop
     res_shape = list(meta["resampled"]["shape"])
-    full = np.zeros(arr.shape[:-3] + tuple(res_shape), dtype=arr.dtype)
+    # A 3D map is built X-fastest, the order NIfTI stores: the passes below keep the layout and the
+    # writer then copies it straight (a C-ordered 512x512x200 label map took 0.27 s to transpose).
+    full = np.zeros(arr.shape[:-3] + tuple(res_shape), dtype=arr.dtype, order="F" if arr.ndim == 3 else "C")
     full[(Ellipsis,) + tuple(slice(a, b) for a, b in meta["crop"]["box"])] = arr
     # resample back to the RAS grid of the original shape
     ras_a, res_a = np.asarray(meta["ras"]["affine"]), np.asarray(meta["resampled"]["affine"])
@@ -541,5 +543,9 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     with atomic_write(path) as handle:
-        nib.save(img, handle.name)  # nibabel picks .nii / .nii.gz from the temp name's suffix
+        packed = gzip_nifti(img) if path.endswith(".gz") else None
+        if packed is not None:
+            handle.write(packed)
+        else:
+            nib.save(img, handle.name)  # nibabel picks .nii / .nii.gz from the temp name's suffix
     return path
