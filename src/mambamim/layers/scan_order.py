@@ -176,17 +176,18 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 class _Permute(torch.autograd.Function):
     """``x[:, perm]`` for a permutation ``perm`` of dim 1, whose gradient is ``grad[:, inverse]``: a gather.
     Plain indexing's gradient is a scatter-add (``index_put`` with accumulate), which eagerly on CUDA sorts
-    its indices and took 9-34 ms per step for two 8x216x384 tensors (benchmarks/RESULTS.md, rooflines)."""
+    its indices and took 9-34 ms per step for two 8x216x384 tensors (benchmarks/RESULTS.md, rooflines).
+    The inverse is made in the backward pass only: a forward without gradients does no extra work."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(perm)
         return x.index_select(1, perm)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (perm,) = ctx.saved_tensors
+        return grad.index_select(1, inverse_permutation(perm)), None
 
 
 @torch.compiler.assume_constant_result
@@ -235,12 +236,12 @@ class ScanOrder(nn.Module):
     @staticmethod
     def serialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, L, C) in scan order."""
-        return _Permute.apply(x.flatten(2).transpose(1, 2), perm, inverse_permutation(perm))
+        return _Permute.apply(x.flatten(2).transpose(1, 2), perm)
 
     @staticmethod
     def deserialize(seq: torch.Tensor, perm: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, L, C) in scan order -> (B, C, D, H, W)."""
-        flat = _Permute.apply(seq, inverse_permutation(perm), perm)
+        flat = _Permute.apply(seq, inverse_permutation(perm))
         return flat.transpose(1, 2).reshape(seq.shape[0], seq.shape[2], *grid)
 
     def extra_repr(self) -> str:
