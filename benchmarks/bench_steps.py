@@ -17,9 +17,12 @@ import statistics
 import time
 from contextlib import nullcontext
 
-import torch
+from mambamim.runtime.allocator import ALLOC_CONF, apply_allocator_defaults
 
-from _report import save_table
+apply_allocator_defaults()  # the allocator settings the CLI runs with, set before torch starts CUDA
+import torch  # noqa: E402
+
+from _report import save_table  # noqa: E402
 
 def _sync(device):
     if device.type == "cuda":
@@ -293,7 +296,8 @@ def main() -> None:
         rows += table[key](args, device)
         print(f"[{key} done]", flush=True)
     lines = [
-        f"device: {name}; torch {torch.__version__}; batch {args.batch}; crop {args.crop}; size {args.size}",
+        f"device: {name}; torch {torch.__version__}; batch {args.batch}; crop {args.crop}; size {args.size}; "
+        f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF)!r}",
         "",
         "| what | median time | peak GiB |",
         "| --- | --- | --- |",

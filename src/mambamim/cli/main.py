@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     not handle itself become one line ``mambamim <command>: <path>: <problem>`` and exit status 1 (``-vv``
     shows the traceback instead)."""
     from mambamim.data.errors import DataError, output_dir_problem
+    from mambamim.runtime.allocator import apply_allocator_defaults
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"mambamim {name}: {os.path.abspath(os.path.expanduser(out))}: {problem}", file=sys.stderr)
             return 1
+    apply_allocator_defaults()  # before the command imports torch
     try:
         return int(args.func(args) or 0)
     except (DataError, OSError) as exc:
