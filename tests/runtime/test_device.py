@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambamim.runtime.device import autocast_context, resolve_amp, resolve_device
+from mambamim.runtime.device import autocast_context, cudnn_benchmark, resolve_amp, resolve_device
 
 
 def test_resolve_device():
@@ -49,3 +49,23 @@ def test_run_device_follows_the_module_unless_told():
     assert run_device(nn.Linear(2, 2)) == torch.device("cpu")
     assert run_device(nn.ReLU()) == torch.device("cpu")  # no parameters
     assert run_device(nn.Linear(2, 2), "cpu") == torch.device("cpu")
+
+
+def test_cudnn_benchmark_is_on_for_cuda_only_and_restored():
+    before = torch.backends.cudnn.benchmark
+    try:
+        for start in (False, True):
+            torch.backends.cudnn.benchmark = start
+            with cudnn_benchmark(torch.device("cuda")):
+                assert torch.backends.cudnn.benchmark is True
+            assert torch.backends.cudnn.benchmark is start
+            with cudnn_benchmark(torch.device("cpu")):
+                assert torch.backends.cudnn.benchmark is start
+            try:
+                with cudnn_benchmark(torch.device("cuda")):
+                    raise RuntimeError("inside")
+            except RuntimeError:
+                pass
+            assert torch.backends.cudnn.benchmark is start
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -45,6 +45,7 @@ from mambamim.engine.loop import (
 )
 from mambamim.engine.run_folder import claim_run_folder, resolve_resume
 from mambamim.runtime.compiling import CompiledOrEager
+from mambamim.runtime.device import cudnn_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,10 @@ class Trainer:
         config = resolve_resume(config, cls.config_cls)
         config.validate()
         ctx = D.init_distributed(config.device)
-        # Training crops have one fixed shape, so cuDNN's measured algorithm choice (what benchmarks/ times)
-        # pays after the first step; the caller's setting comes back afterwards.
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = benchmark or ctx.device.type == "cuda"
         try:
-            return cls(config, ctx).execute()
+            with cudnn_benchmark(ctx.device):
+                return cls(config, ctx).execute()
         finally:
-            torch.backends.cudnn.benchmark = benchmark
             D.cleanup(ctx)
 
     def execute(self) -> Path:

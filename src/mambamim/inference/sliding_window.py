@@ -19,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from mambamim.runtime.compiling import CompiledOrEager
-from mambamim.runtime.device import autocast_context, resolve_amp, run_device
+from mambamim.runtime.device import autocast_context, cudnn_benchmark, resolve_amp, run_device
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -150,7 +150,7 @@ def predict_volume(
             return _logits(model(window)).float()
 
     probs: torch.Tensor | None = None
-    with torch.no_grad():
+    with torch.no_grad(), cudnn_benchmark(dev):  # every window batch but the last has one shape
         for axes in flips:
             xi = torch.flip(x, axes) if axes else x
             logits = sliding_window_inference(

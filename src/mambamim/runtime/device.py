@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, ContextManager
 
 import torch
 
-__all__ = ["resolve_device", "run_device", "resolve_amp", "autocast_context"]
+__all__ = ["resolve_device", "run_device", "resolve_amp", "autocast_context", "cudnn_benchmark"]
 
 
 def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
@@ -65,3 +66,16 @@ def autocast_context(device: torch.device, amp: str = "auto") -> ContextManager[
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    """Let cuDNN time its algorithms for each new convolution shape while on a CUDA ``device``, and put the
+    caller's setting back afterwards. Training crops and sliding windows repeat one shape, so the timing at
+    the first call pays for itself (the choice benchmarks/ measure); off CUDA it changes nothing."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or torch.device(device).type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
