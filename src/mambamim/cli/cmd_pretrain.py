@@ -49,7 +49,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, batch_defa
                         help="torch.compile the training step (channels-last 3D on CUDA): fastest on GPUs")
     parser.add_argument("--memory-budget", type=float, default=1.0, metavar="F",
                         help="with --compile: keep at most about this fraction (0-1] of the activations the compiled "
-                             "step would save, recomputing elementwise ops in the backward pass (default 1 = off)")
+                             "step would save, recomputing elementwise ops in the backward pass (default 1 = off; 0.4: the base "
+                             "step in 9.5 GiB allocated / 14.1 GiB reserved instead of 16 / 18.6, 13%% slower, on an H100)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                         help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 / fp16 = that autocast; "
                              "none = fp32, no autocast (default auto)")
