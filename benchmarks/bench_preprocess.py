@@ -1,20 +1,24 @@
 """Host-side cost of segmenting one real-size CT: reading and preprocessing it, mapping a label map back to
 its grid and writing it (what `mambamim predict` does around the GPU's sliding window).
 
-    python benchmarks/bench_preprocess.py [--shape 512 512 200] [--spacing 0.78 0.78 2.0] [--repeats 3]
+    python benchmarks/bench_preprocess.py [--shape 512 512 200] [--spacing 0.78 0.78 2.0] [--repeats 3] [--concurrent 1 2 3]
 
 The CT is synthetic (an ellipse of soft tissue with noise in air, int16, gzip NIfTI, X-fastest as NIfTI
 stores it); the label map is a few boxes, so it compresses like a real one. Prints the median of each stage.
-To compare two trees, run it with ``PYTHONPATH=<tree>/src`` for each in the same session.
+To compare two trees, run it with ``PYTHONPATH=<tree>/src`` for each in the same session. ``--concurrent``
+also times reading + preprocessing copies of the CT with that many in flight at once (``predict``'s
+``read_ahead``): seconds per case of the whole set.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200])
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.78, 0.78, 2.0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrent", type=int, nargs="*", default=[], help="cases read at once (each a table row)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "ct.nii.gz")
@@ -63,6 +68,21 @@ def main() -> None:
                        ("labels back to the CT's grid", back_s), ("write the label NIfTI (gzip, atomic)", save_s),
                        ("host total", read_s + back_s + save_s)):
         print(f"| {name} | {secs:.3f} |")
+    if args.concurrent:
+        concurrent_reads(path, params, args.concurrent, cases=2 * max(args.concurrent))
+
+
+def concurrent_reads(path: str, params: PreprocessParams, counts: list[int], cases: int) -> None:
+    """Seconds per case of reading + preprocessing ``cases`` copies of ``path`` with ``n`` in flight, for each n."""
+    copies = [f"{path[:-7]}_{i}.nii.gz" for i in range(cases)]
+    for copy in copies:
+        shutil.copyfile(path, copy)
+    print(f"\n| cases read at once ({cases} cases, each its own file) | s per case |\n| --- | ---: |")
+    for n in counts:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: preprocess_image(p, params), copies))
+            print(f"| {n} | {(time.perf_counter() - t0) / cases:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ the others are written, existing outputs refused / skipped / replaced, ``predict
 
 from __future__ import annotations
 
+import threading
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -125,3 +128,41 @@ def test_predict_labels_uses_the_checkpoint_window_and_rejects_unknown_options()
     assert set(WindowOptions.__annotations__) == {"roi", "overlap", "sw_batch_size", "tta_flips", "device", "amp"}
     with pytest.raises(TypeError, match="tta"):
         predict_labels(ThresholdSegmenter(), INFO, image, tta="all")
+
+
+def test_read_ahead_reads_that_many_cases_beside_the_network(tmp_path, inputs, monkeypatch):
+    """``read_ahead=N`` keeps N cases loading while the network runs one, never more, with the same outcomes
+    and files as reading in turn; it refuses what is not a whole number >= 1."""
+    from mambamim.inference import segment
+
+    folder, _ = inputs
+    files = [folder / "a.nii.gz", folder / "b.nii.gz"] * 3
+    real_load = segment.load_case
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_load(info, paths):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.15)  # long enough for the loads in flight to overlap
+        try:
+            return real_load(info, paths)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(segment, "load_case", slow_load)
+    outputs = {}
+    for ahead in (1, 2, 3):
+        state.update(now=0, most=0)
+        out = tmp_path / f"ahead{ahead}"
+        res = predict_files(ThresholdSegmenter(), INFO, files, out, device="cpu", read_ahead=ahead)
+        assert [c.status for c in res.cases] == ["written"] * 6
+        assert state["most"] == ahead  # the loads of N cases overlapped, never N + 1
+        outputs[ahead] = {p.name: np.asarray(nib.load(p).dataobj) for p in out.iterdir()}
+    assert outputs[1].keys() == outputs[2].keys() == outputs[3].keys()
+    for name in outputs[1]:
+        assert np.array_equal(outputs[1][name], outputs[2][name]) and np.array_equal(outputs[1][name], outputs[3][name])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="read_ahead"):
+            predict_files(ThresholdSegmenter(), INFO, files, tmp_path / "bad", read_ahead=bad)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
@@ -91,7 +91,7 @@ class PredictionResult:
 class PredictOptions(WindowOptions, total=False):
     """The keywords of :func:`predict_files` after its positional arguments (also those of
     :func:`mambamim.api.predict_folder`): the window options and ``suffix``, ``overwrite``,
-    ``skip_existing``, ``progress``, ``on_case``, ``overlap_io``."""
+    ``skip_existing``, ``progress``, ``on_case``, ``overlap_io``, ``read_ahead``."""
 
     suffix: str
     overwrite: bool
@@ -99,6 +99,7 @@ class PredictOptions(WindowOptions, total=False):
     progress: bool
     on_case: Callable[[CaseOutcome], None] | None
     overlap_io: bool
+    read_ahead: int
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputCase]:
@@ -157,6 +158,7 @@ def predict_files(
     progress: bool = False,
     on_case: Callable[[CaseOutcome], None] | None = None,
     overlap_io: bool = True,
+    read_ahead: int = 2,
     **window: Unpack[WindowOptions],
 ) -> PredictionResult:
     """Segment every case under ``inputs`` with a loaded network, writing ``out_dir/<case><suffix>``.
@@ -175,8 +177,11 @@ def predict_files(
         skip_existing: mark cases whose output exists as "skipped" (not run) instead of refused.
         progress: a tqdm bar on stderr.
         on_case: called with each :class:`CaseOutcome` as soon as it is known (e.g. to report it live).
-        overlap_io: read and preprocess the next case, and map back and write the last one, in background
+        overlap_io: read and preprocess the next cases, and map back and write the last one, in background
             threads while the network runs (the same results; False runs the stages one after another).
+        read_ahead: with ``overlap_io``, how many cases are read and preprocessed at once ahead of the network
+            (each in its own thread; gzip decompression and resampling release the GIL). 2 by default: with a
+            compiled network on a GPU, reading one case took longer than segmenting one.
         window: sliding-window options (:class:`mambamim.inference.WindowOptions`: ``roi`` (default: the
             checkpoint's), ``overlap``, ``sw_batch_size``, ``tta_flips``, ``device``, ``amp``).
 
@@ -184,10 +189,13 @@ def predict_files(
         A :class:`PredictionResult` listing every case in input order.
 
     Raises:
-        ValueError: ``overwrite`` and ``skip_existing`` together, or no case found under ``inputs``.
+        ValueError: ``overwrite`` and ``skip_existing`` together, ``read_ahead`` below 1, or no case found
+            under ``inputs``.
     """
     if overwrite and skip_existing:
         raise ValueError("overwrite and skip_existing exclude each other")
+    if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 1:
+        raise ValueError(f"read_ahead must be a whole number of cases >= 1, got {read_ahead!r}")
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     cases = discover_inputs(items)
     if not cases:
@@ -200,7 +208,7 @@ def predict_files(
     for job in jobs:
         job.outcome = _before_running(job, overwrite=overwrite, skip_existing=skip_existing)
     bar = _progress(len(jobs), "predict", progress)
-    for outcome in _run_in_order(model, info, jobs, overlap_io, window):
+    for outcome in _run_in_order(model, info, jobs, read_ahead if overlap_io else 0, window):
         logger.debug("%s: %s %s", outcome.case_id, outcome.status, outcome.message or outcome.output)
         result.cases.append(outcome)
         if bar is not None:
@@ -270,22 +278,27 @@ def _write_stage(job: _Job, labels: Any, meta: dict[str, Any]) -> CaseOutcome:
     return CaseOutcome(job.case.case_id, job.case.source, "written", output=job.out_path)
 
 
-def _run_in_order(model: nn.Module, info: dict[str, Any], jobs: list[_Job], overlap_io: bool,
+def _run_in_order(model: nn.Module, info: dict[str, Any], jobs: list[_Job], read_ahead: int,
                   window: dict[str, Any]) -> Iterator[CaseOutcome]:
     """Every job's outcome, in input order, as soon as it and those before it are known. The network runs
-    here; with ``overlap_io`` the next case's reading (one ahead) and the last ones' writing (two at most)
-    run in worker threads meanwhile."""
+    here; with ``read_ahead`` > 0 the reading of the next ``read_ahead`` cases and the last ones' writing (two
+    at most) run in worker threads meanwhile; 0 runs every stage here, one after another."""
     from mambamim.inference.segment import load_case
 
     runnable = [job for job in jobs if job.outcome is None]
-    with (ThreadPoolExecutor(max_workers=2, thread_name_prefix="mambamim-io") if overlap_io else _Inline()) as pool:
-        loads = {id(job): pool.submit(load_case, info, job.paths) for job in runnable[:1]}
+    ahead = max(1, read_ahead)  # inline (0), a load runs when submitted: one case ahead, as before threads
+    pool = ThreadPoolExecutor(max_workers=read_ahead + 1, thread_name_prefix="mambamim-io") if read_ahead else _Inline()
+    with pool:
+        loads = {id(job): pool.submit(load_case, info, job.paths) for job in runnable[:ahead]}
         shown = yield from _ready(jobs, 0, block=False)  # cases that do not run, ahead of the first that does
         for k, job in enumerate(runnable):
-            if k + 1 < len(runnable):
-                loads[id(runnable[k + 1])] = pool.submit(load_case, info, runnable[k + 1].paths)
+            pending = loads.pop(id(job))
+            wait([pending])  # this case's reading has ended before the next one's starts beside the others
+            if k + ahead < len(runnable):
+                nxt = runnable[k + ahead]
+                loads[id(nxt)] = pool.submit(load_case, info, nxt.paths)
             try:
-                image, meta = loads.pop(id(job)).result()
+                image, meta = pending.result()
                 labels = predict_labels(model, info, torch.from_numpy(image), **window)
             except Exception as exc:  # one bad case must not stop the others
                 job.outcome = job.failed(exc)
