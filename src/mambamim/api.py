@@ -71,8 +71,9 @@ def predict_folder(
         options: :class:`mambamim.inference.batch.PredictOptions`: ``suffix`` ("_seg.nii.gz"),
             ``overwrite``, ``skip_existing``, ``progress`` (a tqdm bar), ``on_case`` (called with each
             case's outcome as it is known), ``overlap_io`` (True: read the next cases and write the last ones
-            in threads while the network runs), ``read_ahead`` (how many cases are read at once ahead: 2) and the sliding-window options (:class:`mambamim.inference.WindowOptions`;
-            the CLI passes ``sw_batch_size=8``).
+            in threads while the network runs), ``read_ahead`` (cases read at once ahead of the network: 2)
+            and the sliding-window options (:class:`mambamim.inference.WindowOptions`; the CLI passes
+            ``sw_batch_size=8``).
 
     Returns:
         A :class:`mambamim.inference.batch.PredictionResult`: every case, written / failed (why) /

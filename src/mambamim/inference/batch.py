@@ -180,8 +180,9 @@ def predict_files(
         overlap_io: read and preprocess the next cases, and map back and write the last one, in background
             threads while the network runs (the same results; False runs the stages one after another).
         read_ahead: with ``overlap_io``, how many cases are read and preprocessed at once ahead of the network
-            (each in its own thread; gzip decompression and resampling release the GIL). 2 by default: with a
-            compiled network on a GPU, reading one case took longer than segmenting one.
+            (each in its own thread; gzip decompression and resampling release the GIL; each holds its
+            preprocessed image). 2 by default: with a compiled network on a GPU, reading one case took longer
+            than segmenting one.
         window: sliding-window options (:class:`mambamim.inference.WindowOptions`: ``roi`` (default: the
             checkpoint's), ``overlap``, ``sw_batch_size``, ``tta_flips``, ``device``, ``amp``).
 
