@@ -138,3 +138,25 @@ def test_predict_real_ct_geometry(tmp_path, toy_segmenter):
     seg = np.asarray(seg_img.dataobj).astype(bool)
     expected = np.asarray(ref.dataobj) > 37.5  # 3 mm -> 1.5 mm along z is an integer upsampling: exact round trip
     np.testing.assert_array_equal(seg, expected)
+
+
+def test_predict_read_ahead_is_passed_and_checked(tmp_path, toy_segmenter, capsys):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    (tmp_path / "in").mkdir()
+    hu = {}
+    for i in range(3):
+        hu[i] = phantom_hu((20, 20, 12), seed=i)
+        write_nifti(tmp_path / "in" / f"c{i}.nii.gz", hu[i], AFFINES["ras"])
+    base = ["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--device", "cpu", "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "out"), "--read-ahead", "3"]) == 0
+    for i in range(3):
+        seg = np.asarray(nib.load(tmp_path / "out" / f"c{i}_seg.nii.gz").dataobj)
+        np.testing.assert_array_equal(seg.astype(bool), hu[i] > 37.5)
+    for bad, why in (("0", "must be at least 1, got 0"), ("two", "must be a whole number, got 'two'")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main([*base, "--output", str(tmp_path / "out0"), "--read-ahead", bad])
+        assert stop.value.code == 2
+        assert f"argument --read-ahead: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "out0").exists()

@@ -57,6 +57,17 @@ def roi_arg(value: int | None) -> tuple[int, int, int] | None:
     return (value,) * 3
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="fine-tuning checkpoint (best.pt / last.pt) or run folder")
     parser.add_argument("--input", nargs="+", required=True,
@@ -71,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="replace output files that already exist (default: refuse those cases, exit status 1)")
     existing.add_argument("--skip-existing", action="store_true",
                           help="skip inputs whose output file already exists (listed as skipped)")
+    parser.add_argument("--read-ahead", type=at_least_one, default=2, metavar="N",
+                        help="cases read and preprocessed at once while the network runs (default 2; each holds its "
+                             "image in memory: 1 for very large volumes on a small machine)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -94,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, args.input, args.output, device=args.device, compile=args.compile, suffix=args.suffix,
             overwrite=getattr(args, "overwrite", False), skip_existing=getattr(args, "skip_existing", False),
             progress=args.progress, on_case=_report, roi=roi_arg(args.roi), overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp)
+            sw_batch_size=args.sw_batch_size, tta_flips=args.tta, amp=args.amp, read_ahead=args.read_ahead)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return error("predict", str(exc))
     ok, failed, skipped, refused = result.written, result.failed, result.skipped, result.refused
