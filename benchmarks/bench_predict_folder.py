@@ -1,11 +1,12 @@
-"""Segmenting a folder of real-size CTs: the stages one after another vs reading the next case and writing
-the last one in threads while the network runs (``predict_files(..., overlap_io=...)``), in the same run.
+"""Segmenting a folder of real-size CTs: the stages one after another vs reading the next cases (one or two
+ahead) and writing the last one in threads while the network runs (``predict_files(..., overlap_io=...,
+read_ahead=...)``), in the same run.
 
     python benchmarks/bench_predict_folder.py [--cases 4] [--size base] [--device cuda] [--spacing 1.5] [--compile]
 
 The CTs are bench_preprocess.py's synthetic 512x512x200 scans; the network is an untrained HyMamba of
 ``--size`` (its weights do not change the time); ``--compile`` runs it as `mambamim predict --compile` does
-(:func:`mambamim.inference.compile_segmenter`). Prints seconds per case for both modes.
+(:func:`mambamim.inference.compile_segmenter`). Prints seconds per case for each mode, twice.
 """
 
 from __future__ import annotations
@@ -46,17 +47,18 @@ def main() -> None:
                               "crop_foreground": True, "min_size": [args.roi] * 3, "crop_margin": 4}}
     predict_files(model, info, os.path.join(folder, "ct0.nii.gz"), os.path.join(root, "warm"), device=device)
     rows = []
-    for overlap in (False, True, False, True):
+    for ahead in (0, 1, 2) * 2:  # 0: one stage after another; else overlapped, reading that many cases ahead
         res = predict_files(model, info, folder, os.path.join(root, f"out{len(rows)}"), device=device,
-                            overlap_io=overlap)
+                            overlap_io=ahead > 0, read_ahead=max(1, ahead))
         assert len(res.written) == args.cases, res.failed
-        rows.append((overlap, res.seconds / args.cases))
+        rows.append((ahead, res.seconds / args.cases))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{args.cases} CTs of 512x512x200 at 0.78x0.78x2 mm, {args.size} HyMamba, {args.spacing} mm, roi {args.roi}, "
           f"{name}" + (", compiled" if args.compile else ""))
     print("| mode | s per case |\n| --- | ---: |")
-    for overlap, secs in rows:
-        print(f"| {'overlapped (threads)' if overlap else 'one stage after another'} | {secs:.3f} |")
+    for ahead, secs in rows:
+        mode = f"overlapped, reading {ahead} case(s) ahead" if ahead else "one stage after another"
+        print(f"| {mode} | {secs:.3f} |")
 
 
 if __name__ == "__main__":
