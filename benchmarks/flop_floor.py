@@ -14,12 +14,12 @@ Prints a markdown table (and writes it to $OUT/flop_floor.md when OUT is set).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _report import save_table
+from roofline import card_limits
 
 
 def _count(fn) -> float:
@@ -67,20 +67,6 @@ def window_count(volume: tuple[int, int, int], crop: int, overlap: float) -> int
     return sum(seen)
 
 
-def measured_rate() -> float:
-    """TFLOP/s of an 8192^3 bf16 matmul on the current CUDA device (median of 10)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    times = []
-    for _ in range(13):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * 8192**3 / sorted(times[3:])[5] / 1e12
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base")
@@ -91,7 +77,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=790.0, help="bf16 matrix rate, TFLOP/s")
     parser.add_argument("--measure", action="store_true", help="on CUDA: use the measured matmul rate instead")
     args = parser.parse_args()
-    rate = measured_rate() if args.measure and torch.cuda.is_available() else args.rate
+    measure = args.measure and torch.cuda.is_available()  # roofline's 8192^3 bf16 matmul, timed now
+    rate = card_limits(torch.device("cuda"))[1] / 1e12 if measure else args.rate
 
     b, c = args.batch, args.crop
     windows = window_count(tuple(args.volume), c, args.overlap)
@@ -104,7 +91,7 @@ def main() -> None:
         (f"sliding window {'x'.join(map(str, args.volume))}, roi {c}, overlap {args.overlap}: {windows} windows",
          windows * finetune_flops(args.size, c, False) / 1e12, 0.25),
     ]
-    lines = [f"Matrix rate {rate:.0f} TFLOP/s ({'measured' if rate != args.rate else 'given'}); {args.size} HyMamba, "
+    lines = [f"Matrix rate {rate:.0f} TFLOP/s ({'measured' if measure else 'given'}); {args.size} HyMamba, "
              f"{c}^3 crops; FLOPs of matmuls and convolutions only.", "",
              "| workload | TFLOP | floor at the matrix rate | target | fraction of the matrix rate the target needs |",
              "| --- | ---: | ---: | ---: | ---: |"]
