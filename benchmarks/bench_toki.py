@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from mambamim.masking import random_bottleneck_mask
+from mambamim.ops import toki_triton
 from mambamim.ops.toki import toki_fill
 
 
@@ -49,6 +50,23 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn captured in a CUDA graph (after warm-up on a side stream), replayed once; also proves that it has no
+    host syncs or host-to-device copies. Returns the graph and the captured call's output."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return graph, out
 
 
 def main() -> int:
@@ -96,6 +114,13 @@ def main() -> int:
             reference(tokens.float(), visible, A, edge)
 
     rows = [("reference loop (fwd)", _time(ref, device, args.ref_repeats, 1))]
+    stepwise = None
+    if device.type == "cuda" and toki_triton.supports(tokens):
+        # the baseline in the same run: the same Triton units, one launch per doubling step
+        def stepwise() -> None:
+            toki_triton.toki_fill_triton(tokens, visible, A, edge, fused=False)
+
+        rows.append(("Triton, a launch per step (fwd)", _time(stepwise, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd)", _time(fwd, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd+bwd)", _time(fwd_bwd, device, args.repeats, 10)))
     if args.compile:
@@ -113,19 +138,10 @@ def main() -> int:
         rows.append(("toki_fill compiled (fwd+bwd)", _time(cfwd_bwd, device, args.repeats, 10)))
 
     if device.type == "cuda" and not args.no_cuda_graph:
-        # capture the forward in a CUDA graph: also proves it has no host syncs or H2D copies
-        static_out = None
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                toki_fill(tokens, visible, A, edge)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            static_out = toki_fill(tokens, visible, A, edge)
-        graph.replay()
-        torch.cuda.synchronize(device)
+        if stepwise is not None:
+            graph, _ = _graphed(stepwise, device)
+            rows.append(("Triton, a launch per step, CUDA graph", _time(graph.replay, device, args.repeats, 10)))
+        graph, static_out = _graphed(lambda: toki_fill(tokens, visible, A, edge), device)
         graph_diff = (static_out.float() - ref_out).abs().max().item()
         print(f"CUDA graph replay: max |out - reference| = {graph_diff:.3e}")
         rows.append(("toki_fill CUDA graph (fwd)", _time(graph.replay, device, args.repeats, 10)))

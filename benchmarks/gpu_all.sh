@@ -3,6 +3,7 @@
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests but the graphs one (4-6 minutes cold; TESTS=... picks)
+#   bash benchmarks/gpu_all.sh toki               # TOKI's CUDA tests and its forward, fp32 and bf16 (about 2 minutes)
 #   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
 #   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs, fraction of the limits per op (ROOF_ARGS=--task finetune)
 #   bash benchmarks/gpu_all.sh pretrain           # pre-training step: baseline, eager bf16, compiled, CUDA graphs, sparse full-res
@@ -58,6 +59,15 @@ for part in "$@"; do
         --deselect tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda} \
         -W ignore > $OUT/tests.log 2>&1
       echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
+    toki)
+      # TOKI's CUDA tests, then the forward (persistent kernel vs a launch per step, eager and graphed), fp32 and bf16
+      CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${TOKI_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -W ignore \
+        tests/ops/test_toki.py > $OUT/toki_tests.log 2>&1
+      echo "rc=$?"; tail -2 $OUT/toki_tests.log; grep -E "^(FAILED|ERROR)" $OUT/toki_tests.log | head
+      for dt in fp32 bf16; do
+        CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 python3 benchmarks/bench_toki.py --dtype $dt > $OUT/toki_$dt.log 2>&1
+        echo "rc=$?"; tail -9 $OUT/toki_$dt.log
+      done ;;
     graphs)
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
         tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1

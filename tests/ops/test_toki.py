@@ -287,6 +287,21 @@ def test_triton_forward_on_cuda(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_persistent_kernel_matches_one_launch_per_step(dtype):
+    """The persistent kernel (grid barrier between steps) computes bit for bit what one launch per step does,
+    whatever number of programs shares the units; repeated calls agree (no state left in the barrier)."""
+    from mambamim.ops.toki_triton import toki_fill_triton
+
+    for tokens, visible, A, edge, label in _triton_cases("cuda", dtype):
+        stepwise = toki_fill_triton(tokens, visible, A, edge, fused=False)
+        for programs in (1, 3, 17, None, None):
+            out = toki_fill_triton(tokens, visible, A, edge, fused=True, programs=programs)
+            assert torch.equal(out.nan_to_num(), stepwise.nan_to_num()), (label, programs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 def test_triton_forward_in_a_cuda_graph():
     tokens, visible, A, edge, _ = next(_triton_cases("cuda", torch.float32))
     with torch.no_grad():
@@ -313,9 +328,16 @@ def test_triton_interpreter_parity():
 
 
 def _interpreter_check() -> None:
+    from functools import partial
+
     from mambamim.ops.toki_triton import toki_fill_triton
 
-    _check_triton_against_reference("cpu", torch.float32, toki_fill_triton)
+    # programs run one after another here: the persistent kernel's barrier needs a grid of one
+    fused = partial(toki_fill_triton, fused=True, programs=1)
+    _check_triton_against_reference("cpu", torch.float32, fused)
+    _check_triton_against_reference("cpu", torch.float32, partial(toki_fill_triton, fused=False))
+    for tokens, visible, A, edge, label in _triton_cases("cpu", torch.float32):
+        assert torch.equal(fused(tokens, visible, A, edge), toki_fill_triton(tokens, visible, A, edge, fused=False)), label
     print("INTERPRETER OK")
 
 

@@ -1,19 +1,28 @@
-"""TOKI's forward in Triton: the same doubling scan as :func:`mambamim.ops.toki.toki_fill`, in
-``1 + ceil(log2(L + 2))`` launches instead of about 65 (eagerly, the PyTorch version is launch-bound).
+"""TOKI's forward in Triton: the same doubling scan as :func:`mambamim.ops.toki.toki_fill`, without autograd.
 
-- ``_prep_kernel`` (one launch): per sample, the previous and next visible position of every token of the
-  padded sequence (``tl.associative_scan`` max / reverse min over the visibility row), ``n`` (distance to
-  the previous visible token) and the interpolation ``s_n`` (the token itself where visible). Masked
-  tokens are never loaded.
-- ``_step_kernel`` (one launch per doubling step ``j``, shift ``s = 2^j``): ``z[t] += [n_t >= s] A^s z[t-s]``
-  as a tiled matmul with the gate and the shift in the loads; row tiles whose gate is all off skip the
-  matmul. The same launch squares ``A^s`` into ``A^(2s)`` for the next step in extra programs. The last
-  step writes the output: the tokens bit-exact where visible, the filled values cast to their dtype
-  elsewhere.
+The work, in units that each program of a launch takes one or more of:
 
-Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Forward only: the
-caller (``toki_fill``) takes this path where no gradient is needed, and the differentiable PyTorch
-version otherwise.
+- interpolation units (one per sample and channel block): the previous and next visible position of every
+  token of the padded sequence (``tl.associative_scan`` max / reverse min over the visibility row), ``n``
+  (distance to the previous visible token) and the interpolation ``s_n`` (the token itself where visible).
+  Masked tokens are never loaded.
+- doubling step ``j`` (shift ``s = 2^j``, ``ceil(log2(L + 2))`` steps): ``z[t] += [n_t >= s] A^s z[t-s]``
+  as tiled matmuls with the gate and the shift in the loads (row tiles whose gate is all off skip the
+  matmul), plus the tiles of ``A^s @ A^s`` for the next step. The last step writes the output: the tokens
+  bit-exact where visible, the filled values cast to their dtype elsewhere.
+
+Every step reads what the previous one wrote anywhere in the sequence and in ``A^s``, so the steps need a
+grid-wide synchronisation between them. Two ways, same units, same arithmetic, bit-identical results:
+
+- ``fused=True`` (the default): **one** launch of a persistent kernel, one program per SM, which walks the
+  phases and waits at a grid barrier (an atomic counter) between them. Launched as a cooperative grid where
+  the driver can check that every program is resident (else it refuses rather than hangs); inside a CUDA
+  graph capture as a plain launch of at most one program per SM. Eagerly the op was host-bound (nine
+  launches, about 0.4 ms of Python for 0.16 ms of GPU work at the pre-training shape).
+- ``fused=False``: one launch per phase (``1 + ceil(log2(L + 2))``), the kernel boundary as the barrier.
+
+Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Intermediate state
+is read with ``.cg`` loads (L2, not the SM's own L1) because another program wrote it after the barrier.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ __all__ = ["toki_fill_triton", "supports"]
 
 _BM, _BN, _BK = 64, 64, 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_T = 4096  # the interpolation kernel holds a whole padded sequence per program
+_MAX_T = 4096  # an interpolation unit holds a whole padded sequence
 _PREP_TILE = 16384  # elements of its (sequence, channels) tile
+_WARPS = 4
 
 
 def supports(tokens: torch.Tensor) -> bool:
@@ -49,10 +59,11 @@ if HAS_TRITON:
         return tl.minimum(a, b)
 
     @triton.jit
-    def _prep_kernel(tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
-        # Grid (B, cdiv(C, BC)). Padded position t in [0, T), T = L + 2: 0 and T - 1 are the edge tokens.
-        b = tl.program_id(0)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
+    def _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
+        # Unit u = (sample b, channel block). Padded position t in [0, T), T = L + 2: 0 and T - 1 are the edges.
+        nc = tl.cdiv(C, BC)
+        b = u // nc
+        c = (u % nc) * BC + tl.arange(0, BC)
         cm = c < C
         T = L + 2
         t = tl.arange(0, TP)
@@ -74,11 +85,11 @@ if HAS_TRITON:
         tm = t < T
         zrow = b.to(tl.int64) * T + t
         tl.store(z_ptr + zrow[:, None] * C + c[None, :], s, mask=tm[:, None] & cm[None, :])
-        if tl.program_id(1) == 0:
+        if u % nc == 0:
             tl.store(n_ptr + zrow, n, mask=tm)
 
     @triton.jit
-    def _square_tile(p_ptr, p2_ptr, q, C: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _square_unit(q, p_ptr, p2_ptr, C, BN: tl.constexpr, BK: tl.constexpr):
         # One (BN, BN) tile of P2 = P @ P.
         nt = tl.cdiv(C, BN)
         i = (q // nt) * BN + tl.arange(0, BN)
@@ -86,75 +97,164 @@ if HAS_TRITON:
         acc = tl.zeros((BN, BN), dtype=tl.float32)
         for k0 in range(0, C, BK):
             k = k0 + tl.arange(0, BK)
-            a = tl.load(p_ptr + i[:, None] * C + k[None, :], mask=(i[:, None] < C) & (k[None, :] < C), other=0.0)
-            m = tl.load(p_ptr + k[:, None] * C + j[None, :], mask=(k[:, None] < C) & (j[None, :] < C), other=0.0)
+            a = tl.load(p_ptr + i[:, None] * C + k[None, :], mask=(i[:, None] < C) & (k[None, :] < C), other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+            m = tl.load(p_ptr + k[:, None] * C + j[None, :], mask=(k[:, None] < C) & (j[None, :] < C), other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
             acc += tl.dot(a, m, input_precision="tf32x3")
         tl.store(p2_ptr + i[:, None] * C + j[None, :], acc, mask=(i[:, None] < C) & (j[None, :] < C))
 
     @triton.jit
-    def _step_kernel(z_ptr, n_ptr, p_ptr, z2_ptr, p2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C: tl.constexpr,
-                     SQUARE: tl.constexpr, LAST: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-        # Grid (cdiv(M, BM) * cdiv(C, BN) [+ cdiv(C, BN)^2 squaring programs]); rows m = b * T + t.
-        pid = tl.program_id(0)
+    def _write_out(res, m, cols, mm, cm, tok_ptr, vis_ptr, out_ptr, T, L, C):
+        # The last step: tokens bit-exact where visible, the filled values elsewhere; the edges are dropped.
+        b = m // T
+        t = m % T
+        tok = mm & (t >= 1) & (t <= L)
+        orow = b.to(tl.int64) * L + t - 1
+        vis = tl.load(vis_ptr + orow, mask=tok, other=0) != 0
+        om = tok[:, None] & cm[None, :]
+        keep = tl.load(tok_ptr + orow[:, None] * C + cols[None, :], mask=om & vis[:, None], other=0.0)
+        val = tl.where(vis[:, None], keep, res.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + orow[:, None] * C + cols[None, :], val, mask=om)
+
+    @triton.jit
+    def _z_unit(u, z_ptr, n_ptr, p_ptr, z2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C, last,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        # One (BM rows, BN channels) tile of z2 = z + [n >= S] shift_S(z) @ P^T; rows m = b * T + t.
         nt = tl.cdiv(C, BN)
-        z_tiles = tl.cdiv(M, BM) * nt
-        if SQUARE and pid >= z_tiles:
-            _square_tile(p_ptr, p2_ptr, pid - z_tiles, C, BN, BK)
+        m = (u // nt) * BM + tl.arange(0, BM)
+        cols = (u % nt) * BN + tl.arange(0, BN)
+        mm, cm = m < M, cols < C
+        gate = mm & (tl.load(n_ptr + m, mask=mm, other=0, cache_modifier=".cg") >= S)  # n_t >= S: same sample
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if tl.max(gate.to(tl.int32), axis=0) > 0:
+            src = (m - S).to(tl.int64)
+            for k0 in range(0, C, BK):
+                k = k0 + tl.arange(0, BK)
+                km = k < C
+                a = tl.load(z_ptr + src[:, None] * C + k[None, :], mask=gate[:, None] & km[None, :], other=0.0,
+                            cache_modifier=".cg")  # fmt: skip
+                pt = tl.load(p_ptr + cols[None, :] * C + k[:, None], mask=km[:, None] & cm[None, :], other=0.0,
+                             cache_modifier=".cg")  # fmt: skip
+                acc += tl.dot(a, pt, input_precision="tf32x3")  # (z @ P^T)[m, c] = sum_k z[m, k] P[c, k]
+        both = mm[:, None] & cm[None, :]
+        rows = m.to(tl.int64)
+        res = tl.load(z_ptr + rows[:, None] * C + cols[None, :], mask=both, other=0.0, cache_modifier=".cg") + acc
+        if last:
+            _write_out(res, m, cols, mm, cm, tok_ptr, vis_ptr, out_ptr, T, L, C)
         else:
-            m = (pid // nt) * BM + tl.arange(0, BM)
-            cols = (pid % nt) * BN + tl.arange(0, BN)
-            mm, cm = m < M, cols < C
-            gate = mm & (tl.load(n_ptr + m, mask=mm, other=0) >= S)  # n_t >= S implies t >= S: same sample
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            if tl.max(gate.to(tl.int32), axis=0) > 0:
-                src = (m - S).to(tl.int64)
-                for k0 in range(0, C, BK):
-                    k = k0 + tl.arange(0, BK)
-                    km = k < C
-                    a = tl.load(z_ptr + src[:, None] * C + k[None, :], mask=gate[:, None] & km[None, :], other=0.0)
-                    pt = tl.load(p_ptr + cols[None, :] * C + k[:, None], mask=km[:, None] & cm[None, :], other=0.0)
-                    acc += tl.dot(a, pt, input_precision="tf32x3")  # (z @ P^T)[m, c] = sum_k z[m, k] P[c, k]
-            both = mm[:, None] & cm[None, :]
-            rows = m.to(tl.int64)
-            res = tl.load(z_ptr + rows[:, None] * C + cols[None, :], mask=both, other=0.0) + acc
-            if LAST:
-                b = m // T
-                t = m % T
-                tok = mm & (t >= 1) & (t <= L)
-                orow = b.to(tl.int64) * L + t - 1
-                vis = tl.load(vis_ptr + orow, mask=tok, other=0) != 0
-                om = tok[:, None] & cm[None, :]
-                keep = tl.load(tok_ptr + orow[:, None] * C + cols[None, :], mask=om & vis[:, None], other=0.0)
-                val = tl.where(vis[:, None], keep, res.to(out_ptr.dtype.element_ty))
-                tl.store(out_ptr + orow[:, None] * C + cols[None, :], val, mask=om)
-            else:
-                tl.store(z2_ptr + rows[:, None] * C + cols[None, :], res, mask=both)
+            tl.store(z2_ptr + rows[:, None] * C + cols[None, :], res, mask=both)
+
+    @triton.jit
+    def _step_units(u, z_ptr, n_ptr, p_ptr, z2_ptr, p2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C, last,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        # Units of a doubling step: the z tiles, then (unless last) the tiles of P @ P for the next step.
+        z_tiles = tl.cdiv(M, BM) * tl.cdiv(C, BN)
+        if u < z_tiles:
+            _z_unit(u, z_ptr, n_ptr, p_ptr, z2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C, last, BM, BN, BK)
+        else:
+            _square_unit(u - z_tiles, p_ptr, p2_ptr, C, BN, BK)
+
+    @triton.jit
+    def _prep_kernel(tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
+        _prep_unit(tl.program_id(0), tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP, BC)
+
+    @triton.jit
+    def _step_kernel(z_ptr, n_ptr, p_ptr, z2_ptr, p2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C,
+                     LAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        _step_units(tl.program_id(0), z_ptr, n_ptr, p_ptr, z2_ptr, p2_ptr, tok_ptr, vis_ptr, out_ptr,
+                    M, T, L, S, C, LAST, BM, BN, BK)  # fmt: skip
+
+    @triton.jit
+    def _grid_sync(bar_ptr):
+        # Every program adds 1 but the first, which adds 2^31 - (programs - 1): the counter's sign bit flips
+        # exactly when all have arrived, and the counter ends where a next barrier expects it (0 or 2^31).
+        nprog = tl.num_programs(0)
+        inc = tl.where(tl.program_id(0) == 0, (2147483649 - nprog.to(tl.int64)).to(tl.int32), 1)
+        tl.debug_barrier()  # this program's stores happen before its arrival (release)
+        old = tl.atomic_add(bar_ptr, inc, sem="release")
+        cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
+        while (old ^ cur) >= 0:
+            cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _fused_kernel(tok_ptr, vis_ptr, edge_ptr, a_ptr, z_ptr, n_ptr, pw_ptr, out_ptr, bar_ptr, B, L, C, STEPS,
+                      TP: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):  # fmt: skip
+        # Persistent: program i takes units i, i + programs, ... of each phase; z ping-pongs between two
+        # buffers, A^(2^j) between two (step 0 reads A itself).
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        T = L + 2
+        M = B * T
+        for u in range(pid, B * tl.cdiv(C, BC), nprog):
+            _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP, BC)
+        nt = tl.cdiv(C, BN)
+        for j in range(0, STEPS):
+            _grid_sync(bar_ptr)
+            last = j == STEPS - 1
+            zin = z_ptr + (j % 2) * M * C
+            zout = z_ptr + ((j + 1) % 2) * M * C
+            pin = pw_ptr + ((j + 1) % 2) * C * C
+            if j == 0:
+                pin = a_ptr
+            pout = pw_ptr + (j % 2) * C * C
+            units = tl.cdiv(M, BM) * nt + tl.where(last, 0, nt * nt)
+            for u in range(pid, units, nprog):
+                _step_units(u, zin, n_ptr, pin, zout, pout, tok_ptr, vis_ptr, out_ptr, M, T, L, 1 << j, C, last,
+                            BM, BN, BK)  # fmt: skip
 
 
-def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tensor, edge_token: torch.Tensor) -> torch.Tensor:
-    """:func:`mambamim.ops.toki.toki_fill` (arguments checked there) without autograd, on CUDA."""
+def _prep_tiles(T: int, C: int) -> tuple[int, int]:
+    tp = triton.next_power_of_2(T)
+    return tp, min(64, triton.next_power_of_2(C), max(1, _PREP_TILE // tp))
+
+
+def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tensor, edge_token: torch.Tensor,
+                     fused: bool = True, programs: int | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`mambamim.ops.toki.toki_fill` (arguments checked there) without autograd.
+
+    ``fused``: one persistent launch (default) or one launch per phase (module docstring). ``programs``:
+    the persistent grid (default one per SM; on a CPU under ``TRITON_INTERPRET=1``, whose programs run one
+    after another, it must be 1).
+    """
     B, L, C = tokens.shape
     T = L + 2
-    dev = tokens.device
+    M = B * T
     tokens = tokens.contiguous()
     vis = visible.contiguous().view(torch.uint8)
-    z = torch.empty((2, B * T, C), device=dev, dtype=torch.float32)
-    n = torch.empty(B * T, device=dev, dtype=torch.int32)
-    out = torch.empty_like(tokens)
-    tp = triton.next_power_of_2(T)
-    bc = min(64, triton.next_power_of_2(C), max(1, _PREP_TILE // tp))
-    _prep_kernel[(B, triton.cdiv(C, bc))](tokens, vis, edge_token.detach().contiguous(), z[0], n, L, C,
-                                         TP=tp, BC=bc, num_warps=8)  # fmt: skip
-    steps = math.ceil(math.log2(T))  # T >= 3: at least 2
+    edge = edge_token.detach().contiguous()
     a32 = A.detach().to(torch.float32).contiguous()
-    squares = (torch.empty_like(a32), torch.empty_like(a32))  # A^(2^j), alternating: step j reads one, fills the other
+    # one workspace: z (two buffers), A^(2^j) (two), n (int32 through a view of the same storage)
+    ws = torch.empty(2 * M * C + 2 * C * C + M, device=tokens.device, dtype=torch.float32)
+    z, pw, n = ws[: 2 * M * C], ws[2 * M * C : -M], ws[-M:].view(torch.int32)
+    out = torch.empty_like(tokens)
+    tp, bc = _prep_tiles(T, C)
+    steps = math.ceil(math.log2(T))  # T >= 3: at least 2
+    if fused:
+        _launch_fused(tokens, vis, edge, a32, z, n, pw, out, (B, L, C, steps, tp, bc), programs)
+        return out
+    _prep_kernel[(B * triton.cdiv(C, bc),)](tokens, vis, edge, z, n, L, C, TP=tp, BC=bc, num_warps=8)
     nt = triton.cdiv(C, _BN)
     for j in range(steps):
         last = j == steps - 1
-        p = a32 if j == 0 else squares[(j - 1) % 2]
-        p2 = squares[j % 2]
-        grid = (triton.cdiv(B * T, _BM) * nt + (0 if last else nt * nt),)
-        _step_kernel[grid](z[j % 2], n, p, z[(j + 1) % 2], p2, tokens, vis, out, B * T, T, L, 1 << j, C=C,
-                           SQUARE=not last, LAST=last, BM=_BM, BN=_BN, BK=_BK, num_warps=4)  # fmt: skip
+        p = a32 if j == 0 else pw[((j + 1) % 2) * C * C :]
+        grid = (triton.cdiv(M, _BM) * nt + (0 if last else nt * nt),)
+        _step_kernel[grid](z[(j % 2) * M * C :], n, p, z[((j + 1) % 2) * M * C :], pw[(j % 2) * C * C :], tokens, vis,
+                           out, M, T, L, 1 << j, C, LAST=last, BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS)  # fmt: skip
     return out
+
+
+def _launch_fused(tokens, vis, edge, a32, z, n, pw, out, sizes, programs) -> None:
+    B, L, C, steps, tp, bc = sizes
+    device = tokens.device
+    if programs is None:
+        programs = torch.cuda.get_device_properties(device).multi_processor_count if tokens.is_cuda else 1
+    bar = torch.zeros(1, device=device, dtype=torch.int32)
+    # A cooperative launch makes the driver refuse a grid whose programs cannot all be resident at once
+    # (a barrier would wait forever); stream capture takes a plain launch of at most one program per SM.
+    coop = tokens.is_cuda and not torch.cuda.is_current_stream_capturing()
+    extra = {"launch_cooperative_grid": True} if coop else {}
+    _fused_kernel[(programs,)](tokens, vis, edge, a32, z, n, pw, out, bar, B, L, C, steps, TP=tp, BC=bc,
+                               BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS, **extra)  # fmt: skip
