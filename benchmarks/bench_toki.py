@@ -52,6 +52,16 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return times
 
 
+def _longest_run(visible: torch.Tensor) -> int:
+    longest = 0
+    for row in visible.cpu().tolist():
+        run = 0
+        for v in row:
+            run = 0 if v else run + 1
+            longest = max(longest, run)
+    return longest
+
+
 def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
     """fn captured in a CUDA graph (after warm-up on a side stream), replayed once; also proves that it has no
     host syncs or host-to-device copies. Returns the graph and the captured call's output."""
@@ -122,6 +132,15 @@ def main() -> int:
 
         rows.append(("Triton, a launch per step (fwd)", _time(stepwise, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd)", _time(fwd, device, args.repeats, 10)))
+    # the worst case for the persistent kernel, which stops after the longest run: a sample with no visible token
+    empty = visible.clone()
+    empty[0] = False
+
+    def fwd_empty() -> None:
+        with torch.no_grad():
+            toki_fill(tokens, empty, A, edge)
+
+    rows.append(("same, a sample all masked", _time(fwd_empty, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd+bwd)", _time(fwd_bwd, device, args.repeats, 10)))
     if args.compile:
         mode = None if args.compile_mode == "default" else args.compile_mode
@@ -148,7 +167,7 @@ def main() -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"TOKI benchmark on {name}: B={B} L={L} C={C} mask={args.mask_ratio} tokens {args.dtype}")
-    print(f"max |toki_fill - reference| = {max_diff:.3e}")
+    print(f"max |toki_fill - reference| = {max_diff:.3e}; longest masked run {_longest_run(visible)} of {L} tokens")
     ref_ms = statistics.median(rows[0][1])
     print(f"{'variant':<30} {'median ms':>10} {'min ms':>9} {'runs':>5} {'vs reference':>13}")
     for label, times in rows:

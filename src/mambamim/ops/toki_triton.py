@@ -14,12 +14,15 @@ The work, in units that each program of a launch takes one or more of:
 Every step reads what the previous one wrote anywhere in the sequence and in ``A^s``, so the steps need a
 grid-wide synchronisation between them. Two ways, same units, same arithmetic, bit-identical results:
 
-- ``fused=True`` (the default): **one** launch of a persistent kernel, one program per SM, which walks the
-  phases and waits at a grid barrier (an atomic counter) between them. Launched as a cooperative grid where
-  the driver can check that every program is resident (else it refuses rather than hangs); inside a CUDA
-  graph capture as a plain launch of at most one program per SM. Eagerly the op was host-bound (nine
-  launches, about 0.4 ms of Python for 0.16 ms of GPU work at the pre-training shape).
-- ``fused=False``: one launch per phase (``1 + ceil(log2(L + 2))``), the kernel boundary as the barrier.
+- ``fused=True`` (the default): **one** launch of a persistent kernel (up to two programs per SM) which
+  walks the phases and waits at a grid barrier (an atomic counter) between them. It also skips the steps
+  past the longest masked run, which the interpolation phase measures on the GPU (a scan sized for the
+  whole sequence otherwise runs all ``ceil(log2(L + 2))`` steps, most of them on nothing but ``A``'s powers).
+  Eagerly launched as a cooperative grid, so that the driver refuses a grid whose programs cannot all be
+  resident rather than let the barrier wait forever; inside a CUDA graph capture a plain launch of at most
+  one program per SM, which is always resident.
+- ``fused=False``: one launch per phase (``1 + ceil(log2(L + 2))``), the kernel boundary as the barrier;
+  the baseline, and eagerly host-bound (nine launches at the pre-training shape).
 
 Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Intermediate state
 is read with ``.cg`` loads (L2, not the SM's own L1) because another program wrote it after the barrier.
@@ -59,7 +62,7 @@ if HAS_TRITON:
         return tl.minimum(a, b)
 
     @triton.jit
-    def _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
+    def _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, max_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
         # Unit u = (sample b, channel block). Padded position t in [0, T), T = L + 2: 0 and T - 1 are the edges.
         nc = tl.cdiv(C, BC)
         b = u // nc
@@ -87,6 +90,8 @@ if HAS_TRITON:
         tl.store(z_ptr + zrow[:, None] * C + c[None, :], s, mask=tm[:, None] & cm[None, :])
         if u % nc == 0:
             tl.store(n_ptr + zrow, n, mask=tm)
+            if max_ptr is not None:
+                tl.atomic_max(max_ptr, tl.max(tl.where(tm, n, 0), axis=0))  # the longest masked run, plus one
 
     @triton.jit
     def _square_unit(q, p_ptr, p2_ptr, C, BN: tl.constexpr, BK: tl.constexpr):
@@ -157,7 +162,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prep_kernel(tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP: tl.constexpr, BC: tl.constexpr):
-        _prep_unit(tl.program_id(0), tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP, BC)
+        _prep_unit(tl.program_id(0), tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, None, L, C, TP, BC)
 
     @triton.jit
     def _step_kernel(z_ptr, n_ptr, p_ptr, z2_ptr, p2_ptr, tok_ptr, vis_ptr, out_ptr, M, T, L, S, C,
@@ -169,31 +174,42 @@ if HAS_TRITON:
     def _grid_sync(bar_ptr):
         # Every program adds 1 but the first, which adds 2^31 - (programs - 1): the counter's sign bit flips
         # exactly when all have arrived, and the counter ends where a next barrier expects it (0 or 2^31).
+        # Waiting polls with plain volatile loads (an atomic per poll from every program would queue at the
+        # counter's L2 slice), then one acquiring atomic orders this program's later loads after the flip.
         nprog = tl.num_programs(0)
         inc = tl.where(tl.program_id(0) == 0, (2147483649 - nprog.to(tl.int64)).to(tl.int32), 1)
         tl.debug_barrier()  # this program's stores happen before its arrival (release)
         old = tl.atomic_add(bar_ptr, inc, sem="release")
-        cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
+        cur = tl.load(bar_ptr, volatile=True)
         while (old ^ cur) >= 0:
-            cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
+            cur = tl.load(bar_ptr, volatile=True)
+        tl.atomic_add(bar_ptr, 0, sem="acquire")
         tl.debug_barrier()
 
     @triton.jit
-    def _fused_kernel(tok_ptr, vis_ptr, edge_ptr, a_ptr, z_ptr, n_ptr, pw_ptr, out_ptr, bar_ptr, B, L, C, STEPS,
+    def _fused_kernel(tok_ptr, vis_ptr, edge_ptr, a_ptr, z_ptr, n_ptr, pw_ptr, out_ptr, sync_ptr, B, L, C,
                       TP: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr):  # fmt: skip
         # Persistent: program i takes units i, i + programs, ... of each phase; z ping-pongs between two
-        # buffers, A^(2^j) between two (step 0 reads A itself).
+        # buffers, A^(2^j) between two (step 0 reads A itself). sync_ptr: [barrier, longest run + 1], zeroed.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         T = L + 2
         M = B * T
         for u in range(pid, B * tl.cdiv(C, BC), nprog):
-            _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, L, C, TP, BC)
+            _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, sync_ptr + 1, L, C, TP, BC)
+        _grid_sync(sync_ptr)
+        # Step j changes only rows with n >= 2^j: the steps past the longest run are skipped (at least one
+        # step runs: the last writes the output). No host sync: the bound is read here, on the GPU.
+        n_max = tl.load(sync_ptr + 1, cache_modifier=".cg")
+        steps = 1
+        while (1 << steps) <= n_max:
+            steps += 1
         nt = tl.cdiv(C, BN)
-        for j in range(0, STEPS):
-            _grid_sync(bar_ptr)
-            last = j == STEPS - 1
+        for j in range(0, steps):
+            if j > 0:
+                _grid_sync(sync_ptr)
+            last = j == steps - 1
             zin = z_ptr + (j % 2) * M * C
             zout = z_ptr + ((j + 1) % 2) * M * C
             pin = pw_ptr + ((j + 1) % 2) * C * C
@@ -233,7 +249,7 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     tp, bc = _prep_tiles(T, C)
     steps = math.ceil(math.log2(T))  # T >= 3: at least 2
     if fused:
-        _launch_fused(tokens, vis, edge, a32, z, n, pw, out, (B, L, C, steps, tp, bc), programs)
+        _launch_fused(tokens, vis, edge, a32, z, n, pw, out, (B, L, C, tp, bc), programs)
         return out
     _prep_kernel[(B * triton.cdiv(C, bc),)](tokens, vis, edge, z, n, L, C, TP=tp, BC=bc, num_warps=8)
     nt = triton.cdiv(C, _BN)
@@ -247,14 +263,17 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
 
 
 def _launch_fused(tokens, vis, edge, a32, z, n, pw, out, sizes, programs) -> None:
-    B, L, C, steps, tp, bc = sizes
+    B, L, C, tp, bc = sizes
     device = tokens.device
+    capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
     if programs is None:
-        programs = torch.cuda.get_device_properties(device).multi_processor_count if tokens.is_cuda else 1
-    bar = torch.zeros(1, device=device, dtype=torch.int32)
-    # A cooperative launch makes the driver refuse a grid whose programs cannot all be resident at once
-    # (a barrier would wait forever); stream capture takes a plain launch of at most one program per SM.
-    coop = tokens.is_cuda and not torch.cuda.is_current_stream_capturing()
-    extra = {"launch_cooperative_grid": True} if coop else {}
-    _fused_kernel[(programs,)](tokens, vis, edge, a32, z, n, pw, out, bar, B, L, C, steps, TP=tp, BC=bc,
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if tokens.is_cuda else 1
+        units = triton.cdiv(B * (L + 2), _BM) * triton.cdiv(C, _BN) + triton.cdiv(C, _BN) ** 2
+        # Eagerly up to two programs per SM, launched as a cooperative grid: the driver refuses a grid whose
+        # programs cannot all be resident at once rather than let the barrier wait forever. A graph capture
+        # takes a plain launch, so there at most one per SM, which is always resident.
+        programs = min(units, sms if capturing else 2 * sms)
+    sync = torch.zeros(2, device=device, dtype=torch.int32)
+    extra = {"launch_cooperative_grid": True} if tokens.is_cuda and not capturing else {}
+    _fused_kernel[(programs,)](tokens, vis, edge, a32, z, n, pw, out, sync, B, L, C, TP=tp, BC=bc,
                                BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS, **extra)  # fmt: skip
