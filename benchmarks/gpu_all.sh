@@ -57,8 +57,8 @@ for part in "$@"; do
         tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_under_every_switch \
         tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py \
         --deselect tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda} \
-        -W ignore > $OUT/tests.log 2>&1
-      echo "rc=$?"; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
+        -W ignore --durations=12 > $OUT/tests.log 2>&1
+      echo "rc=$?"; grep -A 14 "slowest" $OUT/tests.log; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
     toki)
       # TOKI's CUDA tests, then the forward (persistent kernel vs a launch per step, eager and graphed), fp32 and bf16
       CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${TOKI_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -W ignore \
