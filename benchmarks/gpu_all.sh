@@ -21,7 +21,7 @@
 #
 # Compile cache between calls (each call gets a bare machine, and a cold compile of one step takes minutes):
 # torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels and autotuning) live in
-# $TORCHINDUCTOR_CACHE_DIR. Name .cache in the call's carry and the cache found there as
+# $TORCHINDUCTOR_CACHE_DIR (and this script keeps the Triton kernels of mambamim.ops there too). Name .cache in the call's carry and the cache found there as
 # .cache/inductor_cache.tgz.* is unpacked first; with SAVE_CACHE=1 the cache as it ends is packed into
 # $OUT/inductor_cache.tgz.* (15 MiB parts; at most 4, else it is not saved); copy those files into .cache/
 # (git-ignored locally) for the next call. On the dev CPU a tiny pre-training step compiled in 100 s cold and
@@ -30,6 +30,8 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+# our own @triton.jit kernels compile into TRITON_CACHE_DIR (default ~/.triton/cache): keep them in the carried cache too
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/jit}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 if ls .cache/inductor_cache.tgz.* > /dev/null 2>&1; then
   cat .cache/inductor_cache.tgz.* | tar -xzf - -C "$TORCHINDUCTOR_CACHE_DIR" && echo "compile cache: unpacked $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)"
