@@ -235,6 +235,8 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     the persistent grid (default one per SM; on a CPU under ``TRITON_INTERPRET=1``, whose programs run one
     after another, it must be 1).
     """
+    if programs is not None and (not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"programs must be a positive int or None, got {programs!r}")
     B, L, C = tokens.shape
     T = L + 2
     M = B * T
