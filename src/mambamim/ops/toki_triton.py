@@ -89,7 +89,7 @@ if HAS_TRITON:
         zrow = b.to(tl.int64) * T + t
         tl.store(z_ptr + zrow[:, None] * C + c[None, :], s, mask=tm[:, None] & cm[None, :])
         if u % nc == 0:
-            tl.store(n_ptr + zrow, n, mask=tm)
+            tl.store(n_ptr + zrow, n.to(tl.float32), mask=tm)  # float: it shares the float32 workspace
             if max_ptr is not None:
                 tl.atomic_max(max_ptr, tl.max(tl.where(tm, n, 0), axis=0))  # the longest masked run, plus one
 
@@ -130,7 +130,7 @@ if HAS_TRITON:
         m = (u // nt) * BM + tl.arange(0, BM)
         cols = (u % nt) * BN + tl.arange(0, BN)
         mm, cm = m < M, cols < C
-        gate = mm & (tl.load(n_ptr + m, mask=mm, other=0, cache_modifier=".cg") >= S)  # n_t >= S: same sample
+        gate = mm & (tl.load(n_ptr + m, mask=mm, other=0.0, cache_modifier=".cg") >= S)  # n_t >= S: same sample
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if tl.max(gate.to(tl.int32), axis=0) > 0:
             src = (m - S).to(tl.int64)
@@ -187,15 +187,19 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
-    def _fused_kernel(tok_ptr, vis_ptr, edge_ptr, a_ptr, z_ptr, n_ptr, pw_ptr, out_ptr, sync_ptr, B, L, C,
+    def _fused_kernel(tok_ptr, vis_ptr, edge_ptr, a_ptr, ws_ptr, out_ptr, sync_ptr, B, L, C,
                       TP: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr):  # fmt: skip
-        # Persistent: program i takes units i, i + programs, ... of each phase; z ping-pongs between two
-        # buffers, A^(2^j) between two (step 0 reads A itself). sync_ptr: [barrier, longest run + 1], zeroed.
+        # Persistent: program i takes units i, i + programs, ... of each phase. ws: z (two buffers, ping-pong),
+        # A^(2^j) (two; step 0 reads A itself), n. sync_ptr: [barrier, longest run + 1], zeroed.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         T = L + 2
         M = B * T
+        MC = M.to(tl.int64) * C
+        z_ptr = ws_ptr
+        pw_ptr = ws_ptr + 2 * MC
+        n_ptr = pw_ptr + 2 * C * C
         for u in range(pid, B * tl.cdiv(C, BC), nprog):
             _prep_unit(u, tok_ptr, vis_ptr, edge_ptr, z_ptr, n_ptr, sync_ptr + 1, L, C, TP, BC)
         _grid_sync(sync_ptr)
@@ -210,8 +214,8 @@ if HAS_TRITON:
             if j > 0:
                 _grid_sync(sync_ptr)
             last = j == steps - 1
-            zin = z_ptr + (j % 2) * M * C
-            zout = z_ptr + ((j + 1) % 2) * M * C
+            zin = z_ptr + (j % 2) * MC
+            zout = z_ptr + ((j + 1) % 2) * MC
             pin = pw_ptr + ((j + 1) % 2) * C * C
             if j == 0:
                 pin = a_ptr
@@ -232,40 +236,45 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     """:func:`mambamim.ops.toki.toki_fill` (arguments checked there) without autograd.
 
     ``fused``: one persistent launch (default) or one launch per phase (module docstring). ``programs``:
-    the persistent grid (default one per SM; on a CPU under ``TRITON_INTERPRET=1``, whose programs run one
-    after another, it must be 1).
+    the persistent grid (default up to two per SM; on a CPU under ``TRITON_INTERPRET=1``, whose programs run
+    one after another, it must be 1).
     """
     if programs is not None and (not isinstance(programs, int) or programs < 1):
         raise ValueError(f"programs must be a positive int or None, got {programs!r}")
     B, L, C = tokens.shape
-    T = L + 2
-    M = B * T
+    M = B * (L + 2)
     tokens = tokens.contiguous()
     vis = visible.contiguous().view(torch.uint8)
     edge = edge_token.detach().contiguous()
     a32 = A.detach().to(torch.float32).contiguous()
-    # one workspace: z (two buffers), A^(2^j) (two), n (int32 through a view of the same storage)
-    ws = torch.empty(2 * M * C + 2 * C * C + M, device=tokens.device, dtype=torch.float32)
-    z, pw, n = ws[: 2 * M * C], ws[2 * M * C : -M], ws[-M:].view(torch.int32)
+    ws = torch.empty(2 * M * C + 2 * C * C + M, device=tokens.device, dtype=torch.float32)  # z, z, P, P, n
     out = torch.empty_like(tokens)
-    tp, bc = _prep_tiles(T, C)
-    steps = math.ceil(math.log2(T))  # T >= 3: at least 2
     if fused:
-        _launch_fused(tokens, vis, edge, a32, z, n, pw, out, (B, L, C, tp, bc), programs)
-        return out
+        _launch_fused(tokens, vis, edge, a32, ws, out, programs)
+    else:
+        _launch_per_step(tokens, vis, edge, a32, ws, out)
+    return out
+
+
+def _launch_per_step(tokens, vis, edge, a32, ws, out) -> None:
+    B, L, C = tokens.shape
+    T = L + 2
+    M = B * T
+    z, pw, n = ws[: 2 * M * C], ws[2 * M * C : -M], ws[-M:]
+    tp, bc = _prep_tiles(T, C)
     _prep_kernel[(B * triton.cdiv(C, bc),)](tokens, vis, edge, z, n, L, C, TP=tp, BC=bc, num_warps=8)
     nt = triton.cdiv(C, _BN)
+    steps = math.ceil(math.log2(T))  # T >= 3: at least 2
     for j in range(steps):
         last = j == steps - 1
         p = a32 if j == 0 else pw[((j + 1) % 2) * C * C :]
         grid = (triton.cdiv(M, _BM) * nt + (0 if last else nt * nt),)
         _step_kernel[grid](z[(j % 2) * M * C :], n, p, z[((j + 1) % 2) * M * C :], pw[(j % 2) * C * C :], tokens, vis,
                            out, M, T, L, 1 << j, C, LAST=last, BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS)  # fmt: skip
-    return out
 
 
-def _launch_fused(tokens, vis, edge, a32, z, n, pw, out, sizes, programs) -> None:
-    B, L, C, tp, bc = sizes
+def _launch_fused(tokens, vis, edge, a32, ws, out, programs) -> None:
+    B, L, C = tokens.shape
     device = tokens.device
     capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
     if programs is None:
@@ -277,5 +286,6 @@ def _launch_fused(tokens, vis, edge, a32, z, n, pw, out, sizes, programs) -> Non
         programs = min(units, sms if capturing else 2 * sms)
     sync = torch.zeros(2, device=device, dtype=torch.int32)
     extra = {"launch_cooperative_grid": True} if tokens.is_cuda and not capturing else {}
-    _fused_kernel[(programs,)](tokens, vis, edge, a32, z, n, pw, out, sync, B, L, C, TP=tp, BC=bc,
+    tp, bc = _prep_tiles(L + 2, C)
+    _fused_kernel[(programs,)](tokens, vis, edge, a32, ws, out, sync, B, L, C, TP=tp, BC=bc,
                                BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS, **extra)  # fmt: skip
