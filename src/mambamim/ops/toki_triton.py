@@ -41,7 +41,7 @@ __all__ = ["toki_fill_triton", "supports"]
 _BM, _BN, _BK = 64, 64, 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_T = 4096  # an interpolation unit holds a whole padded sequence
-_PREP_TILE = 16384  # elements of its (sequence, channels) tile
+_PREP_TILE = 16384  # elements of its (sequence, channels) tile with 8 warps; half that with the persistent kernel's 4
 _WARPS = 4
 
 
@@ -226,9 +226,9 @@ if HAS_TRITON:
                             BM, BN, BK)  # fmt: skip
 
 
-def _prep_tiles(T: int, C: int) -> tuple[int, int]:
+def _prep_tiles(T: int, C: int, tile: int = _PREP_TILE) -> tuple[int, int]:
     tp = triton.next_power_of_2(T)
-    return tp, min(64, triton.next_power_of_2(C), max(1, _PREP_TILE // tp))
+    return tp, min(64, triton.next_power_of_2(C), max(1, tile // tp))
 
 
 def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tensor, edge_token: torch.Tensor,
@@ -286,6 +286,6 @@ def _launch_fused(tokens, vis, edge, a32, ws, out, programs) -> None:
         programs = min(units, sms if capturing else 2 * sms)
     sync = torch.zeros(2, device=device, dtype=torch.int32)
     extra = {"launch_cooperative_grid": True} if tokens.is_cuda and not capturing else {}
-    tp, bc = _prep_tiles(L + 2, C)
+    tp, bc = _prep_tiles(L + 2, C, _PREP_TILE // 2)  # 4 warps: registers for two programs per SM
     _fused_kernel[(programs,)](tokens, vis, edge, a32, ws, out, sync, B, L, C, TP=tp, BC=bc,
                                BM=_BM, BN=_BN, BK=_BK, num_warps=_WARPS, **extra)  # fmt: skip
