@@ -30,6 +30,7 @@ is read with ``.cg`` loads (L2, not the SM's own L1) because another program wro
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,6 +38,8 @@ import torch
 from mambamim.ops._triton import HAS_TRITON, tl, triton
 
 __all__ = ["toki_fill_triton", "supports"]
+
+log = logging.getLogger(__name__)
 
 _BM, _BN, _BK = 64, 64, 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,9 +253,14 @@ def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tenso
     ws = torch.empty(2 * M * C + 2 * C * C + M, device=tokens.device, dtype=torch.float32)  # z, z, P, P, n
     out = torch.empty_like(tokens)
     if fused:
-        _launch_fused(tokens, vis, edge, a32, ws, out, programs)
-    else:
-        _launch_per_step(tokens, vis, edge, a32, ws, out)
+        try:
+            _launch_fused(tokens, vis, edge, a32, ws, out, programs)
+            return out
+        except RuntimeError as err:  # e.g. a cooperative grid the device cannot hold resident (a small GPU)
+            if not tokens.is_cuda or torch.cuda.is_current_stream_capturing():
+                raise
+            log.warning("TOKI: the persistent kernel did not launch (%s); one launch per step instead", err)
+    _launch_per_step(tokens, vis, edge, a32, ws, out)
     return out
 
 
