@@ -62,6 +62,20 @@ def _longest_run(visible: torch.Tensor) -> int:
     return longest
 
 
+def _triton_paths(tokens, visible, A, edge) -> dict[str, Callable[[], object]]:
+    """The two Triton forwards, called directly: one launch per doubling step (the baseline) and the persistent
+    kernel, on the benchmark's mask and on the same mask with one sample all masked (its worst case: every
+    step runs)."""
+    empty = visible.clone()
+    empty[0] = False
+    fill = toki_triton.toki_fill_triton
+    return {
+        "a launch per step": lambda: fill(tokens, visible, A, edge, fused=False),
+        "persistent kernel": lambda: fill(tokens, visible, A, edge, fused=True),
+        "persistent, a sample all masked": lambda: fill(tokens, empty, A, edge, fused=True),
+    }
+
+
 def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
     """fn captured in a CUDA graph (after warm-up on a side stream), replayed once; also proves that it has no
     host syncs or host-to-device copies. Returns the graph and the captured call's output."""
@@ -124,23 +138,10 @@ def main() -> int:
             reference(tokens.float(), visible, A, edge)
 
     rows = [("reference loop (fwd)", _time(ref, device, args.ref_repeats, 1))]
-    stepwise = None
-    if device.type == "cuda" and toki_triton.supports(tokens):
-        # the baseline in the same run: the same Triton units, one launch per doubling step
-        def stepwise() -> None:
-            toki_triton.toki_fill_triton(tokens, visible, A, edge, fused=False)
-
-        rows.append(("Triton, a launch per step (fwd)", _time(stepwise, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd)", _time(fwd, device, args.repeats, 10)))
-    # the worst case for the persistent kernel, which stops after the longest run: a sample with no visible token
-    empty = visible.clone()
-    empty[0] = False
-
-    def fwd_empty() -> None:
-        with torch.no_grad():
-            toki_fill(tokens, empty, A, edge)
-
-    rows.append(("same, a sample all masked", _time(fwd_empty, device, args.repeats, 10)))
+    triton_paths = _triton_paths(tokens, visible, A, edge) if device.type == "cuda" and toki_triton.supports(tokens) else {}
+    for label, fn in triton_paths.items():
+        rows.append((f"Triton, {label} (fwd)", _time(fn, device, args.repeats, 10)))
     rows.append(("toki_fill eager (fwd+bwd)", _time(fwd_bwd, device, args.repeats, 10)))
     if args.compile:
         mode = None if args.compile_mode == "default" else args.compile_mode
@@ -157,9 +158,9 @@ def main() -> int:
         rows.append(("toki_fill compiled (fwd+bwd)", _time(cfwd_bwd, device, args.repeats, 10)))
 
     if device.type == "cuda" and not args.no_cuda_graph:
-        if stepwise is not None:
-            graph, _ = _graphed(stepwise, device)
-            rows.append(("Triton, a launch per step, CUDA graph", _time(graph.replay, device, args.repeats, 10)))
+        for label, fn in triton_paths.items():
+            graph, _ = _graphed(fn, device)
+            rows.append((f"Triton, {label}, CUDA graph", _time(graph.replay, device, args.repeats, 10)))
         graph, static_out = _graphed(lambda: toki_fill(tokens, visible, A, edge), device)
         graph_diff = (static_out.float() - ref_out).abs().max().item()
         print(f"CUDA graph replay: max |out - reference| = {graph_diff:.3e}")
@@ -169,10 +170,10 @@ def main() -> int:
     print(f"TOKI benchmark on {name}: B={B} L={L} C={C} mask={args.mask_ratio} tokens {args.dtype}")
     print(f"max |toki_fill - reference| = {max_diff:.3e}; longest masked run {_longest_run(visible)} of {L} tokens")
     ref_ms = statistics.median(rows[0][1])
-    print(f"{'variant':<30} {'median ms':>10} {'min ms':>9} {'runs':>5} {'vs reference':>13}")
+    print(f"{'variant':<45} {'median ms':>10} {'min ms':>9} {'runs':>5} {'vs reference':>13}")
     for label, times in rows:
         med = statistics.median(times)
-        print(f"{label:<30} {med:>10.3f} {min(times):>9.3f} {len(times):>5} {ref_ms / med:>12.1f}x")
+        print(f"{label:<45} {med:>10.3f} {min(times):>9.3f} {len(times):>5} {ref_ms / med:>12.1f}x")
     return 0
 
 

@@ -25,8 +25,7 @@ device. The recurrence runs in float32 (float64 stays float64) with autocast dis
 filled tokens are cast back to the dtype of ``tokens``.
 
 On CUDA, a call that needs no gradient (inference, the no-grad previews) runs the same scan in Triton
-(:mod:`mambamim.ops.toki_triton`: one persistent launch with a grid barrier between the steps, instead of
-about 65 PyTorch launches).
+(:mod:`mambamim.ops.toki_triton`: 1 + ceil(log2(L + 2)) launches instead of about 65).
 """
 
 from __future__ import annotations
