@@ -178,16 +178,17 @@ if HAS_TRITON:
     def _grid_sync(bar_ptr):
         # Every program adds 1 but the first, which adds 2^31 - (programs - 1): the counter's sign bit flips
         # exactly when all have arrived, and the counter ends where a next barrier expects it (0 or 2^31).
-        # Waiting polls with plain volatile loads (an atomic per poll from every program would queue at the
-        # counter's L2 slice), then one acquiring atomic orders this program's later loads after the flip.
+        # Every poll is an acquiring atomic whose value is used: a version that polled with volatile loads and
+        # then issued one acquiring atomic with its result unused computed wrong values with 3 programs on an
+        # H100 (an atomic whose result is unused may be emitted without acquire semantics, and the dot
+        # operands' asynchronous copies can be served from a stale L1).
         nprog = tl.num_programs(0)
         inc = tl.where(tl.program_id(0) == 0, (2147483649 - nprog.to(tl.int64)).to(tl.int32), 1)
         tl.debug_barrier()  # this program's stores happen before its arrival (release)
         old = tl.atomic_add(bar_ptr, inc, sem="release")
-        cur = tl.load(bar_ptr, volatile=True)
+        cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
         while (old ^ cur) >= 0:
-            cur = tl.load(bar_ptr, volatile=True)
-        tl.atomic_add(bar_ptr, 0, sem="acquire")
+            cur = tl.atomic_add(bar_ptr, 0, sem="acquire")
         tl.debug_barrier()
 
     @triton.jit
