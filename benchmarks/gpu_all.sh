@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in parts that fit one 10-minute device call each (a cold machine spends
 # minutes building Triton kernels and compiling). Logs go under $OUT.
 #
-#   bash benchmarks/gpu_all.sh tests              # CUDA tests but the graphs one (4-6 minutes cold; TESTS=... picks)
+#   bash benchmarks/gpu_all.sh tests              # CUDA tests of the kernels and the leak tests (TESTS=... picks others)
+#   bash benchmarks/gpu_all.sh scantests          # CUDA tests of the selective scan and of training (but the graphs one)
 #   bash benchmarks/gpu_all.sh toki               # TOKI's CUDA tests and its forward, fp32 and bf16 (about 2 minutes)
 #   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
 #   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs, fraction of the limits per op (ROOF_ARGS=--task finetune)
@@ -48,19 +49,24 @@ trap save_cache EXIT
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L
 quiet() { grep -v -i -E "userwarning|warnings.warn|^ *$"; }
+run_tests() {  # name, limit in s, pytest arguments; -k: pytest ignored SIGTERM once (issue 20)
+  local name=$1 limit=$2; shift 2
+  CUDA_VISIBLE_DEVICES=0 timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider -W ignore --durations=12 "$@" \
+    > "$OUT/$name.log" 2>&1
+  echo "rc=$?"; grep -A 14 "slowest" "$OUT/$name.log"; tail -3 "$OUT/$name.log"; grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head
+}
 for part in "$@"; do
   echo "== $part"
   case $part in
     tests)
-      # -k: pytest ignored SIGTERM once (issue 20) and the call ran on to its own limit
-      # the CUDA-graphs training test compiles two runs cold and needs a call of its own: the graphs part
-      CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${TESTS_LIMIT:-400} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_conv3d.py \
+      # the CUDA-graphs training test compiles two runs cold and needs a call of its own: the graphs part;
+      # the selective scan's and the training tests are the scantests part (together they overran 360 s cold)
+      run_tests tests ${TESTS_LIMIT:-400} ${TESTS:-tests/ops/test_conv3d.py \
         tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_fast_paths tests/ops/test_toki.py tests/ops/test_block_copy.py \
-        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_under_every_switch \
-        tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py \
-        --deselect tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda} \
-        -W ignore --durations=12 > $OUT/tests.log 2>&1
-      echo "rc=$?"; grep -A 14 "slowest" $OUT/tests.log; tail -3 $OUT/tests.log; grep -E "^(FAILED|ERROR)" $OUT/tests.log | head ;;
+        tests/pretrain/test_mambamim.py::test_no_leak_on_cuda_under_every_switch} ;;
+    scantests)
+      run_tests scantests ${SCAN_LIMIT:-400} tests/ops/test_selective_scan_triton.py tests/engine/test_cuda_training.py \
+        --deselect tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda ;;
     toki)
       # TOKI's CUDA tests, then the forward (persistent kernel vs a launch per step, eager and graphed), fp32 and bf16
       CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${TOKI_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -W ignore \
