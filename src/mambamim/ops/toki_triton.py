@@ -25,8 +25,9 @@ grid-wide synchronisation between them. Two ways, same units, same arithmetic, b
   the barrier; eagerly host-bound (nine launches at the pre-training shape). It stays the default until the
   persistent kernel's present form has run on a GPU (benchmarks/RESULTS.md, thirteenth session).
 
-Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Intermediate state
-is read with ``.cg`` loads (L2, not the SM's own L1) because another program wrote it after the barrier.
+Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Intermediate state,
+which another program may have written, is loaded with ``.cg`` (from L2, not the SM's own L1), and after
+the barrier's acquiring atomics.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ if HAS_TRITON:
         # exactly when all have arrived, and the counter ends where a next barrier expects it (0 or 2^31).
         # Every poll is an acquiring atomic whose value is used: a version that polled with volatile loads and
         # then issued one acquiring atomic with its result unused computed wrong values with 3 programs on an
-        # H100 (an atomic whose result is unused may be emitted without acquire semantics, and the dot
-        # operands' asynchronous copies can be served from a stale L1).
+        # H100 (most likely that atomic lost its acquire semantics, PTX's `red` has none, and the dot operands'
+        # asynchronous copies were served from a stale L1).
         nprog = tl.num_programs(0)
         inc = tl.where(tl.program_id(0) == 0, (2147483649 - nprog.to(tl.int64)).to(tl.int32), 1)
         tl.debug_barrier()  # this program's stores happen before its arrival (release)
