@@ -307,18 +307,26 @@ def test_triton_persistent_kernel_matches_one_launch_per_step(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
-def test_triton_forward_in_a_cuda_graph():
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_forward_in_a_cuda_graph(fused):
+    """toki_fill, and the persistent kernel (then a plain launch of one program per SM), capture into a CUDA
+    graph and replay what toki_fill computes eagerly."""
+    from functools import partial
+
+    from mambamim.ops.toki_triton import toki_fill_triton
+
+    fill = partial(toki_fill_triton, fused=True) if fused else toki_fill
     tokens, visible, A, edge, _ = next(_triton_cases("cuda", torch.float32))
     with torch.no_grad():
         eager = toki_fill(tokens, visible, A, edge)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            toki_fill(tokens, visible, A, edge)
+            fill(tokens, visible, A, edge)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = toki_fill(tokens, visible, A, edge)
+            out = fill(tokens, visible, A, edge)
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out.nan_to_num(), eager.nan_to_num())
