@@ -23,9 +23,9 @@
 # Compile cache between calls (each call gets a bare machine, and a cold compile of one step takes minutes):
 # torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels and autotuning) live in
 # $TORCHINDUCTOR_CACHE_DIR (and this script keeps the Triton kernels of mambamim.ops there too). Name .cache in
-# the call's carry and the cache found there as .cache/inductor_cache.tgz.* is unpacked first; with SAVE_CACHE=1 the cache as it ends is packed into
-# $OUT/inductor_cache.tgz.* (15 MiB parts; at most 4, else it is not saved); copy those files into .cache/
-# (git-ignored locally) for the next call. On the dev CPU a tiny pre-training step compiled in 100 s cold and
+# the call's carry and the cache found there as .cache/inductor_cache.tgz.* is unpacked first; with
+# SAVE_CACHE=1 the cache as it ends is packed into $OUT/inductor_cache.tgz.* (15 MiB parts; at most 4, else it
+# is not saved); copy those files into .cache/ (git-ignored locally) for the next call. On the dev CPU a tiny pre-training step compiled in 100 s cold and
 # 13 s from the cache. A step that hits the cache skips autotuning, so its first-step peak memory can differ.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
