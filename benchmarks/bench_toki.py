@@ -72,6 +72,10 @@ def _triton_paths(tokens, visible, A, edge) -> dict[str, Callable[[], object]]:
     empty = visible.clone()
     empty[0] = False
     fill = toki_triton.toki_fill_triton
+    with torch.no_grad():  # a fast wrong kernel must not pass for a result
+        for mask, label in ((visible, "the benchmark's mask"), (empty, "a sample all masked")):
+            same = torch.equal(fill(tokens, mask, A, edge, fused=True), fill(tokens, mask, A, edge, fused=False))
+            print(f"persistent kernel bit-identical to the per-step launches on {label}: {same}")
     return {
         "a launch per step": lambda: fill(tokens, visible, A, edge, fused=False),
         "persistent kernel": lambda: fill(tokens, visible, A, edge, fused=True),

@@ -74,7 +74,7 @@ for part in "$@"; do
       echo "rc=$?"; tail -2 $OUT/toki_tests.log; grep -E "^(FAILED|ERROR)" $OUT/toki_tests.log | head
       for dt in fp32 bf16; do
         CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 python3 benchmarks/bench_toki.py --dtype $dt > $OUT/toki_$dt.log 2>&1
-        echo "rc=$?"; tail -13 $OUT/toki_$dt.log
+        echo "rc=$?"; grep "bit-identical" $OUT/toki_$dt.log; tail -13 $OUT/toki_$dt.log
       done ;;
     graphs)
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
