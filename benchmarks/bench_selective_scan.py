@@ -6,7 +6,7 @@ times (triton.testing.do_bench), achieved bandwidth counting each input read onc
 written once, against a measured device-to-device copy. Prints a markdown table; also writes it to
 $OUT/bench_selective_scan.md when OUT is set.
 
-    PYTHONPATH=src python3 benchmarks/bench_selective_scan.py [--sweep] [--quick]
+    PYTHONPATH=src python3 benchmarks/bench_selective_scan.py [--sweep] [--quick] [--split]
 """
 
 from __future__ import annotations
@@ -217,11 +217,44 @@ def sweep(lengths: List[int]) -> List[str]:
     return rows
 
 
+SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
+
+
+def split_sweep(lengths: List[int], bw_card: float) -> List[str]:
+    """Time the kernels with each sequence split into 1, 2, ... segments (1: one program walks the whole
+    sequence, the kernel before the split); 'auto' is the default's choice. Bandwidth as in the main table."""
+    b, d, n = 8, 768, 16
+    rows = ["| L | dtype | segments | fwd ms | fwd % of copy BW | fwd(states) ms | bwd ms | fwd+bwd % of copy BW |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for L in lengths:
+        for dtype in (torch.bfloat16, torch.float32):
+            es = torch.tensor([], dtype=dtype).element_size()
+            u, delta, A, Bm, Cm, D, z, bias = args = make(b, d, L, n, dtype)
+            dy = torch.randn_like(u)
+            auto = sst._segments(u.device, b * 96, 1, L)
+            for segs in SPLITS + [None]:
+                t_f = bench(lambda: sst._launch_forward(*args, True, False, segments=segs), rep=100)
+                fw = lambda: sst._launch_forward(*args, True, True, segments=segs)  # noqa: E731
+                _, states = fw()
+                t_s = bench(fw, rep=100)
+                t_b = bench(lambda: sst._launch_backward(dy, *args, True, states, segments=segs), rep=100)
+                pf = 100 * io_bytes(b, d, L, n, es, False) / (t_f * 1e-3) / 1e12 / bw_card
+                pfb = 100 * io_bytes(b, d, L, n, es, True) / ((t_s + t_b) * 1e-3) / 1e12 / bw_card
+                rows.append(f"| {L} | {str(dtype).replace('torch.', '')} | {segs or f'auto ({auto})'} | {t_f:.4f} | "
+                            f"{pf:.0f}% | {t_s:.4f} | {t_b:.4f} | {pfb:.0f}% |")
+                print(rows[-1], flush=True)
+            del u, delta, A, Bm, Cm, D, z, bias, args, dy, states
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="also time several tile configs")
     p.add_argument("--quick", action="store_true", help="L=216 and 1728 only, bf16 only")
     p.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--split", action="store_true",
+                   help="only time the split of sequences across programs (1, 2, ... segments), L 1728 and 8192")
     a = p.parse_args(argv)
     if not sst.is_available():
         print("needs CUDA and triton", file=sys.stderr)
@@ -237,6 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     lengths = [216, 1728] if a.quick else [54, 216, 1728, 8192]
     dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
     rows = []
+    if a.split:
+        rows = ["## Sequences split across programs (median ms)", ""] + split_sweep([1728, 8192], bw)
+        save_table("\n".join(head + rows) + "\n", "bench_selective_scan_split.md")
+        return 0
     if a.sweep:
         rows += ["## Tile sweep (bf16 inputs, median ms)", ""] + sweep([54, 216, 8192]) + [""]
     table = main_table(lengths, dtypes, not a.no_ref, bw)

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests of the kernels and the leak tests (TESTS=... picks others)
 #   bash benchmarks/gpu_all.sh scantests          # CUDA tests of the selective scan and of training (but the graphs one)
+#   bash benchmarks/gpu_all.sh split              # selective-scan tests; sequences split across 1, 2, ... programs
 #   bash benchmarks/gpu_all.sh toki               # TOKI's CUDA tests and its forward, fp32 and bf16 (about 2 minutes)
 #   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
 #   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs, fraction of the limits per op (ROOF_ARGS=--task finetune)
@@ -76,6 +77,11 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 python3 benchmarks/bench_toki.py --dtype $dt > $OUT/toki_$dt.log 2>&1
         echo "rc=$?"; grep "bit-identical" $OUT/toki_$dt.log; tail -13 $OUT/toki_$dt.log
       done ;;
+    split)
+      # the selective scan with sequences split across programs: its CUDA tests, then 1, 2, ... segments
+      run_tests split ${SPLIT_LIMIT:-200} tests/ops/test_selective_scan_triton.py
+      CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SPLIT_BENCH_LIMIT:-200} python3 benchmarks/bench_selective_scan.py --split \
+        > $OUT/split.log 2>&1; echo "rc=$?"; grep "^|" $OUT/split.log ;;
     graphs)
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
         tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1

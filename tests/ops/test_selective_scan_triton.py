@@ -82,6 +82,24 @@ def check_parity(args, softplus, tol_y, tol_g, seed=1):
     return errs
 
 
+def check_split(args, softplus, segments, tol=1e-5, **fwd_kwargs):
+    """Sequences split into segments give the unsplit kernel's values, states and gradients, and
+    the float64 loop's; returns the number of segments each pass used."""
+    u, delta, A, B, C, D, z, bias = args
+    y1, st1 = sst._launch_forward(*args, softplus, store_states=True, **fwd_kwargs)
+    ys, sts = sst._launch_forward(*args, softplus, store_states=True, poison=True, segments=segments,
+                                  **fwd_kwargs)
+    y_ref = ref_loop(*[a.cpu().double() if a is not None else None for a in args], delta_softplus=softplus)
+    assert rel_err(ys.cpu(), y_ref) < tol and rel_err(ys, y1) < tol
+    assert torch.isfinite(sts).all() and rel_err(sts, st1) < tol
+    dy = torch.randn_like(y1)
+    g1 = sst._launch_backward(dy, *args, softplus, st1)
+    gs = sst._launch_backward(dy, *args, softplus, st1, poison=True, segments=segments)
+    for name, a, b in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias"], g1, gs):
+        if a is not None:
+            assert torch.isfinite(b).all() and rel_err(b, a) < tol, (name, rel_err(b, a))
+
+
 # ---------------------------------------------------------------- CPU (no triton needed)
 
 
@@ -131,6 +149,14 @@ def _interpreter_check() -> None:
     grads = sst._launch_backward(torch.randn_like(y), u, delta, A, B, C, D, z, bias, True, states,
                                  poison=True)
     assert all(torch.isfinite(g).all() for g in grads)
+    # sequences split into segments: 3 and 2 of several chunks, a last segment shorter than the others,
+    # a segment count above the chunk count; with and without z, bias, softplus
+    for segments, flags in [(3, (True, True, True, True)), (2, (False, False, False, False)), (40, (True,) * 4)]:
+        args = make_inputs(2, 3, 37, 4, "cpu", with_d=flags[0], with_z=flags[1], with_bias=flags[2],
+                           softplus=flags[3], seed=5)
+        check_split(args, flags[3], segments)
+        check_split(args, flags[3], segments, config=sst.ScanConfig(2, 4, 1), save_t=4)
+    print("interpreter split OK")
     # The public op (a registered custom op with its autograd formula), eager and under
     # torch.compile(fullgraph=True): the compiled graph must hold it without a break.
     args = make_inputs(2, 3, 9, 4, "cpu", seed=3)
@@ -249,6 +275,26 @@ def test_cuda_configs(cfg):
     g_def = sst._launch_backward(dy, u, delta, A, B, C, D, z, bias, True, states_d)
     for a, b in zip(g_cfg, g_def):
         assert rel_err(a, b) < 1e-5
+
+
+@cuda_only
+@pytest.mark.parametrize("segments", [2, 5])
+def test_cuda_split_sequences(segments):
+    """Sequences split across programs: same values, states and gradients as one program per sequence,
+    fp32 and bf16, with the default tiles (states every 8 steps) and a config saving every 4."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        args = make_inputs(2, 40, 1100, 16, "cuda", dtype=dtype, seed=12)
+        check_split(args, True, segments, tol)
+        check_split(args, True, segments, tol, config=sst.ScanConfig(4, 16, 1), save_t=4)
+
+
+@cuda_only
+def test_cuda_long_sequences_split_by_default():
+    # L = 8192 at the benchmark's channel count: the default split must pick more than one segment
+    assert sst._segments(torch.device("cuda"), 8 * 96, 1, 8192) > 1
+    assert sst._segments(torch.device("cuda"), 8 * 96, 1, 216) == 1
+    args = make_inputs(1, 8, 4096, 16, "cuda", seed=13)
+    check_parity(args, True, 1e-5, 1e-4)
 
 
 @cuda_only

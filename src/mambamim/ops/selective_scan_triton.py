@@ -36,6 +36,7 @@ batch with torch (deterministic, no atomics).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -90,49 +91,156 @@ if _HAS_TRITON:
         return tl.load(ptr + bc_base + rows + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
 
     @triton.jit
+    def _channels(pid_d, dim, A_ptr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+        # the program's channels, their mask, the state index n = g * NL + l as (NG, 1, NL) and
+        # (1, NG, NL), and A as an fp32 (NG, BLOCK_D, NL) tile
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
+        n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
+        return offs_d, d_mask, n3, n_tn, A.to(tl.float32)
+
+    @triton.jit
+    def _channel_vector(ptr, offs_d, d_mask, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
+        # a (dim,) parameter at the program's channels in fp32; zeros when the kernel has none
+        if PRESENT:
+            return tl.load(ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        else:
+            return tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    @triton.jit
+    def _zero_state(NG: tl.constexpr, BLOCK_D: tl.constexpr, NL: tl.constexpr):
+        # built as a reduction of a 4-D tile so that loops carry it in the tile's layout
+        return tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
+
+    @triton.jit
+    def _delta(dt_raw, bias, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # (delta + bias before the softplus, delta as the scan uses it); padded steps get delta 0:
+        # exp(0) = 1 and no input, so the state carries through them
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        return dt_raw, tl.where(m2, dt, 0.0)
+
+    @triton.jit
+    def _states_in_chunk(dt, u, Bt, h, A2, t4):
+        # exp(delta A), the inputs delta * B * u, and the states of one chunk (T, NG, BD, NL) from h
+        dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
+        x = (dt * u)[:, None, :, None] * Bt[:, :, None, :]
+        x0 = tl.where(t4 == 0, x + dA * h[None, :, :, :], x)  # fold the carried state in
+        _, hs = tl.associative_scan((dA, x0), 0, _fwd_combine)
+        return dA, x, hs
+
+    @triton.jit
+    def _adjoint_in_chunk(Ct, dy0, q, dA, t4, BLOCK_T: tl.constexpr):
+        # adjoint g_t = C_t dy0_t + exp(delta_{t+1} A) g_{t+1} over one chunk, reverse in time; q (the
+        # later chunk's exp(delta A) g at its start) enters at the last step. Returns g and this chunk's q.
+        bvec = Ct[:, :, None, :] * dy0[:, None, :, None]
+        bvec = tl.where(t4 == BLOCK_T - 1, bvec + q[None, :, :, :], bvec)
+        _, g, _ = tl.associative_scan((tl.full(bvec.shape, 1.0, tl.float32), bvec, dA), 0, _bwd_combine,
+                                      reverse=True)
+        return g, tl.sum(tl.where(t4 == 0, dA * g, 0.0), axis=0)
+
+    @triton.jit
+    def _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, x, A2,
+                       N: tl.constexpr):
+        # fold segment j into a carry: exp(A * sum of segment j's delta) * x + segment j's own part
+        off = ((pid_b * n_seg + j) * dim + offs_d[None, :, None]) * N + n3
+        part = tl.load(seg_ptr + off, mask=d_mask[None, :, None], other=0.0)
+        dsum = tl.load(segdt_ptr + (pid_b * n_seg + j) * dim + offs_d, mask=d_mask, other=0.0)
+        return tl.exp2(dsum[None, :, None] * A2) * x + part
+
+    @triton.jit
+    def _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, x, dsum,
+                       N: tl.constexpr):
+        off = ((pid_b * n_seg + s) * dim + offs_d[None, :, None]) * N + n3
+        tl.store(seg_ptr + off, x, mask=d_mask[None, :, None])
+        tl.store(segdt_ptr + (pid_b * n_seg + s) * dim + offs_d, dsum, mask=d_mask)
+
+    @triton.jit
+    def _ss_fwd_seg_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seg_ptr, segdt_ptr,
+        dim, L, n_chunks, seg_chunks, n_seg,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
+    ):
+        # Split sequences, first pass: segment s's end state from a zero start, and its sum of delta,
+        # into seg (batch, n_seg, dim, N) and segdt (batch, n_seg, dim). The last segment is not needed.
+        pid_b = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(2)
+        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
+        A2 = A * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        offs_t = tl.arange(0, BLOCK_T)
+        t4 = offs_t[:, None, None, None]
+        bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
+        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
+        bc_base = pid_b * N * L
+        h = _zero_state(NG, BLOCK_D, NL)
+        dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        c0 = s * seg_chunks
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
+        for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
+            u = u_n.to(tl.float32)
+            dt_raw = dt_n.to(tl.float32)
+            Bt = B_n.to(tl.float32)
+            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
+            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
+            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
+            m2 = ((c * BLOCK_T + offs_t) < L)[:, None] & d_mask[None, :]
+            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+            _, _, hs = _states_in_chunk(dt, u, Bt, h, A2, t4)
+            h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
+            dsum += tl.sum(dt, axis=0)
+        _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, h, dsum, N)
+
+    @triton.jit
     def _ss_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
-        dim, L, n_chunks, n_states,
+        seg_ptr, segdt_ptr, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
+        # Program (batch, channel block, segment s) scans chunks [s * seg_chunks, ...) from the state
+        # the earlier segments' first-pass results give (n_seg == 1: one segment from zero).
         # STORE_STATES: states[b, k] = state before step k * SAVE_T, k < n_states (BLOCK_T % SAVE_T == 0)
         pid_b = tl.program_id(0).to(tl.int64)
-        pid_d = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
+        s = tl.program_id(2)
+        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
+        A2 = A * 1.4426950408889634
         offs_t = tl.arange(0, BLOCK_T)
-        # state index n = g * NL + l, as (NG, 1, NL) and (1, NG, NL)
-        n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
-        n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
         t4 = offs_t[:, None, None, None]
-
-        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
-        A2 = A.to(tl.float32) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-
+        Dv = _channel_vector(D_ptr, offs_d, d_mask, HAS_D, BLOCK_D)
+        bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
         row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)  # (BLOCK_D,)
         bc_base = pid_b * N * L
         if STORE_STATES and SAVE_T != BLOCK_T:
-            z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
-            tl.store(states_ptr + z_off, tl.zeros((NG, BLOCK_D, NL), tl.float32), mask=d_mask[None, :, None])
-        # built as a reduction of a 4-D tile so that the loop carries it in the tile's layout
-        h = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
+            if s == 0:  # the state before step 0; every later one is stored after the step before it
+                z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
+                tl.store(states_ptr + z_off, _zero_state(NG, BLOCK_D, NL), mask=d_mask[None, :, None])
+        h = _zero_state(NG, BLOCK_D, NL)
+        for j in range(0, s):
+            h = _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, h, A2, N)
+        c0 = s * seg_chunks
         # chunk c's tiles are loaded during chunk c - 1 (register prefetch hides the load latency)
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T, VEC)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, 0, L, BLOCK_T, VEC)
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
         if HAS_Z:
-            z_n = _load_rows(z_ptr, row, offs_t, d_mask, 0, L, BLOCK_T, VEC)
-        for c in range(0, n_chunks):
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
+        for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
             u = u_n.to(tl.float32)
-            dt = dt_n.to(tl.float32)
+            dt_raw = dt_n.to(tl.float32)
             Bt = B_n.to(tl.float32)
             Ct = C_n.to(tl.float32)
             if HAS_Z:
@@ -144,28 +252,18 @@ if _HAS_TRITON:
             if HAS_Z:
                 z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
-            t_mask = t < L
-            m2 = t_mask[:, None] & d_mask[None, :]
-            off2 = row[None, :] + t[:, None]  # (BLOCK_T, BLOCK_D)
-            if HAS_BIAS:
-                dt = dt + bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m2, dt, 0.0)  # padded steps: exp(0) = 1 and no input, the state carries
+            m2 = (t < L)[:, None] & d_mask[None, :]
+            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS)
             if STORE_STATES and SAVE_T == BLOCK_T:
                 st_off = ((pid_b * n_states + c) * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + st_off, h, mask=d_mask[None, :, None])
-
-            dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])  # (T, NG, BD, NL)
-            x = (dt * u)[:, None, :, None] * Bt[:, :, None, :]
-            x = tl.where(t4 == 0, x + dA * h[None, :, :, :], x)  # fold the carried state in
-            _, hs = tl.associative_scan((dA, x), 0, _fwd_combine)
+            _, _, hs = _states_in_chunk(dt, u, Bt, h, A2, t4)
             y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)  # (T, BD)
             if HAS_D:
                 y = y + u * Dv[None, :]
             if HAS_Z:
                 y = y * (zz * tl.sigmoid(zz))
-            tl.store(y_ptr + off2, y.to(y_ptr.dtype.element_ty), mask=m2)
+            tl.store(y_ptr + row[None, :] + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
             if STORE_STATES and SAVE_T != BLOCK_T:
                 # the state after step t starts saved chunk (t + 1) / SAVE_T
                 ts = t4 + (c * BLOCK_T + 1)
@@ -176,54 +274,90 @@ if _HAS_TRITON:
             h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
 
     @triton.jit
+    def _ss_bwd_seg_kernel(
+        delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, seg_ptr, segdt_ptr,
+        dim, L, n_chunks, seg_chunks, n_seg,
+        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
+    ):
+        # Split sequences, first backward pass: segment s + 1's q (exp(delta A) g at its start) from a
+        # zero carry, and its sum of delta (segment 0's is not needed). The adjoint needs no states.
+        pid_b = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(2) + 1
+        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
+        A2 = A * 1.4426950408889634
+        offs_t = tl.arange(0, BLOCK_T)
+        t4 = offs_t[:, None, None, None]
+        bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
+        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
+        bc_base = pid_b * N * L
+        q = _zero_state(NG, BLOCK_D, NL)
+        dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        c0 = s * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        for ci in range(0, c1 - c0):
+            c = c1 - 1 - ci
+            t = c * BLOCK_T + offs_t
+            m2 = (t < L)[:, None] & d_mask[None, :]
+            dt_raw = _load_rows(delta_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC).to(tl.float32)
+            dy0 = _load_rows(dy_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC).to(tl.float32)
+            Ct = _load_bc(C_ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T, VEC).to(tl.float32)
+            if HAS_Z:
+                zz = _load_rows(z_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC).to(tl.float32)
+                dy0 = dy0 * (zz * tl.sigmoid(zz))
+            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+            dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
+            _, q = _adjoint_in_chunk(Ct, dy0, q, dA, t4, BLOCK_T)
+            dsum += tl.sum(dt, axis=0)
+        _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, q, dsum, N)
+
+    @triton.jit
     def _ss_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-        batch, dim, L, n_chunks,
+        seg_ptr, segdt_ptr, batch, dim, L, n_chunks, seg_chunks, n_seg,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
+        # Program (batch, channel block, segment s) walks chunks [s * seg_chunks, ...) in reverse, the
+        # adjoint's carry taken from the later segments' first-pass results (n_seg == 1: from zero).
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        offs_t = tl.arange(0, BLOCK_T)
-        n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
-        n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-        t4 = offs_t[:, None, None, None]
-
-        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
-        A = A.to(tl.float32)
+        s = tl.program_id(2)
+        offs_d, d_mask, n3, n_tn, A = _channels(pid_d, dim, A_ptr, N, NG, NL, BLOCK_D)
         A2 = A * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-
+        offs_t = tl.arange(0, BLOCK_T)
+        t4 = offs_t[:, None, None, None]
+        Dv = _channel_vector(D_ptr, offs_d, d_mask, HAS_D, BLOCK_D)
+        bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
         row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
         bc_base = pid_b * N * L
         part_base = (pid_d * batch + pid_b) * N * L  # dB/dC partials: (n_dblocks, batch, N, L)
-        # exp(delta A) * g at the next chunk's start; 4-D reductions keep the tile's layout
-        q = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
-        dA_acc = tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
+        # exp(delta A) * g at the next chunk's start
+        q = _zero_state(NG, BLOCK_D, NL)
+        for jj in range(0, n_seg - 1 - s):
+            q = _segment_carry(seg_ptr, segdt_ptr, pid_b, n_seg - 1 - jj, n_seg, dim, offs_d, d_mask, n3,
+                               q, A2, N)
+        dA_acc = _zero_state(NG, BLOCK_D, NL)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        ones = tl.full((BLOCK_T, NG, BLOCK_D, NL), 1.0, tl.float32)
         st_rows = offs_d[None, :, None] * N + n3
         # chunk c's tiles are loaded during chunk c + 1 (register prefetch)
-        c_last = n_chunks - 1
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
-        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T, VEC)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c_last, L, BLOCK_T, VEC)
-        h0_n = tl.load(states_ptr + (pid_b * n_chunks + c_last) * dim * N + st_rows,
+        c0 = s * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
+        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
+        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
+        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c1 - 1, L, BLOCK_T, VEC)
+        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c1 - 1, L, BLOCK_T, VEC)
+        h0_n = tl.load(states_ptr + (pid_b * n_chunks + c1 - 1) * dim * N + st_rows,
                        mask=d_mask[None, :, None], other=0.0)
         if HAS_Z:
-            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c_last, L, BLOCK_T, VEC)
-        for ci in range(0, n_chunks):
-            c = n_chunks - 1 - ci
+            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
+        for ci in range(0, c1 - c0):
+            c = c1 - 1 - ci
             u = u_n.to(tl.float32)
             dt_raw = dt_n.to(tl.float32)
             dy = dy_n.to(tl.float32)
@@ -245,20 +379,8 @@ if _HAS_TRITON:
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
             off2 = row[None, :] + t[:, None]
-            if HAS_BIAS:
-                dt_raw = dt_raw + bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt_raw)
-            else:
-                dt = dt_raw
-            dt = tl.where(m2, dt, 0.0)
-
-            # recompute the states inside the chunk
-            dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
-            du_dt = dt * u
-            x = du_dt[:, None, :, None] * Bt[:, :, None, :]
-            x0 = tl.where(t4 == 0, x + dA * h0[None, :, :, :], x)
-            _, hs = tl.associative_scan((dA, x0), 0, _fwd_combine)
+            dt_raw, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+            dA, x, hs = _states_in_chunk(dt, u, Bt, h0, A2, t4)  # the states inside the chunk, again
 
             if HAS_Z:
                 y0 = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)
@@ -270,12 +392,7 @@ if _HAS_TRITON:
                 dy0 = dy * (zz * sz)
             else:
                 dy0 = dy
-
-            # adjoint state, reverse in time; the carry enters at the chunk's last step
-            bvec = Ct[:, :, None, :] * dy0[:, None, :, None]
-            bvec = tl.where(t4 == BLOCK_T - 1, bvec + q[None, :, :, :], bvec)
-            _, g, _ = tl.associative_scan((ones, bvec, dA), 0, _bwd_combine, reverse=True)
-            q = tl.sum(tl.where(t4 == 0, dA * g, 0.0), axis=0)
+            g, q = _adjoint_in_chunk(Ct, dy0, q, dA, t4, BLOCK_T)
 
             gh = g * (hs - x)  # g_t * exp(delta_t A) * h_{t-1}
             dA_acc += tl.sum(gh * dt[:, None, :, None], axis=0)
@@ -294,18 +411,19 @@ if _HAS_TRITON:
             tl.store(du_ptr + off2, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddelta_ptr + off2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
-            dBp = tl.sum(g * du_dt[:, None, :, None], axis=2)  # (T, NG, NL)
+            dBp = tl.sum(g * (dt * u)[:, None, :, None], axis=2)  # (T, NG, NL)
             dCp = tl.sum(hs * dy0[:, None, :, None], axis=2)
             off_p = part_base + n_tn * L + t[:, None, None]
             tl.store(dB_part_ptr + off_p, dBp, mask=t_mask[:, None, None])
             tl.store(dC_part_ptr + off_p, dCp, mask=t_mask[:, None, None])
 
-        dA_off = (pid_b * dim + offs_d[None, :, None]) * N + n3
-        tl.store(dA_part_ptr + dA_off, dA_acc, mask=d_mask[None, :, None])
+        # per-(batch, segment) partials of dA, dD and dbias: (batch, n_seg, dim[, N])
+        bs = pid_b * n_seg + s
+        tl.store(dA_part_ptr + (bs * dim + offs_d[None, :, None]) * N + n3, dA_acc, mask=d_mask[None, :, None])
         if HAS_D:
-            tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=d_mask)
+            tl.store(dD_part_ptr + bs * dim + offs_d, dD_acc, mask=d_mask)
         if HAS_BIAS:
-            tl.store(dbias_part_ptr + pid_b * dim + offs_d, dbias_acc, mask=d_mask)
+            tl.store(dbias_part_ptr + bs * dim + offs_d, dbias_acc, mask=d_mask)
 
 
 class ScanConfig(NamedTuple):
@@ -344,6 +462,35 @@ def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, in
     return ng, nl, block_d, cfg.block_t, cfg.num_warps
 
 
+# Splitting sequences (see the module docstring): aim for this many resident warps per SM, and give no
+# segment fewer steps than this (each costs a first pass and a carry over the earlier segments).
+_TARGET_WARPS_PER_SM = 16
+_MIN_SEGMENT = 512
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _segments(device: torch.device, programs: int, num_warps: int, L: int) -> int:
+    """How many segments to split each sequence into: enough programs to fill the GPU, none too short.
+    One (no split) off CUDA and for sequences shorter than two minimum segments."""
+    if device.type != "cuda" or L < 2 * _MIN_SEGMENT:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = triton.cdiv(_TARGET_WARPS_PER_SM * _sm_count(index), programs * num_warps)
+    return max(1, min(want, L // _MIN_SEGMENT))
+
+
+def _split(n_chunks: int, segments: int) -> Tuple[int, int]:
+    """(chunks per segment, number of segments) for about ``segments`` equal segments of whole chunks."""
+    if segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
+    seg_chunks = triton.cdiv(n_chunks, segments)
+    return seg_chunks, triton.cdiv(n_chunks, seg_chunks)
+
+
 def _vec(L: int, block_t: int) -> int:
     """Largest power of two dividing L, at most 8 and block_t: lets Triton vectorize row loads."""
     v = 1
@@ -371,12 +518,14 @@ def _launch_forward(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     delta_softplus: bool, store_states: bool,
     config: Optional[ScanConfig] = None, poison: bool = False, save_t: Optional[int] = None,
+    segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the forward kernel on contiguous inputs.
 
     Returns y (batch, dim, length) in u's dtype, and when ``store_states`` the fp32 state before
     every ``save_t`` steps (the backward's chunk, default its config's block_t),
-    (batch, cdiv(length, save_t), dim, state). ``poison`` fills the outputs with NaN first (tests).
+    (batch, cdiv(length, save_t), dim, state). ``segments`` splits each sequence into about that many
+    segments (default: ``_segments``' choice). ``poison`` fills the outputs with NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
     save_t = save_t or _bwd_config(L).block_t
@@ -396,15 +545,24 @@ def _launch_forward(
             dtype=torch.float32)
         if store_states else y  # dummy pointer, never written
     )
-    grid = (batch, triton.cdiv(dim, bd))
-    _ss_fwd_kernel[grid](
+    n_db = triton.cdiv(dim, bd)
+    seg_chunks, n_seg = _split(n_chunks, segments or _segments(u.device, batch * n_db, nw, L))
+    bias = delta_bias if delta_bias is not None else u
+    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
+    seg, segdt = y, y  # dummy pointers unless split
+    if n_seg > 1:
+        seg = torch.empty((batch, n_seg, dim, n), device=u.device, dtype=torch.float32)
+        segdt = torch.empty((batch, n_seg, dim), device=u.device, dtype=torch.float32)
+        _ss_fwd_seg_kernel[(batch, n_db, n_seg - 1)](
+            u, delta, A, B, bias, seg, segdt, dim, L, n_chunks, seg_chunks, n_seg,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), **tiles)
+    _ss_fwd_kernel[(batch, n_db, n_seg)](
         u, delta, A, B, C,
-        D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, y, states,
-        dim, L, n_chunks, n_states,
+        D if D is not None else u, z if z is not None else u, bias, y, states,
+        seg, segdt, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states, SAVE_T=save_t if store_states else bt,
-        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw,
+        **tiles,
     )
     return y, (states if store_states else None)
 
@@ -413,12 +571,13 @@ def _launch_backward(
     dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
     delta_bias: Optional[torch.Tensor], delta_softplus: bool, states: torch.Tensor,
-    config: Optional[ScanConfig] = None, poison: bool = False,
+    config: Optional[ScanConfig] = None, poison: bool = False, segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Run the backward kernel; returns (du, ddelta, dA, dB, dC, dD, dz, dbias), Nones where absent.
 
-    ``states`` must come from ``_launch_forward`` with the same ``block_t``. ``poison`` fills every
-    output and partial buffer with NaN first (tests).
+    ``states`` must come from ``_launch_forward`` with the same ``block_t`` (its segments do not
+    matter). ``segments`` as for the forward. ``poison`` fills every output and partial buffer with
+    NaN first (tests).
     """
     batch, dim, L, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
     ng, nl, bd, bt, nw = _resolve(config or _bwd_config(L), n, dim)
@@ -434,32 +593,38 @@ def _launch_backward(
             return torch.full(shape, float("nan"), device=dev, dtype=dtype)
         return torch.empty(shape, device=dev, dtype=dtype)
 
+    seg_chunks, n_seg = _split(n_chunks, segments or _segments(dev, batch * n_db, nw, L))
     du = new(u.shape, u.dtype)
     ddelta = new(delta.shape, delta.dtype)
     dz = new(z.shape, z.dtype) if z is not None else None
-    dA_part = new((batch, dim, n), f32)
+    dA_part = new((batch, n_seg, dim, n), f32)
     dB_part = new((n_db, batch, n, L), f32)
     dC_part = new((n_db, batch, n, L), f32)
-    dD_part = new((batch, dim), f32) if D is not None else None
-    dbias_part = new((batch, dim), f32) if delta_bias is not None else None
+    dD_part = new((batch, n_seg, dim), f32) if D is not None else None
+    dbias_part = new((batch, n_seg, dim), f32) if delta_bias is not None else None
     dummy = dA_part
-    grid = (batch, n_db)
-    _ss_bwd_kernel[grid](
-        u, delta, A, B, C,
-        D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, states, dy,
+    z_, bias_ = (t if t is not None else dummy for t in (z, delta_bias))
+    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
+    seg, segdt = dummy, dummy
+    if n_seg > 1:
+        seg = torch.empty((batch, n_seg, dim, n), device=dev, dtype=f32)
+        segdt = torch.empty((batch, n_seg, dim), device=dev, dtype=f32)
+        _ss_bwd_seg_kernel[(batch, n_db, n_seg - 1)](
+            delta, A, C, z_, bias_, dy, seg, segdt, dim, L, n_chunks, seg_chunks, n_seg,
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), **tiles)
+    _ss_bwd_kernel[(batch, n_db, n_seg)](
+        u, delta, A, B, C, D if D is not None else dummy, z_, bias_, states, dy,
         du, ddelta, dz if dz is not None else dummy, dA_part, dB_part, dC_part,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        batch, dim, L, n_chunks,
+        seg, segdt, batch, dim, L, n_chunks, seg_chunks, n_seg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus),
-        N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw,
+        SOFTPLUS=bool(delta_softplus), **tiles,
     )
-    dA = dA_part.sum(0).to(A.dtype)
+    dA = dA_part.sum((0, 1)).to(A.dtype)
     dB = (dB_part.sum(0) if n_db > 1 else dB_part[0]).to(B.dtype)
     dC = (dC_part.sum(0) if n_db > 1 else dC_part[0]).to(C.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
