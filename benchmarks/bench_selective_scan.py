@@ -217,33 +217,43 @@ def sweep(lengths: List[int]) -> List[str]:
     return rows
 
 
-SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
+SPLITS = [1, 2, 4, 8]
+SPLIT_FWD = [sst.ScanConfig(4, 16, 1), sst.ScanConfig(4, 8, 1), sst.ScanConfig(2, 16, 1), sst.ScanConfig(2, 8, 1),
+             sst.ScanConfig(1, 16, 1)]
+SPLIT_BWD = [sst.ScanConfig(4, 8, 1), sst.ScanConfig(4, 4, 1), sst.ScanConfig(2, 8, 1), sst.ScanConfig(2, 4, 1)]
 
 
 def split_sweep(lengths: List[int], bw_card: float) -> List[str]:
-    """Time the kernels with each sequence split into 1, 2, ... segments (1: one program walks the whole
-    sequence, the kernel before the split); 'auto' is the default's choice. Bandwidth as in the main table."""
+    """Time tiles x segments per sequence (1: one program walks the whole sequence, as before the split;
+    None: the default's choice). Fewer states per thread (smaller ng, block_t) need fewer registers, so
+    more programs are resident at once; splitting makes the programs. Bandwidth as in the main table."""
     b, d, n = 8, 768, 16
-    rows = ["| L | dtype | segments | fwd ms | fwd % of copy BW | fwd(states) ms | bwd ms | fwd+bwd % of copy BW |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| L | dtype | pass | ng, block_t, warps | segments | ms | % of copy BW |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(L, dtype, name, cfg, segs, ms, nbytes):
+        pct = 100 * nbytes / (ms * 1e-3) / 1e12 / bw_card
+        rows.append(f"| {L} | {str(dtype).replace('torch.', '')} | {name} | {cfg.ng}, {cfg.block_t}, {cfg.num_warps} | "
+                    f"{segs or 'default'} | {ms:.4f} | {pct:.0f}% |")
+        print(rows[-1], flush=True)
+
     for L in lengths:
         for dtype in (torch.bfloat16, torch.float32):
             es = torch.tensor([], dtype=dtype).element_size()
-            u, delta, A, Bm, Cm, D, z, bias = args = make(b, d, L, n, dtype)
-            dy = torch.randn_like(u)
-            auto = sst._segments(u.device, b * 96, 1, L)
-            for segs in SPLITS + [None]:
-                t_f = bench(lambda: sst._launch_forward(*args, True, False, segments=segs), rep=100)
-                fw = lambda: sst._launch_forward(*args, True, True, segments=segs)  # noqa: E731
-                _, states = fw()
-                t_s = bench(fw, rep=100)
-                t_b = bench(lambda: sst._launch_backward(dy, *args, True, states, segments=segs), rep=100)
-                pf = 100 * io_bytes(b, d, L, n, es, False) / (t_f * 1e-3) / 1e12 / bw_card
-                pfb = 100 * io_bytes(b, d, L, n, es, True) / ((t_s + t_b) * 1e-3) / 1e12 / bw_card
-                rows.append(f"| {L} | {str(dtype).replace('torch.', '')} | {segs or f'auto ({auto})'} | {t_f:.4f} | "
-                            f"{pf:.0f}% | {t_s:.4f} | {t_b:.4f} | {pfb:.0f}% |")
-                print(rows[-1], flush=True)
-            del u, delta, A, Bm, Cm, D, z, bias, args, dy, states
+            args = make(b, d, L, n, dtype)
+            dy = torch.randn_like(args[0])
+            for cfg in SPLIT_FWD:
+                for segs in SPLITS + [None]:
+                    ms = bench(lambda: sst._launch_forward(*args, True, False, config=cfg, segments=segs), rep=100)
+                    row(L, dtype, "fwd", cfg, segs, ms, io_bytes(b, d, L, n, es, False))
+            for cfg in SPLIT_BWD:
+                for segs in SPLITS + [None]:
+                    fw = lambda: sst._launch_forward(*args, True, True, save_t=cfg.block_t, segments=segs)  # noqa: E731
+                    states = fw()[1]
+                    ms = bench(fw, rep=100) + bench(
+                        lambda: sst._launch_backward(dy, *args, True, states, config=cfg, segments=segs), rep=100)
+                    row(L, dtype, "fwd(states)+bwd", cfg, segs, ms, io_bytes(b, d, L, n, es, True))
+            del args, dy, states
             torch.cuda.empty_cache()
     return rows
 
