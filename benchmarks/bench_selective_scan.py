@@ -223,12 +223,13 @@ SPLIT_FWD = [sst.ScanConfig(4, 16, 1), sst.ScanConfig(4, 8, 1), sst.ScanConfig(2
 SPLIT_BWD = [sst.ScanConfig(4, 8, 1), sst.ScanConfig(4, 4, 1), sst.ScanConfig(2, 8, 1), sst.ScanConfig(2, 4, 1)]
 
 
-def split_sweep(lengths: List[int], bw_card: float) -> List[str]:
+def split_sweep(lengths: List[int], bw_card: float, b: int = 8, fwd_configs=None, bwd_configs=None) -> List[str]:
     """Time tiles x segments per sequence (1: one program walks the whole sequence, as before the split;
     None: the default's choice). Fewer states per thread (smaller ng, block_t) need fewer registers, so
     more programs are resident at once; splitting makes the programs. Bandwidth as in the main table."""
-    b, d, n = 8, 768, 16
-    rows = ["| L | dtype | pass | ng, block_t, warps | segments | ms | % of copy BW |",
+    d, n = 768, 16
+    fwd_configs, bwd_configs = fwd_configs or SPLIT_FWD, bwd_configs or SPLIT_BWD
+    rows = [f"batch {b}", "", "| L | dtype | pass | ng, block_t, warps | segments | ms | % of copy BW |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
 
     def row(L, dtype, name, cfg, segs, ms, nbytes):
@@ -242,11 +243,11 @@ def split_sweep(lengths: List[int], bw_card: float) -> List[str]:
             es = torch.tensor([], dtype=dtype).element_size()
             args = make(b, d, L, n, dtype)
             dy = torch.randn_like(args[0])
-            for cfg in SPLIT_FWD:
+            for cfg in fwd_configs:
                 for segs in SPLITS + [None]:
                     ms = bench(lambda: sst._launch_forward(*args, True, False, config=cfg, segments=segs), rep=100)
                     row(L, dtype, "fwd", cfg, segs, ms, io_bytes(b, d, L, n, es, False))
-            for cfg in SPLIT_BWD:
+            for cfg in bwd_configs:
                 for segs in SPLITS + [None]:
                     fw = lambda: sst._launch_forward(*args, True, True, save_t=cfg.block_t, segments=segs)  # noqa: E731
                     states = fw()[1]
@@ -265,6 +266,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--split", action="store_true",
                    help="only time the split of sequences across programs (1, 2, ... segments), L 1728 and 8192")
+    p.add_argument("--split-batch1", action="store_true",
+                   help="only the split at batch 1 (96 programs: fewer than the SMs), default tiles, L 8192")
     a = p.parse_args(argv)
     if not sst.is_available():
         print("needs CUDA and triton", file=sys.stderr)
@@ -280,8 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     lengths = [216, 1728] if a.quick else [54, 216, 1728, 8192]
     dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
     rows = []
-    if a.split:
-        rows = ["## Sequences split across programs (median ms)", ""] + split_sweep([1728, 8192], bw)
+    if a.split or a.split_batch1:
+        rows = ["## Sequences split across programs (median ms)", ""]
+        rows += (split_sweep([8192], bw, 1, SPLIT_FWD[:1], SPLIT_BWD[:1]) if a.split_batch1
+                 else split_sweep([1728, 8192], bw))
         save_table("\n".join(head + rows) + "\n", "bench_selective_scan_split.md")
         return 0
     if a.sweep:

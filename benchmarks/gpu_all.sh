@@ -79,9 +79,9 @@ for part in "$@"; do
       done ;;
     split)
       # the selective scan with sequences split across programs: its CUDA tests, then 1, 2, ... segments
-      run_tests split ${SPLIT_LIMIT:-200} tests/ops/test_selective_scan_triton.py
-      CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SPLIT_BENCH_LIMIT:-200} python3 benchmarks/bench_selective_scan.py --split \
-        > $OUT/split.log 2>&1; echo "rc=$?"; grep "^|" $OUT/split.log ;;
+      run_tests split_tests ${SPLIT_LIMIT:-200} tests/ops/test_selective_scan_triton.py
+      CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SPLIT_BENCH_LIMIT:-240} python3 benchmarks/bench_selective_scan.py \
+        ${SPLIT_ARGS:---split} > $OUT/split.log 2>&1; echo "rc=$?"; grep "^|" $OUT/split.log ;;
     graphs)
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
         tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1

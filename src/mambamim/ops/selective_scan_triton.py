@@ -462,9 +462,11 @@ def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, in
     return ng, nl, block_d, cfg.block_t, cfg.num_warps
 
 
-# Splitting sequences (see the module docstring): aim for this many resident warps per SM, and give no
-# segment fewer steps than this (each costs a first pass and a carry over the earlier segments).
-_TARGET_WARPS_PER_SM = 16
+# Splitting sequences (see the module docstring) pays only where the programs are too few to fill the GPU:
+# at batch 8 x 768 channels (768 programs on 132 SMs) every split was slower on an H200 (benchmarks/RESULTS.md,
+# fourteenth session). Split up to this many programs per SM, and into no segment shorter than this (each
+# costs a first pass, which doubles the exponentials, and a carry over the earlier segments).
+_PROGRAMS_PER_SM = 2
 _MIN_SEGMENT = 512
 
 
@@ -473,13 +475,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _segments(device: torch.device, programs: int, num_warps: int, L: int) -> int:
-    """How many segments to split each sequence into: enough programs to fill the GPU, none too short.
-    One (no split) off CUDA and for sequences shorter than two minimum segments."""
+def _segments(device: torch.device, programs: int, L: int) -> int:
+    """How many segments to split each sequence into: one (no split) off CUDA, when the programs already
+    fill the GPU, or for sequences shorter than two minimum segments."""
     if device.type != "cuda" or L < 2 * _MIN_SEGMENT:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    want = triton.cdiv(_TARGET_WARPS_PER_SM * _sm_count(index), programs * num_warps)
+    want = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(index), programs)
     return max(1, min(want, L // _MIN_SEGMENT))
 
 
@@ -546,7 +548,7 @@ def _launch_forward(
         if store_states else y  # dummy pointer, never written
     )
     n_db = triton.cdiv(dim, bd)
-    seg_chunks, n_seg = _split(n_chunks, segments or _segments(u.device, batch * n_db, nw, L))
+    seg_chunks, n_seg = _split(n_chunks, segments or _segments(u.device, batch * n_db, L))
     bias = delta_bias if delta_bias is not None else u
     tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
     seg, segdt = y, y  # dummy pointers unless split
@@ -593,7 +595,7 @@ def _launch_backward(
             return torch.full(shape, float("nan"), device=dev, dtype=dtype)
         return torch.empty(shape, device=dev, dtype=dtype)
 
-    seg_chunks, n_seg = _split(n_chunks, segments or _segments(dev, batch * n_db, nw, L))
+    seg_chunks, n_seg = _split(n_chunks, segments or _segments(dev, batch * n_db, L))
     du = new(u.shape, u.dtype)
     ddelta = new(delta.shape, delta.dtype)
     dz = new(z.shape, z.dtype) if z is not None else None
