@@ -307,15 +307,15 @@ def test_triton_persistent_kernel_matches_one_launch_per_step(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
-@pytest.mark.parametrize("fused", [False, True])
-def test_triton_forward_in_a_cuda_graph(fused):
-    """toki_fill, and the persistent kernel (then a plain launch of one program per SM), capture into a CUDA
-    graph and replay what toki_fill computes eagerly."""
+@pytest.mark.parametrize("path", ["toki_fill", "per step", "persistent"])
+def test_triton_forward_in_a_cuda_graph(path):
+    """toki_fill (the persistent kernel, then a plain launch of one program per SM) and both Triton forwards
+    capture into a CUDA graph and replay what toki_fill computes eagerly."""
     from functools import partial
 
     from mambamim.ops.toki_triton import toki_fill_triton
 
-    fill = partial(toki_fill_triton, fused=True) if fused else toki_fill
+    fill = toki_fill if path == "toki_fill" else partial(toki_fill_triton, fused=path == "persistent")
     tokens, visible, A, edge, _ = next(_triton_cases("cuda", torch.float32))
     with torch.no_grad():
         eager = toki_fill(tokens, visible, A, edge)

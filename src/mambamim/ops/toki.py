@@ -25,7 +25,8 @@ device. The recurrence runs in float32 (float64 stays float64) with autocast dis
 filled tokens are cast back to the dtype of ``tokens``.
 
 On CUDA, a call that needs no gradient (inference, the no-grad previews) runs the same scan in Triton
-(:mod:`mambamim.ops.toki_triton`: 1 + ceil(log2(L + 2)) launches instead of about 65).
+(:mod:`mambamim.ops.toki_triton`: one persistent launch instead of about 65, which skips the doubling
+steps past the longest masked run).
 """
 
 from __future__ import annotations

@@ -14,16 +14,17 @@ The work, in units that each program of a launch takes one or more of:
 Every step reads what the previous one wrote anywhere in the sequence and in ``A^s``, so the steps need a
 grid-wide synchronisation between them. Two ways, same units, same arithmetic, bit-identical results:
 
-- ``fused=True``: **one** launch of a persistent kernel (up to two programs per SM) which
+- ``fused=True`` (the default): **one** launch of a persistent kernel (up to two programs per SM) which
   walks the phases and waits at a grid barrier (an atomic counter) between them. It also skips the steps
   past the longest masked run, which the interpolation phase measures on the GPU (a scan sized for the
   whole sequence otherwise runs all ``ceil(log2(L + 2))`` steps, most of them on nothing but ``A``'s powers).
   Eagerly launched as a cooperative grid, so that the driver refuses a grid whose programs cannot all be
   resident rather than let the barrier wait forever; inside a CUDA graph capture a plain launch of at most
   one program per SM, which is always resident.
-- ``fused=False`` (the default): one launch per phase (``1 + ceil(log2(L + 2))``), the kernel boundary as
-  the barrier; eagerly host-bound (nine launches at the pre-training shape). It stays the default until the
-  persistent kernel's present form has run on a GPU (benchmarks/RESULTS.md, thirteenth session).
+- ``fused=False``: one launch per phase (``1 + ceil(log2(L + 2))``), the kernel boundary as the barrier;
+  eagerly host-bound (nine launches at the pre-training shape), and the fallback when the persistent grid
+  does not launch. On an H200 (benchmarks/RESULTS.md, fourteenth session) the persistent kernel was
+  bit-identical to it and took 0.167 / 0.181 ms eagerly (fp32 / bf16) against 0.271 / 0.338 ms.
 
 Matmuls run as ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores). Intermediate state,
 which another program may have written, is loaded with ``.cg`` (from L2, not the SM's own L1), and after
@@ -238,12 +239,12 @@ def _prep_tiles(T: int, C: int, tile: int = _PREP_TILE) -> tuple[int, int]:
 
 
 def toki_fill_triton(tokens: torch.Tensor, visible: torch.Tensor, A: torch.Tensor, edge_token: torch.Tensor,
-                     fused: bool = False, programs: int | None = None) -> torch.Tensor:  # fmt: skip
+                     fused: bool = True, programs: int | None = None) -> torch.Tensor:  # fmt: skip
     """:func:`mambamim.ops.toki.toki_fill` (arguments checked there) without autograd.
 
-    ``fused``: one persistent launch, or one launch per phase (default; module docstring). ``programs``:
+    ``fused``: one persistent launch (default), or one launch per phase (module docstring). ``programs``:
     the persistent grid (default up to two per SM; on a CPU under ``TRITON_INTERPRET=1``, whose programs run
-    one after another, it must be 1).
+    one after another, 1, the default there).
     """
     if programs is not None and (not isinstance(programs, int) or programs < 1):
         raise ValueError(f"programs must be a positive int or None, got {programs!r}")
@@ -288,8 +289,10 @@ def _launch_fused(tokens, vis, edge, a32, ws, out, programs) -> None:
     B, L, C = tokens.shape
     device = tokens.device
     capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if programs is None and not tokens.is_cuda:
+        programs = 1  # the interpreter runs programs one after another: a second would wait forever
     if programs is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if tokens.is_cuda else 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         units = triton.cdiv(B * (L + 2), _BM) * triton.cdiv(C, _BN) + triton.cdiv(C, _BN) ** 2
         # Eagerly up to two programs per SM, launched as a cooperative grid: the driver refuses a grid whose
         # programs cannot all be resident at once rather than let the barrier wait forever. A graph capture
