@@ -462,11 +462,14 @@ def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, in
     return ng, nl, block_d, cfg.block_t, cfg.num_warps
 
 
-# Splitting sequences (see the module docstring) pays only where the programs are too few to fill the GPU:
-# at batch 8 x 768 channels (768 programs on 132 SMs) every split was slower on an H200 (benchmarks/RESULTS.md,
-# fourteenth session). Split up to this many programs per SM, and into no segment shorter than this (each
-# costs a first pass, which doubles the exponentials, and a carry over the earlier segments).
-_PROGRAMS_PER_SM = 2
+# Splitting sequences (see the module docstring) pays only where the programs are too few to fill the GPU. On
+# an H100 / H200 (benchmarks/RESULTS.md, fourteenth session), at L = 8192: 768 one-warp programs (batch 8 x
+# 96 channel blocks, about 6 per SM) ran fastest unsplit, every split slower (the default tiles' 254-255
+# registers leave room for 8 warps per SM, so more programs run in waves); batch 1 (96 programs) ran 2.4x
+# (forward) and 3.2x (forward + backward) faster in 8 segments. So: split to about this many programs per SM,
+# only where that at least doubles them, and into no segment shorter than _MIN_SEGMENT steps (each segment
+# costs a first pass, which recomputes its exponentials, and a carry over the earlier segments).
+_PROGRAMS_PER_SM = 6
 _MIN_SEGMENT = 512
 
 
@@ -477,11 +480,11 @@ def _sm_count(index: int) -> int:
 
 def _segments(device: torch.device, programs: int, L: int) -> int:
     """How many segments to split each sequence into: one (no split) off CUDA, when the programs already
-    fill the GPU, or for sequences shorter than two minimum segments."""
+    nearly fill the GPU, or for sequences shorter than two minimum segments."""
     if device.type != "cuda" or L < 2 * _MIN_SEGMENT:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    want = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(index), programs)
+    want = _PROGRAMS_PER_SM * _sm_count(index) // programs  # rounded down: no second wave
     return max(1, min(want, L // _MIN_SEGMENT))
 
 
