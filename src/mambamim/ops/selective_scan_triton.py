@@ -99,16 +99,21 @@ if _HAS_TRITON:
         return tl.load(ptr + bc_base + rows + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
 
     @triton.jit
-    def _channels(pid_d, dim, A_ptr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-        # the program's channels, their mask, the state index n = g * NL + l as (NG, 1, NL) and
-        # (1, NG, NL), and A as an fp32 (NG, BLOCK_D, NL) tile
+    def _program_tiles(pid_b, pid_d, dim, L, A_ptr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
+        # What every kernel's program starts from: its channels and their mask; the state index
+        # n = g * NL + l as (NG, 1, NL) and (1, NG, NL); A as an fp32 (NG, BLOCK_D, NL) tile and times
+        # log2(e) (exp(x) = exp2(x * log2(e))); the steps of a chunk, also as (T, 1, 1, 1); the offsets of
+        # its rows of u-shaped tensors and of its sample's B / C.
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
         n3 = tl.arange(0, NG)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
         n_tn = tl.arange(0, NG)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0)
-        return offs_d, d_mask, n3, n_tn, A.to(tl.float32)
+        A = tl.load(A_ptr + offs_d[None, :, None] * N + n3, mask=d_mask[None, :, None], other=0.0).to(tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
+        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)  # (BLOCK_D,)
+        return (offs_d, d_mask, n3, n_tn, A, A * 1.4426950408889634, offs_t, offs_t[:, None, None, None], row,
+                pid_b * N * L)
 
     @triton.jit
     def _channel_vector(ptr, offs_d, d_mask, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -182,13 +187,9 @@ if _HAS_TRITON:
         # into seg (batch, n_seg, dim, N) and segdt (batch, n_seg, dim). The last segment is not needed.
         pid_b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(2)
-        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
-        A2 = A * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-        offs_t = tl.arange(0, BLOCK_T)
-        t4 = offs_t[:, None, None, None]
+        offs_d, d_mask, n3, n_tn, A, A2, offs_t, t4, row, bc_base = _program_tiles(
+            pid_b, tl.program_id(1), dim, L, A_ptr, N, NG, NL, BLOCK_D, BLOCK_T, VEC)
         bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
-        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
-        bc_base = pid_b * N * L
         h = _zero_state(NG, BLOCK_D, NL)
         dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
         c0 = s * seg_chunks
@@ -214,7 +215,7 @@ if _HAS_TRITON:
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
         seg_ptr, segdt_ptr, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr,
+        SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr, SPLIT: tl.constexpr,
         N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
@@ -223,22 +224,22 @@ if _HAS_TRITON:
         # STORE_STATES: states[b, k] = state before step k * SAVE_T, k < n_states (BLOCK_T % SAVE_T == 0)
         pid_b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(2)
-        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
-        A2 = A * 1.4426950408889634
-        offs_t = tl.arange(0, BLOCK_T)
-        t4 = offs_t[:, None, None, None]
+        offs_d, d_mask, n3, n_tn, A, A2, offs_t, t4, row, bc_base = _program_tiles(
+            pid_b, tl.program_id(1), dim, L, A_ptr, N, NG, NL, BLOCK_D, BLOCK_T, VEC)
         Dv = _channel_vector(D_ptr, offs_d, d_mask, HAS_D, BLOCK_D)
         bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
-        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)  # (BLOCK_D,)
-        bc_base = pid_b * N * L
         if STORE_STATES and SAVE_T != BLOCK_T:
             if s == 0:  # the state before step 0; every later one is stored after the step before it
                 z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + z_off, _zero_state(NG, BLOCK_D, NL), mask=d_mask[None, :, None])
         h = _zero_state(NG, BLOCK_D, NL)
-        for j in range(0, s):
-            h = _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, h, A2, N)
-        c0 = s * seg_chunks
+        c0 = 0
+        c1 = n_chunks
+        if SPLIT:  # a constexpr: the unsplit kernel's loop from 0 needs fewer registers (no spill at 254)
+            for j in range(0, s):
+                h = _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, h, A2, N)
+            c0 = s * seg_chunks
+            c1 = tl.minimum(c0 + seg_chunks, n_chunks)
         # chunk c's tiles are loaded during chunk c - 1 (register prefetch hides the load latency)
         u_n = _load_rows(u_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
         dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
@@ -246,7 +247,7 @@ if _HAS_TRITON:
         C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
         if HAS_Z:
             z_n = _load_rows(z_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
-        for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
+        for c in range(c0, c1):
             u = u_n.to(tl.float32)
             dt_raw = dt_n.to(tl.float32)
             Bt = B_n.to(tl.float32)
@@ -293,13 +294,9 @@ if _HAS_TRITON:
         # zero carry, and its sum of delta (segment 0's is not needed). The adjoint needs no states.
         pid_b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(2) + 1
-        offs_d, d_mask, n3, n_tn, A = _channels(tl.program_id(1), dim, A_ptr, N, NG, NL, BLOCK_D)
-        A2 = A * 1.4426950408889634
-        offs_t = tl.arange(0, BLOCK_T)
-        t4 = offs_t[:, None, None, None]
+        offs_d, d_mask, n3, n_tn, A, A2, offs_t, t4, row, bc_base = _program_tiles(
+            pid_b, tl.program_id(1), dim, L, A_ptr, N, NG, NL, BLOCK_D, BLOCK_T, VEC)
         bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
-        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
-        bc_base = pid_b * N * L
         q = _zero_state(NG, BLOCK_D, NL)
         dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
         c0 = s * seg_chunks
@@ -326,7 +323,7 @@ if _HAS_TRITON:
         du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
         seg_ptr, segdt_ptr, batch, dim, L, n_chunks, seg_chunks, n_seg,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        SPLIT: tl.constexpr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
         # Program (batch, channel block, segment s) walks chunks [s * seg_chunks, ...) in reverse, the
@@ -334,27 +331,26 @@ if _HAS_TRITON:
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
         s = tl.program_id(2)
-        offs_d, d_mask, n3, n_tn, A = _channels(pid_d, dim, A_ptr, N, NG, NL, BLOCK_D)
-        A2 = A * 1.4426950408889634
-        offs_t = tl.arange(0, BLOCK_T)
-        t4 = offs_t[:, None, None, None]
+        offs_d, d_mask, n3, n_tn, A, A2, offs_t, t4, row, bc_base = _program_tiles(
+            pid_b, pid_d, dim, L, A_ptr, N, NG, NL, BLOCK_D, BLOCK_T, VEC)
         Dv = _channel_vector(D_ptr, offs_d, d_mask, HAS_D, BLOCK_D)
         bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
-        row = tl.multiple_of(pid_b * dim * L + offs_d.to(tl.int64) * L, VEC)
-        bc_base = pid_b * N * L
         part_base = (pid_d * batch + pid_b) * N * L  # dB/dC partials: (n_dblocks, batch, N, L)
         # exp(delta A) * g at the next chunk's start
         q = _zero_state(NG, BLOCK_D, NL)
-        for jj in range(0, n_seg - 1 - s):
-            q = _segment_carry(seg_ptr, segdt_ptr, pid_b, n_seg - 1 - jj, n_seg, dim, offs_d, d_mask, n3,
-                               q, A2, N)
+        c0 = 0
+        c1 = n_chunks
+        if SPLIT:  # a constexpr, as in the forward
+            for jj in range(0, n_seg - 1 - s):
+                q = _segment_carry(seg_ptr, segdt_ptr, pid_b, n_seg - 1 - jj, n_seg, dim, offs_d, d_mask, n3,
+                                   q, A2, N)
+            c0 = s * seg_chunks
+            c1 = tl.minimum(c0 + seg_chunks, n_chunks)
         dA_acc = _zero_state(NG, BLOCK_D, NL)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         st_rows = offs_d[None, :, None] * N + n3
         # chunk c's tiles are loaded during chunk c + 1 (register prefetch)
-        c0 = s * seg_chunks
-        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
         u_n = _load_rows(u_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
         dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
         dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
@@ -575,7 +571,7 @@ def _launch_forward(
         seg, segdt, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states, SAVE_T=save_t if store_states else bt,
-        **tiles,
+        SPLIT=n_seg > 1, **tiles,
     )
     return y, (states if store_states else None)
 
@@ -631,7 +627,7 @@ def _launch_backward(
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
         seg, segdt, batch, dim, L, n_chunks, seg_chunks, n_seg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), **tiles,
+        SOFTPLUS=bool(delta_softplus), SPLIT=n_seg > 1, **tiles,
     )
     dA = dA_part.sum((0, 1)).to(A.dtype)
     dB = (dB_part.sum(0) if n_db > 1 else dB_part[0]).to(B.dtype)
