@@ -118,6 +118,15 @@ def test_bad_shapes_raise_value_error():
         sst.selective_scan_triton(u, u, torch.zeros(4, 128), torch.zeros(2, 128, 5), torch.zeros(2, 128, 5))
 
 
+def test_segments_and_split_rules():
+    # no split off CUDA; whole chunks per segment, no empty segment; a count below 1 is refused
+    assert sst._segments(torch.device("cpu"), 1, 10**6) == 1
+    if HAS_TRITON:
+        assert sst._split(10, 3) == (4, 3) and sst._split(10, 40) == (1, 10) and sst._split(9, 4) == (3, 3)
+        with pytest.raises(ValueError, match="segments"):
+            sst._split(10, 0)
+
+
 def test_is_available_is_bool():
     assert isinstance(sst.is_available(), bool)
     if not HAS_CUDA:

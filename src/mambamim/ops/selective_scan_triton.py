@@ -555,7 +555,7 @@ def _launch_forward(
         if store_states else y  # dummy pointer, never written
     )
     n_db = triton.cdiv(dim, bd)
-    seg_chunks, n_seg = _split(n_chunks, segments or _segments(u.device, batch * n_db, L))
+    seg_chunks, n_seg = _split(n_chunks, segments if segments is not None else _segments(u.device, batch * n_db, L))
     bias = delta_bias if delta_bias is not None else u
     tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
     seg, segdt = y, y  # dummy pointers unless split
@@ -602,7 +602,7 @@ def _launch_backward(
             return torch.full(shape, float("nan"), device=dev, dtype=dtype)
         return torch.empty(shape, device=dev, dtype=dtype)
 
-    seg_chunks, n_seg = _split(n_chunks, segments or _segments(dev, batch * n_db, L))
+    seg_chunks, n_seg = _split(n_chunks, segments if segments is not None else _segments(dev, batch * n_db, L))
     du = new(u.shape, u.dtype)
     ddelta = new(delta.shape, delta.dtype)
     dz = new(z.shape, z.dtype) if z is not None else None
