@@ -5,16 +5,21 @@ own CUDA tools reads the cubin's resource usage. Registers bound how many warps 
 255 registers a thread leave room for 8 one-warp programs); a nonzero stack is a spill. The device's Triton
 may allocate a little differently from the one installed here.
 
-    python benchmarks/scan_registers.py [--arch 90] [--tiles 4,16 4,8 2,8]
+    python benchmarks/scan_registers.py [--arch 90] [--tiles 4,16 4,8 2,8] [--sass]
+
+``--sass`` also counts the SASS instructions by opcode (static counts; the chunk loop is most of them): what
+a chunk costs each warp in issue slots, shuffles (SHFL) and spills (LDL / STL).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from typing import Dict, List, Optional
 
 from _report import save_table
@@ -29,8 +34,11 @@ _U_SHAPED = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dy_ptr", "y_ptr",
 _FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 
 
-def resource_usage(fn, constexprs: Dict[str, object], arch: int) -> str:
-    """Compile ``fn`` (bf16 activations, fp32 the rest) and return cuobjdump's REG / STACK line."""
+_OPCODES = ["MUFU", "FFMA", "FMUL", "FADD", "SHFL", "LDS", "STS", "BAR", "LDG", "STG", "LDL", "STL"]
+
+
+def _cubin(fn, constexprs: Dict[str, object], arch: int) -> bytes:
+    """Compile ``fn`` for sm_<arch>, one warp, bf16 activations and fp32 the rest."""
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -41,15 +49,33 @@ def resource_usage(fn, constexprs: Dict[str, object], arch: int) -> str:
             signature[name] = "i32"
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1}).asm["cubin"]
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def resource_usage(fn, constexprs: Dict[str, object], arch: int) -> str:
+    """cuobjdump's registers and stack bytes of ``fn`` compiled for sm_<arch>, as 'REG | STACK'."""
+    out = _cuobjdump(_cubin(fn, constexprs, arch), "--dump-resource-usage")
     line = next((x for x in out.splitlines() if "REG:" in x), "")
     fields = dict(kv.split(":") for kv in line.split() if kv.startswith(("REG:", "STACK:")))
     return f"{fields.get('REG', '?')} | {fields.get('STACK', '?')}"
+
+
+def opcode_counts(fn, constexprs: Dict[str, object], arch: int) -> Counter:
+    """How many SASS instructions of each opcode the kernel holds (static counts: the chunk loop dominates)."""
+    counts: Counter = Counter()
+    for line in _cuobjdump(_cubin(fn, constexprs, arch), "-sass").splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
 
 
 def kernels(ng: int, block_t: int):
@@ -69,13 +95,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--tiles", nargs="+", default=["4,16", "4,8"], help="ng,block_t pairs (d_state 16, 1 warp)")
+    p.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode")
     a = p.parse_args(argv)
+    ops = _OPCODES if a.sass else []
     rows = [f"sm_{a.arch}, triton {triton.__version__}, d_state 16, one warp, every flag on", "",
-            "| kernel | ng | block_t | registers | stack bytes |", "| --- | --- | --- | --- | --- |"]
+            "| kernel | ng | block_t | registers | stack bytes |" + "".join(f" {o} |" for o in ["all"] + ops if a.sass),
+            "| --- | --- | --- | --- | --- |" + " --- |" * (len(ops) + 1 if a.sass else 0)]
     for pair in a.tiles:
         ng, block_t = (int(x) for x in pair.split(","))
         for name, fn, constexprs in kernels(ng, block_t):
-            rows.append(f"| {name} | {ng} | {block_t} | {resource_usage(fn, constexprs, a.arch)} |")
+            row = f"| {name} | {ng} | {block_t} | {resource_usage(fn, constexprs, a.arch)} |"
+            if a.sass:
+                counts = opcode_counts(fn, constexprs, a.arch)
+                row += f" {sum(counts.values())} |" + "".join(f" {counts[o]} |" for o in ops)
+            rows.append(row)
             print(rows[-1], flush=True)
     save_table("\n".join(rows), "scan_registers.md")
     print("\n".join(rows[:2]))
