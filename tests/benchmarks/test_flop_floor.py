@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ff():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling _report
-    try:
-        spec = importlib.util.spec_from_file_location("flop_floor", BENCH / "flop_floor.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("flop_floor")
 
 
 def test_window_count_is_monais_tiling(ff):

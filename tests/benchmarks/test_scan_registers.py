@@ -4,25 +4,17 @@ they did before the split (needs triton, which CI does not install; no GPU)."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _bench_loader import load_benchmark
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
 @pytest.fixture(scope="module")
 def regs():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling _report
-    try:
-        spec = importlib.util.spec_from_file_location("scan_registers", BENCH / "scan_registers.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("scan_registers")
 
 
 def test_unsplit_forward_does_not_spill(regs):
