@@ -82,10 +82,12 @@ def kernels(ng: int, block_t: int):
     nl = 16 // ng
     tiles = dict(N=16, NG=ng, NL=nl, BLOCK_D=max(1, 32 // nl), BLOCK_T=block_t, VEC=8)
     fwd = dict(_FLAGS, STORE_STATES=False, SAVE_T=block_t)
-    yield "forward", sst._ss_fwd_kernel, dict(fwd, SPLIT=False, **tiles)
-    yield "forward, split", sst._ss_fwd_kernel, dict(fwd, SPLIT=True, **tiles)
-    yield "forward saving states", sst._ss_fwd_kernel, dict(fwd, STORE_STATES=True, SPLIT=False, **tiles)
-    yield "forward first pass", sst._ss_fwd_seg_kernel, dict(HAS_BIAS=True, SOFTPLUS=True, **tiles)
+    yield "forward", sst._ss_fwd_kernel, dict(fwd, SPLIT=False, FIRST_PASS=False, **tiles)
+    yield "forward, split", sst._ss_fwd_kernel, dict(fwd, SPLIT=True, FIRST_PASS=False, **tiles)
+    yield "forward saving states", sst._ss_fwd_kernel, dict(fwd, STORE_STATES=True, SPLIT=False, FIRST_PASS=False,
+                                                             **tiles)
+    yield "forward first pass", sst._ss_fwd_kernel, dict(fwd, HAS_D=False, HAS_Z=False, SPLIT=False, FIRST_PASS=True,
+                                                          **tiles)
     yield "backward", sst._ss_bwd_kernel, dict(_FLAGS, SPLIT=False, **tiles)
     yield "backward, split", sst._ss_bwd_kernel, dict(_FLAGS, SPLIT=True, **tiles)
     yield "backward first pass", sst._ss_bwd_seg_kernel, dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, **tiles)

@@ -20,8 +20,9 @@ state needs only ``log2(NL)`` shuffle levels. The state is fp32; inputs of any f
 and promoted. ``exp`` runs once per (b, d, n, t) in both passes.
 
 Long sequences with few programs (``_segments``: e.g. batch 1 at L = 8192) are split into segments of whole
-chunks, one program per (batch, channel block, segment). The state is linear in its start, so a first kernel
-computes each segment's end state from a zero start and its sum of delta; the main kernel starts segment
+chunks, one program per (batch, channel block, segment). The state is linear in its start, so a first pass
+(the forward kernel with ``FIRST_PASS``) computes each segment's end state from a zero start and its sum of
+delta; the main kernel starts segment
 ``s`` from ``h = exp(A * sum_j) * h + end_j`` folded over the segments ``j < s``. The backward splits the
 same way: the adjoint's carry into a segment is linear in the carry out of the next one, with the same decay.
 The first pass recomputes its segments' exponentials, so the split pays only where the programs are too few
@@ -176,51 +177,18 @@ if _HAS_TRITON:
         tl.store(segdt_ptr + (pid_b * n_seg + s) * dim + offs_d, dsum, mask=d_mask)
 
     @triton.jit
-    def _ss_fwd_seg_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seg_ptr, segdt_ptr,
-        dim, L, n_chunks, seg_chunks, n_seg,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
-    ):
-        # Split sequences, first pass: segment s's end state from a zero start, and its sum of delta,
-        # into seg (batch, n_seg, dim, N) and segdt (batch, n_seg, dim). The last segment is not needed.
-        pid_b = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(2)
-        offs_d, d_mask, n3, n_tn, A, A2, offs_t, t4, row, bc_base = _program_tiles(
-            pid_b, tl.program_id(1), dim, L, A_ptr, N, NG, NL, BLOCK_D, BLOCK_T, VEC)
-        bias = _channel_vector(bias_ptr, offs_d, d_mask, HAS_BIAS, BLOCK_D)
-        h = _zero_state(NG, BLOCK_D, NL)
-        dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        c0 = s * seg_chunks
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
-        for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
-            u = u_n.to(tl.float32)
-            dt_raw = dt_n.to(tl.float32)
-            Bt = B_n.to(tl.float32)
-            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
-            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
-            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
-            m2 = ((c * BLOCK_T + offs_t) < L)[:, None] & d_mask[None, :]
-            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS)
-            _, _, hs = _states_in_chunk(dt, u, Bt, h, A2, t4)
-            h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
-            dsum += tl.sum(dt, axis=0)
-        _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, h, dsum, N)
-
-    @triton.jit
     def _ss_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
         seg_ptr, segdt_ptr, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, SAVE_T: tl.constexpr, SPLIT: tl.constexpr,
-        N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
+        FIRST_PASS: tl.constexpr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, VEC: tl.constexpr,
     ):
         # Program (batch, channel block, segment s) scans chunks [s * seg_chunks, ...) from the state
         # the earlier segments' first-pass results give (n_seg == 1: one segment from zero).
+        # FIRST_PASS (launched without D, z and states): no output; segment s's end state from a zero start
+        # and its sum of delta go to seg (batch, n_seg, dim, N) and segdt (batch, n_seg, dim).
         # STORE_STATES: states[b, k] = state before step k * SAVE_T, k < n_states (BLOCK_T % SAVE_T == 0)
         pid_b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(2)
@@ -233,31 +201,35 @@ if _HAS_TRITON:
                 z_off = (pid_b * n_states * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + z_off, _zero_state(NG, BLOCK_D, NL), mask=d_mask[None, :, None])
         h = _zero_state(NG, BLOCK_D, NL)
+        dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
         c0 = 0
         c1 = n_chunks
-        if SPLIT:  # a constexpr: the unsplit kernel's loop from 0 needs fewer registers (no spill at 254)
-            for j in range(0, s):
-                h = _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, h, A2, N)
+        if SPLIT or FIRST_PASS:  # constexprs: the unsplit kernel's loop from 0 needs fewer registers
+            if SPLIT:
+                for j in range(0, s):
+                    h = _segment_carry(seg_ptr, segdt_ptr, pid_b, j, n_seg, dim, offs_d, d_mask, n3, h, A2, N)
             c0 = s * seg_chunks
             c1 = tl.minimum(c0 + seg_chunks, n_chunks)
         # chunk c's tiles are loaded during chunk c - 1 (register prefetch hides the load latency)
         u_n = _load_rows(u_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
         dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
         B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
+        if not FIRST_PASS:
+            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c0, L, BLOCK_T, VEC)
         if HAS_Z:
             z_n = _load_rows(z_ptr, row, offs_t, d_mask, c0, L, BLOCK_T, VEC)
         for c in range(c0, c1):
             u = u_n.to(tl.float32)
             dt_raw = dt_n.to(tl.float32)
             Bt = B_n.to(tl.float32)
-            Ct = C_n.to(tl.float32)
+            if not FIRST_PASS:
+                Ct = C_n.to(tl.float32)
+                C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
             if HAS_Z:
                 zz = z_n.to(tl.float32)
             u_n = _load_rows(u_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
-            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c + 1, L, BLOCK_T, VEC)
             if HAS_Z:
                 z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
@@ -267,12 +239,15 @@ if _HAS_TRITON:
                 st_off = ((pid_b * n_states + c) * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + st_off, h, mask=d_mask[None, :, None])
             _, _, hs = _states_in_chunk(dt, u, Bt, h, A2, t4)
-            y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)  # (T, BD)
-            if HAS_D:
-                y = y + u * Dv[None, :]
-            if HAS_Z:
-                y = y * (zz * tl.sigmoid(zz))
-            tl.store(y_ptr + row[None, :] + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
+            if FIRST_PASS:
+                dsum += tl.sum(dt, axis=0)
+            else:
+                y = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2)  # (T, BD)
+                if HAS_D:
+                    y = y + u * Dv[None, :]
+                if HAS_Z:
+                    y = y * (zz * tl.sigmoid(zz))
+                tl.store(y_ptr + row[None, :] + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
             if STORE_STATES and SAVE_T != BLOCK_T:
                 # the state after step t starts saved chunk (t + 1) / SAVE_T
                 ts = t4 + (c * BLOCK_T + 1)
@@ -281,6 +256,8 @@ if _HAS_TRITON:
                 s_off = ((pid_b * n_states + k) * dim + offs_d[None, None, :, None]) * N + n3[None, :, :, :]
                 tl.store(states_ptr + s_off, hs, mask=s_mask)
             h = tl.sum(tl.where(t4 == BLOCK_T - 1, hs, 0.0), axis=0)
+        if FIRST_PASS:
+            _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, h, dsum, N)
 
     @triton.jit
     def _ss_bwd_seg_kernel(
@@ -318,6 +295,25 @@ if _HAS_TRITON:
         _store_segment(seg_ptr, segdt_ptr, pid_b, s, n_seg, dim, offs_d, d_mask, n3, q, dsum, N)
 
     @triton.jit
+    def _bwd_tiles(u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, z_ptr, states_ptr, pid_b, c, n_chunks, dim, L, row,
+                   bc_base, st_rows, n_tn, offs_t, d_mask, HAS_Z: tl.constexpr, N: tl.constexpr,
+                   BLOCK_T: tl.constexpr, VEC: tl.constexpr):
+        # chunk c's raw tiles of u, delta, dy, B, C and z (delta's again without z), and the state at its
+        # start; zeros outside the sequence (c = -1 after the first chunk)
+        u = _load_rows(u_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC)
+        dt = _load_rows(delta_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC)
+        dy = _load_rows(dy_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC)
+        Bt = _load_bc(B_ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T, VEC)
+        Ct = _load_bc(C_ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T, VEC)
+        h0 = tl.load(states_ptr + (pid_b * n_chunks + c) * dim * N + st_rows,
+                     mask=d_mask[None, :, None] & ((st_rows * 0 + c) >= 0), other=0.0)
+        if HAS_Z:
+            z = _load_rows(z_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC)
+        else:
+            z = dt
+        return u, dt, dy, Bt, Ct, h0, z
+
+    @triton.jit
     def _ss_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
@@ -351,15 +347,9 @@ if _HAS_TRITON:
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         st_rows = offs_d[None, :, None] * N + n3
         # chunk c's tiles are loaded during chunk c + 1 (register prefetch)
-        u_n = _load_rows(u_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
-        dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
-        dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
-        B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c1 - 1, L, BLOCK_T, VEC)
-        C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c1 - 1, L, BLOCK_T, VEC)
-        h0_n = tl.load(states_ptr + (pid_b * n_chunks + c1 - 1) * dim * N + st_rows,
-                       mask=d_mask[None, :, None], other=0.0)
-        if HAS_Z:
-            z_n = _load_rows(z_ptr, row, offs_t, d_mask, c1 - 1, L, BLOCK_T, VEC)
+        u_n, dt_n, dy_n, B_n, C_n, h0_n, z_n = _bwd_tiles(
+            u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, z_ptr, states_ptr, pid_b, c1 - 1, n_chunks, dim, L, row,
+            bc_base, st_rows, n_tn, offs_t, d_mask, HAS_Z, N, BLOCK_T, VEC)
         for ci in range(0, c1 - c0):
             c = c1 - 1 - ci
             u = u_n.to(tl.float32)
@@ -368,17 +358,10 @@ if _HAS_TRITON:
             Bt = B_n.to(tl.float32)
             Ct = C_n.to(tl.float32)
             h0 = h0_n
-            if HAS_Z:
-                zz = z_n.to(tl.float32)
-            u_n = _load_rows(u_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
-            dt_n = _load_rows(delta_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
-            dy_n = _load_rows(dy_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
-            B_n = _load_bc(B_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T, VEC)
-            C_n = _load_bc(C_ptr, bc_base, n_tn, offs_t, c - 1, L, BLOCK_T, VEC)
-            h0_n = tl.load(states_ptr + (pid_b * n_chunks + c - 1) * dim * N + st_rows,
-                           mask=d_mask[None, :, None] & ((st_rows * 0 + c) > 0), other=0.0)
-            if HAS_Z:
-                z_n = _load_rows(z_ptr, row, offs_t, d_mask, c - 1, L, BLOCK_T, VEC)
+            zz = z_n.to(tl.float32)  # delta's tile without z (unused)
+            u_n, dt_n, dy_n, B_n, C_n, h0_n, z_n = _bwd_tiles(
+                u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, z_ptr, states_ptr, pid_b, c - 1, n_chunks, dim, L, row,
+                bc_base, st_rows, n_tn, offs_t, d_mask, HAS_Z, N, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
@@ -562,16 +545,17 @@ def _launch_forward(
     if n_seg > 1:
         seg = torch.empty((batch, n_seg, dim, n), device=u.device, dtype=torch.float32)
         segdt = torch.empty((batch, n_seg, dim), device=u.device, dtype=torch.float32)
-        _ss_fwd_seg_kernel[(batch, n_db, n_seg - 1)](
-            u, delta, A, B, bias, seg, segdt, dim, L, n_chunks, seg_chunks, n_seg,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), **tiles)
+        _ss_fwd_kernel[(batch, n_db, n_seg - 1)](
+            u, delta, A, B, C, u, u, bias, y, y, seg, segdt, dim, L, n_chunks, 1, seg_chunks, n_seg,
+            HAS_D=False, HAS_Z=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            STORE_STATES=False, SAVE_T=bt, SPLIT=False, FIRST_PASS=True, **tiles)
     _ss_fwd_kernel[(batch, n_db, n_seg)](
         u, delta, A, B, C,
         D if D is not None else u, z if z is not None else u, bias, y, states,
         seg, segdt, dim, L, n_chunks, n_states, seg_chunks, n_seg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), STORE_STATES=store_states, SAVE_T=save_t if store_states else bt,
-        SPLIT=n_seg > 1, **tiles,
+        SPLIT=n_seg > 1, FIRST_PASS=False, **tiles,
     )
     return y, (states if store_states else None)
 
