@@ -22,11 +22,10 @@ and promoted. ``exp`` runs once per (b, d, n, t) in both passes.
 Long sequences with few programs (``_segments``: e.g. batch 1 at L = 8192) are split into segments of whole
 chunks, one program per (batch, channel block, segment). The state is linear in its start, so a first pass
 (the forward kernel with ``FIRST_PASS``) computes each segment's end state from a zero start and its sum of
-delta; the main kernel starts segment
-``s`` from ``h = exp(A * sum_j) * h + end_j`` folded over the segments ``j < s``. The backward splits the
-same way: the adjoint's carry into a segment is linear in the carry out of the next one, with the same decay.
-The first pass recomputes its segments' exponentials, so the split pays only where the programs are too few
-to fill the GPU.
+delta; the main pass starts segment ``s`` from ``h = exp(A * sum_j) * h + end_j`` folded over the segments
+``j < s``. The backward splits the same way (``_ss_bwd_seg_kernel``): the adjoint's carry into a segment is
+linear in the carry out of the next one, with the same decay. The first pass recomputes its segments'
+exponentials, so the split pays only where the programs are too few to fill the GPU.
 
 Backward: the forward stores the state at every chunk start, ``(batch, n_chunks, dim, state)`` fp32
 (a ``d_state / BLOCK_T`` fraction of one fp32 ``(batch, dim, length)`` tensor). The backward walks
