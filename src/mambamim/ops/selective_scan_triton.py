@@ -450,7 +450,7 @@ def _resolve(cfg: ScanConfig, d_state: int, dim: int) -> Tuple[int, int, int, in
 
 # Splitting sequences (see the module docstring) pays only where the programs are too few to fill the GPU. On
 # an H100 / H200 (benchmarks/RESULTS.md, fourteenth session), at L = 8192: 768 one-warp programs (batch 8 x
-# 96 channel blocks, about 6 per SM) ran fastest unsplit, every split slower (the default tiles' 254-255
+# 96 channel blocks, about 6 per SM) ran fastest unsplit, every split slower (the split kernels' 246-255
 # registers leave room for 8 warps per SM, so more programs run in waves); batch 1 (96 programs) ran 2.4x
 # (forward) and 3.2x (forward + backward) faster in 8 segments. So: split to about this many programs per SM,
 # only where that at least doubles them, and into no segment shorter than _MIN_SEGMENT steps (each segment
