@@ -3,9 +3,9 @@
 Default: batch 8, 6x6x6 bottleneck grid (L = 216), 384 channels, mask 0.75, on CUDA when
 present, else CPU. Prints a table of medians (CUDA events on GPU, perf_counter on CPU) and
 the largest difference between the two implementations. On CUDA it also times the two Triton
-forwards directly, eagerly and in CUDA graphs: one launch per doubling step (toki_fill's path)
-and the persistent kernel (`toki_fill_triton(..., fused=True)`), the latter also on its worst
-case, a sample with no visible token.
+forwards directly, eagerly and in CUDA graphs: one launch per doubling step (the fallback,
+`toki_fill_triton(..., fused=False)`) and the persistent kernel (toki_fill's path), the latter
+also on its worst case, a sample with no visible token.
 
     python benchmarks/bench_toki.py [--device cuda] [--dtype bf16] [--compile]
 """

@@ -357,7 +357,8 @@ if _HAS_TRITON:
             Bt = B_n.to(tl.float32)
             Ct = C_n.to(tl.float32)
             h0 = h0_n
-            zz = z_n.to(tl.float32)  # delta's tile without z (unused)
+            if HAS_Z:
+                zz = z_n.to(tl.float32)
             u_n, dt_n, dy_n, B_n, C_n, h0_n, z_n = _bwd_tiles(
                 u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, z_ptr, states_ptr, pid_b, c - 1, n_chunks, dim, L, row,
                 bc_base, st_rows, n_tn, offs_t, d_mask, HAS_Z, N, BLOCK_T, VEC)
