@@ -35,7 +35,9 @@ state, then runs a reverse scan for the adjoint ``g_t = dL/dh_t``::
     g_t = C_t * dy0_t + exp(delta_{t+1} A) * g_{t+1}
 
 The coefficient of ``g_{t+1}`` belongs to step ``t+1``; the reverse scan carries the first
-coefficient of each segment (``_bwd_combine``) so no shifted copy of ``exp(delta A)`` is needed.
+coefficient of each segment (``_bwd_combine``) so no shifted copy of ``exp(delta A)`` is needed. It runs
+as a forward scan of the time-flipped tile (``tl.flip``, register moves): Triton 3.6 lowers ``reverse=True``
+with warp shuffles even along an axis that lives inside each thread.
 ``exp(delta_t A) * h_{t-1}`` is taken as ``h_t - x_t``. Gradients of the shared ``B``/``C`` are
 per-program partial sums over the program's channels, summed over channel blocks with torch;
 ``A``, ``D`` and ``delta_bias`` gradients are accumulated in registers over time and summed over the
@@ -155,8 +157,8 @@ if _HAS_TRITON:
         # later chunk's exp(delta A) g at its start) enters at the last step. Returns g and this chunk's q.
         bvec = Ct[:, :, None, :] * dy0[:, None, :, None]
         bvec = tl.where(t4 == BLOCK_T - 1, bvec + q[None, :, :, :], bvec)
-        # A forward scan of the time-flipped tile: Triton 3.6 lowers `reverse=True` along an axis that lives
-        # inside each thread with 460 shuffles per chunk (of 2,776 instructions); the flips are register moves.
+        # a forward scan of the time-flipped tile: Triton 3.6 lowers `reverse=True` here with 460 shuffles
+        # a chunk (of the backward's 2,776 instructions at T = 8); the flips are register moves
         ones = tl.full(bvec.shape, 1.0, tl.float32)
         _, g, _ = tl.associative_scan((ones, tl.flip(bvec, 0), tl.flip(dA, 0)), 0, _bwd_combine)
         g = tl.flip(g, 0)
