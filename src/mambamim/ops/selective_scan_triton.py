@@ -81,8 +81,20 @@ if _HAS_TRITON:
 
     @triton.jit
     def _softplus(x):
-        # log(1 + exp(x)) without overflow; torch's threshold 20 gives x itself there too.
-        return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        # log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]: no overflow, and x itself above
+        # 17 as torch's threshold 20 gives. log1p(e) = e * q(e), q a degree-8 least-squares fit of log1p(e) / e
+        # on [0, 1] (float64, 2,000 Chebyshev nodes): at most 1.2e-7 off in fp32 Horner, where tl.log's
+        # libdevice call cost the forward 264 of its 1,784 instructions a chunk (sm_90, Triton 3.6).
+        e = tl.exp(-tl.abs(x))
+        q = 0.005253457929939032 * e - 0.02958850748836994
+        q = q * e + 0.07836166769266129
+        q = q * e - 0.13674770295619965
+        q = q * e + 0.19111430644989014
+        q = q * e - 0.24844369292259216
+        q = q * e + 0.33319270610809326
+        q = q * e - 0.49999502301216125
+        q = q * e + 1.0
+        return tl.maximum(x, 0.0) + e * q
 
     @triton.jit
     def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
