@@ -85,7 +85,7 @@ if _HAS_TRITON:
         # 17 as torch's threshold 20 gives. log1p(e) = e * q(e), q a degree-8 least-squares fit of log1p(e) / e
         # on [0, 1] (float64, 2,000 Chebyshev nodes): at most 1.2e-7 off in fp32 Horner, where tl.log's
         # libdevice call cost the forward 264 of its 1,784 instructions a chunk (sm_90, Triton 3.6).
-        e = tl.exp(-tl.abs(x))
+        e = tl.exp2(tl.abs(x) * -1.4426950408889634)  # tl.exp spends 48 more instructions a chunk
         q = 0.005253457929939032 * e - 0.02958850748836994
         q = q * e + 0.07836166769266129
         q = q * e - 0.13674770295619965
