@@ -6,7 +6,7 @@ times (triton.testing.do_bench), achieved bandwidth counting each input read onc
 written once, against a measured device-to-device copy. Prints a markdown table; also writes it to
 $OUT/bench_selective_scan.md when OUT is set.
 
-    PYTHONPATH=src python3 benchmarks/bench_selective_scan.py [--sweep] [--quick] [--split]
+    PYTHONPATH=src python3 benchmarks/bench_selective_scan.py [--sweep] [--quick] [--split] [--lengths 1728 8192]
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time several tile configs")
     p.add_argument("--quick", action="store_true", help="L=216 and 1728 only, bf16 only")
     p.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths of the main table (default 54 216 1728 8192)")
     p.add_argument("--split", action="store_true",
                    help="only time the split of sequences across programs (1, 2, ... segments), L 1728 and 8192")
     p.add_argument("--split-batch1", action="store_true",
@@ -280,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "Sizes: batch 8, dim 768, d_state 16; D, z, delta_bias, softplus on; A, D, bias fp32.", ""]
     print("\n".join(head), flush=True)
     bw = copy_bandwidth()
-    lengths = [216, 1728] if a.quick else [54, 216, 1728, 8192]
+    lengths = a.lengths or ([216, 1728] if a.quick else [54, 216, 1728, 8192])
     dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
     rows = []
     if a.split or a.split_batch1:
