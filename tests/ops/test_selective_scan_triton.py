@@ -141,6 +141,31 @@ def test_interpreter_parity():
     run_interpreter_check(__file__)
 
 
+def offset_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values, stored one element (2 bytes for bf16) past a 4-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def check_pairs_match_plain(args, softplus=True):
+    """bf16 read as int32 pairs (L even, aligned) against plain bf16 loads of the same values (the tensors
+    moved 2 bytes off alignment, which turns the pairs off): forward and every gradient."""
+    L = args[0].shape[-1]
+    moved = [offset_copy(a) if a is not None and a.dtype == torch.bfloat16 else a for a in args]
+    assert sst._vec_for(L, 8, *args) >= 2 and sst._vec_for(L, 8, *moved) == 1
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(args[0].shape, generator=g).to(args[0].device, torch.bfloat16)
+    outs = []
+    for inputs, dy_ in ((args, dy), (moved, offset_copy(dy))):
+        y, states = sst._launch_forward(*inputs, softplus, store_states=True)
+        outs.append([y, *sst._launch_backward(dy_, *inputs, softplus, states)])
+    for name, a, b in zip(["y"] + GRAD_NAMES, *outs):
+        if a is not None:
+            assert rel_err(a, b.float()) < 1e-3, name  # the same fp32 math; bf16 outputs may differ by an ulp
+
+
 if HAS_TRITON:  # the kernels' jit helpers exist wherever triton imports
     import triton
     import triton.language as tl
@@ -196,6 +221,12 @@ def _interpreter_check() -> None:
         check_split(args, flags[3], segments)
         check_split(args, flags[3], segments, config=sst.ScanConfig(2, 4, 1), save_t=4)
     print("interpreter split OK")
+    # bf16 rows and B / C as int32 pairs (L even) and as plain loads (L odd), against float64 and each other
+    for L in (16, 10, 9):
+        args = make_inputs(2, 3, L, 4, "cpu", dtype=torch.bfloat16, seed=6)
+        print("interpreter bf16", L, check_parity(args, True, 2e-2, 2e-2))
+        if L % 2 == 0:
+            check_pairs_match_plain(args)
     # The public op (a registered custom op with its autograd formula), eager and under
     # torch.compile(fullgraph=True): the compiled graph must hold it without a break.
     args = make_inputs(2, 3, 9, 4, "cpu", seed=3)
@@ -260,6 +291,12 @@ def test_cuda_half_inputs(dtype):
     # reference on the same (rounded) inputs: the error is the kernel's, not the rounding of inputs
     args = make_inputs(2, 64, 216, 16, "cuda", dtype=dtype, seed=5)
     check_parity(args, True, 1e-2, 1e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize("L", [216, 8192])
+def test_cuda_bf16_pairs_match_plain_loads(L):
+    check_pairs_match_plain(make_inputs(2, 64, L, 16, "cuda", dtype=torch.bfloat16, seed=8))
 
 
 @cuda_only

@@ -97,20 +97,42 @@ if _HAS_TRITON:
         return tl.maximum(x, 0.0) + e * q
 
     @triton.jit
+    def _bf16_pairs(ptr, offs, t2, mask):
+        # bf16 values at offs + 2 * t2 and the next step, read as int32 words and unpacked with shifts
+        # (little-endian: the earlier step is the low half). Triton hoists a layout conversion above a
+        # bf16 -> fp32 conversion, which moved the elementwise work onto the replicated 4-D layout;
+        # shifts give it nothing to hoist above.
+        w = tl.load((ptr + offs + 2 * t2).to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+        return tl.join((w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True))
+
+    @triton.jit
     def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
-        # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c, raw dtype; zeros outside.
+        # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c; zeros outside. bf16 with VEC >= 2
+        # (L even, 4-byte aligned: _vec_for) comes as fp32 in pairs, any other dtype raw.
         # L % VEC == 0: comparing t // VEC keeps the mask constant over VEC steps (vector loads)
-        t = c * BLOCK_T + offs_t
-        m2 = ((t >= 0) & ((t // VEC) < (L // VEC)))[:, None] & d_mask[None, :]
-        return tl.load(ptr + row[None, :] + t[:, None], mask=m2, other=0.0)
+        if ptr.dtype.element_ty == tl.bfloat16 and VEC >= 2:
+            t2 = c * (BLOCK_T // 2) + tl.arange(0, BLOCK_T // 2)
+            m2 = ((t2 >= 0) & (t2 < L // 2))[:, None] & d_mask[None, :]
+            x = _bf16_pairs(ptr, row[None, :], t2[:, None], m2)  # (T / 2, BLOCK_D, 2)
+            return tl.reshape(tl.permute(x, (0, 2, 1)), (BLOCK_T, row.shape[0]))
+        else:
+            t = c * BLOCK_T + offs_t
+            m2 = ((t >= 0) & ((t // VEC) < (L // VEC)))[:, None] & d_mask[None, :]
+            return tl.load(ptr + row[None, :] + t[:, None], mask=m2, other=0.0)
 
     @triton.jit
     def _load_bc(ptr, bc_base, n_tn, offs_t, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
-        # (BLOCK_T, NG, NL) tile of a (batch, N, L) tensor at chunk c, raw dtype; zeros outside
-        t = c * BLOCK_T + offs_t
-        t_mask = (t >= 0) & ((t // VEC) < (L // VEC))
+        # (BLOCK_T, NG, NL) tile of a (batch, N, L) tensor at chunk c; zeros outside; dtypes as _load_rows
         rows = tl.multiple_of(n_tn * L, [VEC, VEC, VEC])
-        return tl.load(ptr + bc_base + rows + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
+        if ptr.dtype.element_ty == tl.bfloat16 and VEC >= 2:
+            t2 = c * (BLOCK_T // 2) + tl.arange(0, BLOCK_T // 2)
+            t_mask = (t2 >= 0) & (t2 < L // 2)
+            x = _bf16_pairs(ptr, bc_base + rows, t2[:, None, None], t_mask[:, None, None])  # (T / 2, NG, NL, 2)
+            return tl.reshape(tl.permute(x, (0, 3, 1, 2)), (BLOCK_T, n_tn.shape[1], n_tn.shape[2]))
+        else:
+            t = c * BLOCK_T + offs_t
+            t_mask = (t >= 0) & ((t // VEC) < (L // VEC))
+            return tl.load(ptr + bc_base + rows + t[:, None, None], mask=t_mask[:, None, None], other=0.0)
 
     @triton.jit
     def _program_tiles(pid_b, pid_d, dim, L, A_ptr, N: tl.constexpr, NG: tl.constexpr, NL: tl.constexpr,
@@ -508,6 +530,14 @@ def _vec(L: int, block_t: int) -> int:
     return v
 
 
+def _vec_for(L: int, block_t: int, *tensors: Optional[torch.Tensor]) -> int:
+    """``_vec``, or 1 where a bf16 tensor starts off a 4-byte boundary (an offset view): VEC >= 2 reads
+    bf16 as int32 pairs."""
+    if any(t is not None and t.dtype == torch.bfloat16 and t.data_ptr() % 4 for t in tensors):
+        return 1
+    return _vec(L, block_t)
+
+
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> Tuple[int, int, int, int]:
     """The shape checks of the PyTorch scan plus the kernel's limits; returns (batch, dim, L, n)."""
     if A.dim() == 2:  # the kernel's limit first: B and C are then checked against this state size
@@ -557,7 +587,7 @@ def _launch_forward(
     n_db = triton.cdiv(dim, bd)
     seg_chunks, n_seg = _split(n_chunks, segments if segments is not None else _segments(u.device, batch * n_db, L))
     bias = delta_bias if delta_bias is not None else u
-    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
+    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec_for(L, bt, u, delta, B, C, z), num_warps=nw)
     seg, segdt = y, y  # dummy pointers unless split
     if n_seg > 1:
         seg = torch.empty((batch, n_seg, dim, n), device=u.device, dtype=torch.float32)
@@ -614,7 +644,8 @@ def _launch_backward(
     dbias_part = new((batch, n_seg, dim), f32) if delta_bias is not None else None
     dummy = dA_part
     z_, bias_ = (t if t is not None else dummy for t in (z, delta_bias))
-    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec(L, bt), num_warps=nw)
+    tiles = dict(N=n, NG=ng, NL=nl, BLOCK_D=bd, BLOCK_T=bt, VEC=_vec_for(L, bt, u, delta, B, C, z, dy),
+                 num_warps=nw)
     seg, segdt = dummy, dummy
     if n_seg > 1:
         seg = torch.empty((batch, n_seg, dim, n), device=dev, dtype=f32)
