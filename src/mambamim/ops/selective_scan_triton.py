@@ -17,7 +17,10 @@ with ``d_state = NG * NL``: Triton's default layout puts the last axes on lanes 
 time axis (axis 0) and the state groups (axis 1) live inside each thread. The time recurrence is a
 ``tl.associative_scan`` along axis 0 (sequential within a thread, no shuffles) and the sum over the
 state needs only ``log2(NL)`` shuffle levels. The state is fp32; inputs of any float dtype are loaded
-and promoted. ``exp`` runs once per (b, d, n, t) in both passes.
+and promoted. ``exp`` runs once per (b, d, n, t) in both passes. bf16 inputs of even length (and 4-byte
+aligned) are read as int32 words holding two steps and unpacked with shifts: a bf16-to-fp32 conversion
+would let Triton move the layout change in front of it, and the elementwise work (softplus, gating) onto
+the 4-D tile's layout, where each value is repeated over the state lanes.
 
 Long sequences with few programs (``_segments``: e.g. batch 1 at L = 8192) are split into segments of whole
 chunks, one program per (batch, channel block, segment). The state is linear in its start, so a first pass
