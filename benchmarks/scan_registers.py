@@ -8,7 +8,11 @@ may allocate a little differently from the one installed here.
     python benchmarks/scan_registers.py [--arch 90] [--tiles 4,16 4,8 2,8] [--sass]
 
 ``--sass`` also counts the SASS instructions by opcode (static counts; the chunk loop is most of them): what
-a chunk costs each warp in issue slots, shuffles (SHFL) and spills (LDL / STL).
+a chunk costs each warp in issue slots, shuffles (SHFL) and spills (LDL / STL). ``--lines KERNEL`` counts
+one kernel's instructions (or one opcode's, ``--opcode SHFL``) by the source line they come from (nvdisasm's
+line table): how the fifteenth session found the reverse scan's shuffles and libdevice's log.
+
+    python benchmarks/scan_registers.py --lines backward --tiles 4,8 [--opcode SHFL]
 """
 
 from __future__ import annotations
@@ -78,6 +82,35 @@ def opcode_counts(fn, constexprs: Dict[str, object], arch: int) -> Counter:
     return counts
 
 
+def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None) -> Counter:
+    """SASS instructions (all, or one opcode) per (file, line) of the source they were compiled from."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(_cubin(fn, constexprs, arch))
+        f.flush()
+        out = subprocess.run([tool, "-g", "-c", f.name], capture_output=True, text=True).stdout
+    counts: Counter = Counter()
+    where = ("?", 0)
+    for line in out.splitlines():
+        m = re.search(r'//## File "([^"]+)", line (\d+)', line)
+        if m:
+            where = (m.group(1), int(m.group(2)))
+        elif re.match(r"\s+/\*[0-9a-f]{4}\*/", line) and (opcode is None or re.search(rf"\b{opcode}\b", line)):
+            counts[where] += 1
+    return counts
+
+
+def print_lines(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str], rows: int = 25) -> None:
+    counts = by_source_line(fn, constexprs, arch, opcode)
+    print(f"{sum(counts.values())} {opcode or 'instructions'} by source line")
+    for (path, line), n in counts.most_common(rows):
+        text = ""
+        if os.path.exists(path):
+            with open(path) as src:
+                text = (src.read().splitlines()[line - 1:line] or [""])[0].strip()
+        print(f"{n:6d}  {os.path.basename(path)}:{line}  {text[:100]}")
+
+
 def kernels(ng: int, block_t: int):
     nl = 16 // ng
     tiles = dict(N=16, NG=ng, NL=nl, BLOCK_D=max(1, 32 // nl), BLOCK_T=block_t, VEC=8)
@@ -98,7 +131,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--tiles", nargs="+", default=["4,16", "4,8"], help="ng,block_t pairs (d_state 16, 1 warp)")
     p.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode")
+    p.add_argument("--lines", metavar="KERNEL", help="count one kernel's instructions by source line (e.g. backward)")
+    p.add_argument("--opcode", help="with --lines: count only this opcode (e.g. SHFL)")
     a = p.parse_args(argv)
+    if a.lines:
+        for pair in a.tiles:
+            ng, block_t = (int(x) for x in pair.split(","))
+            found = [(fn, c) for name, fn, c in kernels(ng, block_t) if name == a.lines]
+            if not found:
+                p.error(f"no kernel named {a.lines!r}")
+            print(f"{a.lines}, tile ({ng}, {block_t}), sm_{a.arch}, triton {triton.__version__}")
+            print_lines(*found[0], a.arch, a.opcode)
+        return 0
     ops = _OPCODES if a.sass else []
     rows = [f"sm_{a.arch}, triton {triton.__version__}, d_state 16, one warp, every flag on", "",
             "| kernel | ng | block_t | registers | stack bytes |" + "".join(f" {o} |" for o in ["all"] + ops if a.sass),
