@@ -227,6 +227,10 @@ def _interpreter_check() -> None:
         print("interpreter bf16", L, check_parity(args, True, 2e-2, 2e-2))
         if L % 2 == 0:
             check_pairs_match_plain(args)
+    args = make_inputs(2, 3, 38, 4, "cpu", dtype=torch.bfloat16, seed=7)  # pairs in both first passes
+    check_split(args, True, 3, tol=1e-2)
+    check_split(args, True, 5, tol=1e-2, config=sst.ScanConfig(2, 4, 1), save_t=4)
+    print("interpreter bf16 OK")
     # The public op (a registered custom op with its autograd formula), eager and under
     # torch.compile(fullgraph=True): the compiled graph must hold it without a break.
     args = make_inputs(2, 3, 9, 4, "cpu", seed=3)
