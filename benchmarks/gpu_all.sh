@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_all.sh tests              # CUDA tests of the kernels and the leak tests (TESTS=... picks others)
 #   bash benchmarks/gpu_all.sh scantests          # CUDA tests of the selective scan and of training (but the graphs one)
 #   bash benchmarks/gpu_all.sh split              # selective-scan tests; sequences split across 1, 2, ... programs
+#   bash benchmarks/gpu_all.sh scanab             # the scan timed on this tree and, when carried, on .old/src (A/B)
 #   bash benchmarks/gpu_all.sh toki               # TOKI's CUDA tests and its forward, fp32 and bf16 (about 2 minutes)
 #   bash benchmarks/gpu_all.sh graphs             # the CUDA-graphs training test alone (two cold compiled runs: > 230 s)
 #   bash benchmarks/gpu_all.sh roofline           # time, bytes, FLOPs, fraction of the limits per op (ROOF_ARGS=--task finetune)
@@ -82,6 +83,16 @@ for part in "$@"; do
       run_tests split_tests ${SPLIT_LIMIT:-200} tests/ops/test_selective_scan_triton.py
       CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SPLIT_BENCH_LIMIT:-240} python3 benchmarks/bench_selective_scan.py \
         ${SPLIT_ARGS:---split} > $OUT/split.log 2>&1; echo "rc=$?"; grep "^|" $OUT/split.log ;;
+    scanab)
+      # forward and forward + backward at SCAN_LENGTHS: this tree, then .old/src (a tree carried for comparison)
+      for tree in src .old/src; do
+        [ -d "$tree" ] || continue
+        echo "-- $tree"
+        PYTHONPATH=/tmp/site:$PWD/$tree TRITON_CACHE_DIR=/tmp/tc_${tree//\//_} CUDA_VISIBLE_DEVICES=0 \
+          timeout -k 5 ${SCANAB_LIMIT:-90} python3 benchmarks/bench_selective_scan.py --no-ref \
+          --lengths ${SCAN_LENGTHS:-1728 8192} > "$OUT/scanab_${tree//\//_}.log" 2>&1
+        echo "rc=$?"; grep "^| [0-9]" "$OUT/scanab_${tree//\//_}.log"
+      done ;;
     graphs)
       CUDA_VISIBLE_DEVICES=0 timeout -k 15 ${GRAPHS_LIMIT:-540} python3 -m pytest -q -s -p no:cacheprovider -W ignore \
         tests/engine/test_cuda_training.py::test_compiled_pretrain_with_cuda_graphs_on_cuda > $OUT/graphs.log 2>&1
