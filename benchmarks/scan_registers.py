@@ -56,12 +56,17 @@ def _cubin(fn, constexprs: Dict[str, object], arch: int) -> bytes:
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1}).asm["cubin"]
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _cuda_tool(name: str, cubin: bytes, *flags: str) -> str:
+    """Output of one of the CUDA tools Triton ships (cuobjdump, nvdisasm) run on ``cubin``."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    return _cuda_tool("cuobjdump", cubin, flag)
 
 
 def resource_usage(fn, constexprs: Dict[str, object], arch: int) -> str:
@@ -84,11 +89,7 @@ def opcode_counts(fn, constexprs: Dict[str, object], arch: int) -> Counter:
 
 def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None) -> Counter:
     """SASS instructions (all, or one opcode) per (file, line) of the source they were compiled from."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(_cubin(fn, constexprs, arch))
-        f.flush()
-        out = subprocess.run([tool, "-g", "-c", f.name], capture_output=True, text=True).stdout
+    out = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch), "-g", "-c")
     counts: Counter = Counter()
     where = ("?", 0)
     for line in out.splitlines():

@@ -21,7 +21,8 @@ MIN_TRITON = (3, 0)
 def version_tuple(version: str) -> Tuple[int, int]:
     """(major, minor) of a version string such as '3.6.0' or '3.0.0+git1a2b': missing parts count as 0."""
     numbers = [int(m.group(0)) for m in (re.match(r"\d+", p) for p in version.split(".")[:2]) if m]
-    return (numbers + [0, 0])[0], (numbers + [0, 0])[1]
+    major, minor = (numbers + [0, 0])[:2]
+    return major, minor
 
 
 try:

@@ -109,13 +109,19 @@ if _HAS_TRITON:
         return tl.join((w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True))
 
     @triton.jit
+    def _pair_steps(c, L, BLOCK_T: tl.constexpr):
+        # chunk c's int32 words of two bf16 steps (L even), and which of them lie in the sequence
+        t2 = c * (BLOCK_T // 2) + tl.arange(0, BLOCK_T // 2)
+        return t2, (t2 >= 0) & (t2 < L // 2)
+
+    @triton.jit
     def _load_rows(ptr, row, offs_t, d_mask, c, L, BLOCK_T: tl.constexpr, VEC: tl.constexpr):
         # (BLOCK_T, BLOCK_D) tile of a (batch, dim, L) tensor at chunk c; zeros outside. bf16 with VEC >= 2
         # (L even, 4-byte aligned: _vec_for) comes as fp32 in pairs, any other dtype raw.
         # L % VEC == 0: comparing t // VEC keeps the mask constant over VEC steps (vector loads)
         if ptr.dtype.element_ty == tl.bfloat16 and VEC >= 2:
-            t2 = c * (BLOCK_T // 2) + tl.arange(0, BLOCK_T // 2)
-            m2 = ((t2 >= 0) & (t2 < L // 2))[:, None] & d_mask[None, :]
+            t2, ok = _pair_steps(c, L, BLOCK_T)
+            m2 = ok[:, None] & d_mask[None, :]
             x = _bf16_pairs(ptr, row[None, :], t2[:, None], m2)  # (T / 2, BLOCK_D, 2)
             return tl.reshape(tl.permute(x, (0, 2, 1)), (BLOCK_T, row.shape[0]))
         else:
@@ -128,9 +134,8 @@ if _HAS_TRITON:
         # (BLOCK_T, NG, NL) tile of a (batch, N, L) tensor at chunk c; zeros outside; dtypes as _load_rows
         rows = tl.multiple_of(n_tn * L, [VEC, VEC, VEC])
         if ptr.dtype.element_ty == tl.bfloat16 and VEC >= 2:
-            t2 = c * (BLOCK_T // 2) + tl.arange(0, BLOCK_T // 2)
-            t_mask = (t2 >= 0) & (t2 < L // 2)
-            x = _bf16_pairs(ptr, bc_base + rows, t2[:, None, None], t_mask[:, None, None])  # (T / 2, NG, NL, 2)
+            t2, ok = _pair_steps(c, L, BLOCK_T)
+            x = _bf16_pairs(ptr, bc_base + rows, t2[:, None, None], ok[:, None, None])  # (T / 2, NG, NL, 2)
             return tl.reshape(tl.permute(x, (0, 3, 1, 2)), (BLOCK_T, n_tn.shape[1], n_tn.shape[2]))
         else:
             t = c * BLOCK_T + offs_t
