@@ -169,6 +169,7 @@ def finetune_variants(args, device):
             ("bf16 + channels_last + torch.compile", True, True, True, ""),
             ("bf16 + torch.compile, PyTorch depthwise conv", True, True, False, "dwconv"),
             ("bf16 + channels_last + compile (CUDA graphs)", True, "reduce-overhead", True, ""),
+            ("bf16 + channels_last + compile max-autotune (no CUDA graphs)", True, "max-autotune-no-cudagraphs", True, ""),
         ]
     variants = _select(variants, args)
     saved_env = os.environ.get("MAMBAMIM_DISABLE_TRITON", "")
@@ -224,6 +225,9 @@ def infer_variants(args, device):
             ("bf16 + channels_last + compile (CUDA graphs), sw_batch 8", True, 8, "reduce-overhead", True),
             # what `mambamim predict --compile` runs: predict_volume over a CompiledSegmenter (softmax included)
             ("predict_volume + CompiledSegmenter (the CLI's --compile), sw_batch 8", True, 8, "segmenter", True),
+            # Inductor also times its Triton conv3d template against cuDNN per convolution shape (forward only)
+            ("bf16 + channels_last + compile max-autotune (no CUDA graphs), sw_batch 8", True, 8,
+             "max-autotune-no-cudagraphs", True),
         ]
     variants = _select(variants, args)
     for label, amp, swb, mode, cl in variants:
