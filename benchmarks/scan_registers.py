@@ -5,14 +5,16 @@ own CUDA tools reads the cubin's resource usage. Registers bound how many warps 
 255 registers a thread leave room for 8 one-warp programs); a nonzero stack is a spill. The device's Triton
 may allocate a little differently from the one installed here.
 
-    python benchmarks/scan_registers.py [--arch 90] [--tiles 4,16 4,8 2,8] [--sass]
+    python benchmarks/scan_registers.py [--arch 90] [--tiles 4,16 4,8 2,8] [--sass] [--dtype fp32]
 
-``--sass`` also counts the SASS instructions by opcode (static counts; the chunk loop is most of them): what
-a chunk costs each warp in issue slots, shuffles (SHFL) and spills (LDL / STL). ``--lines KERNEL`` counts
-one kernel's instructions (or one opcode's, ``--opcode SHFL``) by the source line they come from (nvdisasm's
-line table): how the fifteenth session found the reverse scan's shuffles and libdevice's log.
+``--sass`` also counts the SASS instructions: the whole kernel's (static), its chunk loop's (the longest loop:
+what each chunk costs a warp in issue slots, without the prologue) and the loop's by opcode, shuffles (SHFL)
+and spills (LDL / STL) among them. ``--dtype fp32`` builds for fp32 activations (default bf16: u, delta, B, C,
+z and their gradients). ``--lines KERNEL`` counts one kernel's instructions (or one opcode's, ``--opcode SHFL``)
+by the source line they come from (nvdisasm's line table): how the fifteenth session found the reverse scan's
+shuffles and libdevice's log.
 
-    python benchmarks/scan_registers.py --lines backward --tiles 4,8 [--opcode SHFL]
+    python benchmarks/scan_registers.py --lines backward --tiles 4,8 [--opcode SHFL] [--dtype fp32]
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ _FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 _OPCODES = ["MUFU", "FFMA", "FMUL", "FADD", "SHFL", "LDS", "STS", "BAR", "LDG", "STG", "LDL", "STL"]
 
 
-def _cubin(fn, constexprs: Dict[str, object], arch: int) -> bytes:
-    """Compile ``fn`` for sm_<arch>, one warp, bf16 activations and fp32 the rest."""
+def _cubin(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> bytes:
+    """Compile ``fn`` for sm_<arch>, one warp, activations in ``act`` (bf16 or fp32) and fp32 the rest."""
+    if act not in ("bf16", "fp32"):
+        raise ValueError(f"act must be bf16 or fp32, got {act!r}")
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in _U_SHAPED else "*fp32"
+            signature[name] = f"*{act}" if name in _U_SHAPED else "*fp32"
         else:
             signature[name] = "i32"
     src = ASTSource(fn=fn, signature=signature,
@@ -69,27 +73,40 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
     return _cuda_tool("cuobjdump", cubin, flag)
 
 
-def resource_usage(fn, constexprs: Dict[str, object], arch: int) -> str:
+def resource_usage(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> str:
     """cuobjdump's registers and stack bytes of ``fn`` compiled for sm_<arch>, as 'REG | STACK'."""
-    out = _cuobjdump(_cubin(fn, constexprs, arch), "--dump-resource-usage")
+    out = _cuobjdump(_cubin(fn, constexprs, arch, act), "--dump-resource-usage")
     line = next((x for x in out.splitlines() if "REG:" in x), "")
     fields = dict(kv.split(":") for kv in line.split() if kv.startswith(("REG:", "STACK:")))
     return f"{fields.get('REG', '?')} | {fields.get('STACK', '?')}"
 
 
-def opcode_counts(fn, constexprs: Dict[str, object], arch: int) -> Counter:
+_OPCODE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+
+
+def opcode_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
     """How many SASS instructions of each opcode the kernel holds (static counts: the chunk loop dominates)."""
-    counts: Counter = Counter()
-    for line in _cuobjdump(_cubin(fn, constexprs, arch), "-sass").splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if m:
-            counts[m.group(1)] += 1
-    return counts
+    return Counter(m.group(1) for m in map(_OPCODE.match, _cuobjdump(_cubin(fn, constexprs, arch, act), "-sass")
+                                           .splitlines()) if m)
 
 
-def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None) -> Counter:
+def loop_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
+    """Opcode counts of the kernel's longest loop (a label and the last branch back to it): the chunk loop,
+    without the prologue (the first chunk's loads, the program's tiles) that the static counts include."""
+    lines = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), "-c").splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:$", line)}
+    best: List[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
+            best = lines[labels[m.group(1)]:i + 1]
+    return Counter(m.group(1) for m in map(_OPCODE.match, best) if m)
+
+
+def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None,
+                   act: str = "bf16") -> Counter:
     """SASS instructions (all, or one opcode) per (file, line) of the source they were compiled from."""
-    out = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch), "-g", "-c")
+    out = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), "-g", "-c")
     counts: Counter = Counter()
     where = ("?", 0)
     for line in out.splitlines():
@@ -101,8 +118,9 @@ def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optiona
     return counts
 
 
-def print_lines(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str], rows: int = 25) -> None:
-    counts = by_source_line(fn, constexprs, arch, opcode)
+def print_lines(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str], rows: int = 25,
+                act: str = "bf16") -> None:
+    counts = by_source_line(fn, constexprs, arch, opcode, act)
     print(f"{sum(counts.values())} {opcode or 'instructions'} by source line")
     for (path, line), n in counts.most_common(rows):
         text = ""
@@ -131,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--tiles", nargs="+", default=["4,16", "4,8"], help="ng,block_t pairs (d_state 16, 1 warp)")
-    p.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode")
+    p.add_argument("--sass", action="store_true",
+                   help="also count SASS instructions: the kernel's, its chunk loop's, and the loop's by opcode")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="activations' dtype (default bf16)")
     p.add_argument("--lines", metavar="KERNEL", help="count one kernel's instructions by source line (e.g. backward)")
     p.add_argument("--opcode", help="with --lines: count only this opcode (e.g. SHFL)")
     a = p.parse_args(argv)
@@ -141,20 +161,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             found = [(fn, c) for name, fn, c in kernels(ng, block_t) if name == a.lines]
             if not found:
                 p.error(f"no kernel named {a.lines!r}")
-            print(f"{a.lines}, tile ({ng}, {block_t}), sm_{a.arch}, triton {triton.__version__}")
-            print_lines(*found[0], a.arch, a.opcode)
+            print(f"{a.lines}, tile ({ng}, {block_t}), {a.dtype}, sm_{a.arch}, triton {triton.__version__}")
+            print_lines(*found[0], a.arch, a.opcode, act=a.dtype)
         return 0
     ops = _OPCODES if a.sass else []
-    rows = [f"sm_{a.arch}, triton {triton.__version__}, d_state 16, one warp, every flag on", "",
-            "| kernel | ng | block_t | registers | stack bytes |" + "".join(f" {o} |" for o in ["all"] + ops if a.sass),
-            "| --- | --- | --- | --- | --- |" + " --- |" * (len(ops) + 1 if a.sass else 0)]
+    sass_cols = ["all", "chunk loop", "loop per element"] + [f"{o} (loop)" for o in ops]
+    rows = [f"sm_{a.arch}, triton {triton.__version__}, d_state 16, one warp, every flag on, {a.dtype} activations", "",
+            "| kernel | ng | block_t | registers | stack bytes |" + "".join(f" {c} |" for c in sass_cols if a.sass),
+            "| --- | --- | --- | --- | --- |" + " --- |" * (len(sass_cols) if a.sass else 0)]
     for pair in a.tiles:
         ng, block_t = (int(x) for x in pair.split(","))
         for name, fn, constexprs in kernels(ng, block_t):
-            row = f"| {name} | {ng} | {block_t} | {resource_usage(fn, constexprs, a.arch)} |"
+            row = f"| {name} | {ng} | {block_t} | {resource_usage(fn, constexprs, a.arch, a.dtype)} |"
             if a.sass:
-                counts = opcode_counts(fn, constexprs, a.arch)
-                row += f" {sum(counts.values())} |" + "".join(f" {counts[o]} |" for o in ops)
+                loop = loop_counts(fn, constexprs, a.arch, a.dtype)
+                n_loop = sum(loop.values())
+                row += (f" {sum(opcode_counts(fn, constexprs, a.arch, a.dtype).values())} | {n_loop} |"
+                        f" {n_loop / (ng * block_t):.1f} |" + "".join(f" {loop[o]} |" for o in ops))
             rows.append(row)
             print(rows[-1], flush=True)
     save_table("\n".join(rows), "scan_registers.md")

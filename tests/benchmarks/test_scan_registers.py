@@ -4,6 +4,7 @@ they did before the split (needs triton, which CI does not install; no GPU)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 
@@ -47,3 +48,25 @@ def test_instructions_by_source_line_add_up(regs):
     opcodes = regs.opcode_counts(fn, constexprs, 90)
     assert sum(regs.by_source_line(fn, constexprs, 90).values()) == sum(opcodes.values())
     assert 0 < sum(regs.by_source_line(fn, constexprs, 90, "SHFL").values()) == opcodes["SHFL"]
+
+
+def test_chunk_loop_is_counted(regs):
+    # the chunk loop, not the whole kernel, is what each chunk costs: it holds every exp of a chunk (one per
+    # (t, n) a lane: block_t x ng = 64, plus the softplus and gating ones) and less than the static count,
+    # whose prologue loads the first chunk (the fifteenth session's per-element figures counted that too)
+    fn, constexprs = {n: (f, c) for n, f, c in regs.kernels(4, 16)}["forward"]
+    for act in ("bf16", "fp32"):
+        loop = regs.loop_counts(fn, constexprs, 90, act)
+        assert 64 <= loop["MUFU"] <= 80 and sum(loop.values()) < sum(regs.opcode_counts(fn, constexprs, 90, act).values())
+
+
+def test_softplus_form_follows_delta_dtype(regs):
+    # the polynomial log1p (its coefficient -0.0295885 is an immediate in the SASS) where delta is bf16, and
+    # libdevice's log where it is fp32: the faster form for each (H100, sixteenth session). The polynomial runs
+    # on the 2-D (block_t, BLOCK_D) tile, at most 4 values a lane, not on the 4-D tile where each is repeated.
+    fn, constexprs = {n: (f, c) for n, f, c in regs.kernels(4, 16)}["forward"]
+
+    def uses(act):
+        return len(re.findall(r"-0\.029588", regs._cuda_tool("nvdisasm", regs._cubin(fn, constexprs, 90, act), "-c")))
+
+    assert 1 <= uses("bf16") <= 4 and uses("fp32") == 0
