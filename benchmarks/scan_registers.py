@@ -90,10 +90,15 @@ def opcode_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16
                                            .splitlines()) if m)
 
 
+def sass(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16", lines: bool = False) -> str:
+    """nvdisasm's listing of ``fn`` compiled for sm_<arch> (with ``lines``, each source line marked)."""
+    return _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), *(["-g"] if lines else []), "-c")
+
+
 def loop_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
     """Opcode counts of the kernel's longest loop (a label and the last branch back to it): the chunk loop,
     without the prologue (the first chunk's loads, the program's tiles) that the static counts include."""
-    lines = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), "-c").splitlines()
+    lines = sass(fn, constexprs, arch, act).splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:$", line)}
     best: List[str] = []
     for i, line in enumerate(lines):
@@ -106,7 +111,7 @@ def loop_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16")
 def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None,
                    act: str = "bf16") -> Counter:
     """SASS instructions (all, or one opcode) per (file, line) of the source they were compiled from."""
-    out = _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), "-g", "-c")
+    out = sass(fn, constexprs, arch, act, lines=True)
     counts: Counter = Counter()
     where = ("?", 0)
     for line in out.splitlines():

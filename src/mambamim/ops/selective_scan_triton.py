@@ -88,8 +88,9 @@ if _HAS_TRITON:
         # 17 as torch's threshold 20 gives. POLY: log1p(e) = e * q(e), q a degree-8 least-squares fit of
         # log1p(e) / e on [0, 1] (float64, 2,000 Chebyshev nodes), at most 1.2e-7 off in fp32 Horner. Else
         # libdevice's log(1 + e), 6e-8 off (absolute) where e is below fp32's resolution near 1.
-        # Which is faster depends on the input dtype (H100, L = 8192, benchmarks/NOTES_selective_scan.md):
-        # bf16 forward 0.651 ms with POLY, 0.690 without; fp32 0.781 with, 0.666 without.
+        # Which is faster depends on delta's dtype (H100, L = 8192, benchmarks/NOTES_selective_scan.md): bf16
+        # forward 0.651 ms with POLY, 0.690 without; fp32 0.781 with, 0.666 without. _delta picks POLY for
+        # half-precision delta.
         if not POLY:
             return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         e = tl.exp2(tl.abs(x) * -1.4426950408889634)  # tl.exp spends 48 more instructions a chunk
@@ -177,13 +178,14 @@ if _HAS_TRITON:
         return tl.sum(tl.zeros((1, NG, BLOCK_D, NL), dtype=tl.float32), axis=0)
 
     @triton.jit
-    def _delta(dt_raw, bias, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, POLY: tl.constexpr):
+    def _delta(dt_raw, bias, m2, delta_ptr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         # (delta + bias before the softplus, delta as the scan uses it); padded steps get delta 0:
-        # exp(0) = 1 and no input, so the state carries through them. POLY: see _softplus.
+        # exp(0) = 1 and no input, so the state carries through them. The softplus's form follows the dtype
+        # delta is stored in (see _softplus).
         if HAS_BIAS:
             dt_raw = dt_raw + bias[None, :]
         if SOFTPLUS:
-            dt = _softplus(dt_raw, POLY)
+            dt = _softplus(dt_raw, delta_ptr.dtype.element_ty != tl.float32)
         else:
             dt = dt_raw
         return dt_raw, tl.where(m2, dt, 0.0)
@@ -284,7 +286,7 @@ if _HAS_TRITON:
                 z_n = _load_rows(z_ptr, row, offs_t, d_mask, c + 1, L, BLOCK_T, VEC)
             t = c * BLOCK_T + offs_t
             m2 = (t < L)[:, None] & d_mask[None, :]
-            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS, delta_ptr.dtype.element_ty != tl.float32)
+            _, dt = _delta(dt_raw, bias, m2, delta_ptr, HAS_BIAS, SOFTPLUS)
             if STORE_STATES and SAVE_T == BLOCK_T:
                 st_off = ((pid_b * n_states + c) * dim + offs_d[None, :, None]) * N + n3
                 tl.store(states_ptr + st_off, h, mask=d_mask[None, :, None])
@@ -338,7 +340,7 @@ if _HAS_TRITON:
             if HAS_Z:
                 zz = _load_rows(z_ptr, row, offs_t, d_mask, c, L, BLOCK_T, VEC).to(tl.float32)
                 dy0 = dy0 * (zz * tl.sigmoid(zz))
-            _, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS, delta_ptr.dtype.element_ty != tl.float32)
+            _, dt = _delta(dt_raw, bias, m2, delta_ptr, HAS_BIAS, SOFTPLUS)
             dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
             _, q = _adjoint_in_chunk(Ct, dy0, q, dA, t4, BLOCK_T)
             dsum += tl.sum(dt, axis=0)
@@ -417,7 +419,7 @@ if _HAS_TRITON:
             t_mask = t < L
             m2 = t_mask[:, None] & d_mask[None, :]
             off2 = row[None, :] + t[:, None]
-            dt_raw, dt = _delta(dt_raw, bias, m2, HAS_BIAS, SOFTPLUS, delta_ptr.dtype.element_ty != tl.float32)
+            dt_raw, dt = _delta(dt_raw, bias, m2, delta_ptr, HAS_BIAS, SOFTPLUS)
             dA, x, hs = _states_in_chunk(dt, u, Bt, h0, A2, t4)  # the states inside the chunk, again
 
             if HAS_Z:
