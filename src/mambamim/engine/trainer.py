@@ -21,6 +21,7 @@ and implement ``build_loader``, ``build_model``, ``planned_steps``, ``compute_lo
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import contextmanager
@@ -92,10 +93,18 @@ class Trainer:
         config = resolve_resume(config, cls.config_cls)
         config.validate()
         ctx = D.init_distributed(config.device)
+        trainer = None
         try:
             with cudnn_benchmark(ctx.device):
-                return cls(config, ctx).execute()
+                trainer = cls(config, ctx)
+                return trainer.execute()
         finally:
+            # A trainer sits in reference cycles, so only the cyclic collector frees it. Under DDP it holds
+            # the process group and the reducer's gloo work. Left to a later collection, or to the interpreter's
+            # exit, that teardown can abort the process: "terminate called without an active exception", the
+            # likely cause of a 2-process CI test's one SIGABRT. Free it while the group lives, then destroy it.
+            del trainer
+            gc.collect()
             D.cleanup(ctx)
 
     def execute(self) -> Path:
