@@ -69,13 +69,9 @@ def _cuda_tool(name: str, cubin: bytes, *flags: str) -> str:
         return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    return _cuda_tool("cuobjdump", cubin, flag)
-
-
 def resource_usage(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> str:
     """cuobjdump's registers and stack bytes of ``fn`` compiled for sm_<arch>, as 'REG | STACK'."""
-    out = _cuobjdump(_cubin(fn, constexprs, arch, act), "--dump-resource-usage")
+    out = _cuda_tool("cuobjdump", _cubin(fn, constexprs, arch, act), "--dump-resource-usage")
     line = next((x for x in out.splitlines() if "REG:" in x), "")
     fields = dict(kv.split(":") for kv in line.split() if kv.startswith(("REG:", "STACK:")))
     return f"{fields.get('REG', '?')} | {fields.get('STACK', '?')}"
@@ -84,28 +80,35 @@ def resource_usage(fn, constexprs: Dict[str, object], arch: int, act: str = "bf1
 _OPCODE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 
-def opcode_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
-    """How many SASS instructions of each opcode the kernel holds (static counts: the chunk loop dominates)."""
-    return Counter(m.group(1) for m in map(_OPCODE.match, _cuobjdump(_cubin(fn, constexprs, arch, act), "-sass")
-                                           .splitlines()) if m)
-
-
 def sass(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16", lines: bool = False) -> str:
     """nvdisasm's listing of ``fn`` compiled for sm_<arch> (with ``lines``, each source line marked)."""
     return _cuda_tool("nvdisasm", _cubin(fn, constexprs, arch, act), *(["-g"] if lines else []), "-c")
 
 
-def loop_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
-    """Opcode counts of the kernel's longest loop (a label and the last branch back to it): the chunk loop,
-    without the prologue (the first chunk's loads, the program's tiles) that the static counts include."""
-    lines = sass(fn, constexprs, arch, act).splitlines()
-    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:$", line)}
+def _count_opcodes(listing: List[str]) -> Counter:
+    return Counter(m.group(1) for m in map(_OPCODE.match, listing) if m)
+
+
+def opcode_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
+    """How many SASS instructions of each opcode the kernel holds (static counts: the chunk loop dominates)."""
+    return _count_opcodes(sass(fn, constexprs, arch, act).splitlines())
+
+
+def _longest_loop(listing: List[str]) -> List[str]:
+    """The lines of the longest loop of a listing: a label and the last branch back to it."""
+    labels = {line[:-1]: i for i, line in enumerate(listing) if re.match(r"\.L_x_\d+:$", line)}
     best: List[str] = []
-    for i, line in enumerate(lines):
+    for i, line in enumerate(listing):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
-            best = lines[labels[m.group(1)]:i + 1]
-    return Counter(m.group(1) for m in map(_OPCODE.match, best) if m)
+            best = listing[labels[m.group(1)]:i + 1]
+    return best
+
+
+def loop_counts(fn, constexprs: Dict[str, object], arch: int, act: str = "bf16") -> Counter:
+    """Opcode counts of the kernel's chunk loop (its longest loop), without the prologue (the first chunk's
+    loads, the program's tiles) that the static counts include."""
+    return _count_opcodes(_longest_loop(sass(fn, constexprs, arch, act).splitlines()))
 
 
 def by_source_line(fn, constexprs: Dict[str, object], arch: int, opcode: Optional[str] = None,
@@ -179,9 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, fn, constexprs in kernels(ng, block_t):
             row = f"| {name} | {ng} | {block_t} | {resource_usage(fn, constexprs, a.arch, a.dtype)} |"
             if a.sass:
-                loop = loop_counts(fn, constexprs, a.arch, a.dtype)
+                listing = sass(fn, constexprs, a.arch, a.dtype).splitlines()  # one build for both counts
+                loop = _count_opcodes(_longest_loop(listing))
                 n_loop = sum(loop.values())
-                row += (f" {sum(opcode_counts(fn, constexprs, a.arch, a.dtype).values())} | {n_loop} |"
+                row += (f" {sum(_count_opcodes(listing).values())} | {n_loop} |"
                         f" {n_loop / (ng * block_t):.1f} |" + "".join(f" {loop[o]} |" for o in ops))
             rows.append(row)
             print(rows[-1], flush=True)
